@@ -1,0 +1,230 @@
+//! The event-time gate: bounded out-of-orderness, watermarks and late data.
+//!
+//! The gate tracks the largest `ts` seen and holds the watermark at
+//! `max_ts − max_out_of_orderness`. It releases, in event-time order, every buffered row
+//! with `ts < watermark`, followed by the watermark itself. Rows with equal `ts` are thus
+//! always released together (never split by a watermark), and the rows of one resource keep
+//! their arrival order among equal timestamps.
+//!
+//! A row that arrives with `ts < watermark` (the watermark as it stood when that row arrived,
+//! rows taken one by one in arrival order) is *late*: it is not dropped silently but
+//! returned as rejected, with the reason, for the dead-letter output. Which rows are late is
+//! thus a function of the arrival order alone, never of batch boundaries. So are rows without a
+//! timestamp or a resource.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray};
+use arrow::compute::{concat_batches, filter_record_batch};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::error::ArrowError;
+use healer_operators::schema::RESOURCE;
+
+use crate::source::{sort_by_ts, ts_values};
+
+/// What a step of the gate produced.
+#[derive(Debug, Default)]
+pub struct GateOutput {
+    /// Rows released, in event-time order.
+    pub released: Vec<RecordBatch>,
+    /// The new watermark, when it advanced.
+    pub watermark: Option<i64>,
+    /// Rejected rows (the input columns plus `reason`), if any.
+    pub rejected: Option<RecordBatch>,
+    /// Of the rejected rows, how many were late.
+    pub late: usize,
+}
+
+/// See the [module docs](self).
+#[derive(Debug)]
+pub struct EventTimeGate {
+    schema: SchemaRef,
+    rejected_schema: SchemaRef,
+    delay_ms: i64,
+    max_ts: i64,
+    watermark: i64,
+    /// Sorted batches with their timestamps, all rows `>= watermark`.
+    pending: Vec<(RecordBatch, Vec<i64>)>,
+}
+
+impl EventTimeGate {
+    /// A gate for batches of `schema` with the given out-of-orderness bound.
+    pub fn new(schema: SchemaRef, max_out_of_orderness_ms: i64) -> Self {
+        let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(Field::new("reason", DataType::Utf8, false));
+        Self {
+            rejected_schema: Arc::new(Schema::new(fields)),
+            schema,
+            delay_ms: max_out_of_orderness_ms.max(0),
+            max_ts: i64::MIN,
+            watermark: i64::MIN,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The current watermark.
+    pub fn watermark(&self) -> i64 {
+        self.watermark
+    }
+
+    /// Schema of rejected rows.
+    pub fn rejected_schema(&self) -> &SchemaRef {
+        &self.rejected_schema
+    }
+
+    /// Takes the next batch.
+    pub fn push(&mut self, batch: RecordBatch) -> Result<GateOutput, ArrowError> {
+        let mut out = GateOutput::default();
+        let ts = ts_values(&batch);
+        let resource = batch.column_by_name(RESOURCE).map(|c| c.logical_nulls());
+        // Lateness is decided row by row in arrival order, so it never depends on where batch
+        // boundaries fall: a row is late when it is behind the watermark as it stood when
+        // the row arrived.
+        let mut max_ts = self.max_ts;
+        let mut reasons: Vec<Option<&'static str>> = Vec::with_capacity(ts.len());
+        for (i, &t) in ts.iter().enumerate() {
+            let watermark = self.watermark.max(max_ts.saturating_sub(self.delay_ms));
+            reasons.push(if t == i64::MIN {
+                Some("missing ts")
+            } else if resource.as_ref().is_some_and(|n| n.as_ref().is_some_and(|n| n.is_null(i))) {
+                Some("missing resource")
+            } else if t < watermark {
+                Some("late: ts is before the watermark")
+            } else {
+                max_ts = max_ts.max(t);
+                None
+            });
+        }
+        let accepted = if reasons.iter().any(Option::is_some) {
+            let keep: BooleanArray = reasons.iter().map(|r| Some(r.is_none())).collect();
+            let drop: BooleanArray = reasons.iter().map(|r| Some(r.is_some())).collect();
+            let rejected = filter_record_batch(&batch, &drop)?;
+            let why: StringArray = reasons.iter().flatten().map(|r| Some(*r)).collect();
+            out.late = reasons.iter().flatten().filter(|r| r.starts_with("late")).count();
+            let mut columns: Vec<ArrayRef> = rejected.columns().to_vec();
+            columns.push(Arc::new(why));
+            out.rejected = Some(RecordBatch::try_new(Arc::clone(&self.rejected_schema), columns)?);
+            filter_record_batch(&batch, &keep)?
+        } else {
+            batch
+        };
+        if accepted.num_rows() > 0 {
+            let accepted = sort_by_ts(accepted)?;
+            let ts = ts_values(&accepted);
+            self.max_ts = self.max_ts.max(*ts.last().expect("non-empty"));
+            self.pending.push((accepted, ts));
+        }
+        let w = self.max_ts.saturating_sub(self.delay_ms);
+        if w > self.watermark {
+            out.released = self.release(w)?;
+            self.watermark = w;
+            out.watermark = Some(w);
+        }
+        Ok(out)
+    }
+
+    /// Releases everything and ends with the final watermark.
+    pub fn finish(&mut self) -> Result<GateOutput, ArrowError> {
+        let released = self.release(i64::MAX)?;
+        self.watermark = i64::MAX;
+        Ok(GateOutput {
+            released,
+            watermark: Some(i64::MAX),
+            ..GateOutput::default()
+        })
+    }
+
+    fn release(&mut self, w: i64) -> Result<Vec<RecordBatch>, ArrowError> {
+        let mut parts: Vec<(RecordBatch, i64, i64)> = Vec::new();
+        let mut keep = Vec::new();
+        for (batch, ts) in self.pending.drain(..) {
+            let cut = if w == i64::MAX { ts.len() } else { ts.partition_point(|&t| t < w) };
+            if cut > 0 {
+                parts.push((batch.slice(0, cut), ts[0], ts[cut - 1]));
+            }
+            if cut < ts.len() {
+                keep.push((batch.slice(cut, ts.len() - cut), ts[cut..].to_vec()));
+            }
+        }
+        self.pending = keep;
+        let ordered = parts.windows(2).all(|p| p[0].2 <= p[1].1);
+        if ordered {
+            return Ok(parts.into_iter().map(|(b, _, _)| b).collect());
+        }
+        let batches: Vec<RecordBatch> = parts.into_iter().map(|(b, _, _)| b).collect();
+        let merged = concat_batches(&self.schema, &batches)?;
+        Ok(vec![sort_by_ts(merged)?])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Float64Array, TimestampMillisecondArray};
+    use healer_operators::schema::ts_type;
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("ts", ts_type(), true),
+            Field::new("resource", DataType::Utf8, true),
+            Field::new("v", DataType::Float64, true),
+        ]))
+    }
+
+    fn batch(ts: &[Option<i64>], res: &[Option<&str>]) -> RecordBatch {
+        let v: Vec<f64> = (0..ts.len()).map(|i| i as f64).collect();
+        RecordBatch::try_new(
+            schema(),
+            vec![
+                Arc::new(TimestampMillisecondArray::from(ts.to_vec()).with_timezone("UTC")),
+                Arc::new(StringArray::from(res.to_vec())),
+                Arc::new(Float64Array::from(v)),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn released_ts(out: &GateOutput) -> Vec<i64> {
+        out.released.iter().flat_map(ts_values).collect()
+    }
+
+    #[test]
+    fn reorders_within_bound_and_rejects_late() {
+        let mut gate = EventTimeGate::new(schema(), 5);
+        let out = gate.push(batch(&[Some(10), Some(6), Some(12)], &[Some("a"); 3])).unwrap();
+        // 6 arrives behind 10 but within the bound; max 12, watermark 7: releases 6 only.
+        assert!(out.rejected.is_none());
+        assert_eq!(released_ts(&out), vec![6]);
+        assert_eq!(out.watermark, Some(7));
+        let out = gate
+            .push(batch(&[Some(8), Some(6), None, Some(20)], &[Some("a"), Some("a"), Some("a"), None]))
+            .unwrap();
+        let rejected = out.rejected.unwrap();
+        assert_eq!(rejected.num_rows(), 3);
+        assert_eq!(out.late, 1, "6 < watermark 7");
+        // 8, 10, 12 pending; no new max (20 was rejected), so nothing moves.
+        assert_eq!(out.watermark, None);
+        let out = gate.finish().unwrap();
+        assert_eq!(released_ts(&out), vec![8, 10, 12]);
+    }
+
+    #[test]
+    fn lateness_is_decided_in_arrival_order_within_a_batch() {
+        let mut gate = EventTimeGate::new(schema(), 5);
+        // 3 arrives after 10: behind 10 − 5, late even though it is in the same batch.
+        let out = gate.push(batch(&[Some(10), Some(3), Some(12)], &[Some("a"); 3])).unwrap();
+        assert_eq!(out.late, 1);
+        assert_eq!(released_ts(&out), Vec::<i64>::new());
+        assert_eq!(out.watermark, Some(7));
+    }
+
+    #[test]
+    fn equal_timestamps_are_released_together() {
+        let mut gate = EventTimeGate::new(schema(), 0);
+        let out = gate.push(batch(&[Some(1), Some(2), Some(2)], &[Some("a"), Some("a"), Some("b")])).unwrap();
+        assert_eq!(released_ts(&out), vec![1]);
+        let out = gate.push(batch(&[Some(2), Some(3)], &[Some("c"), Some("a")])).unwrap();
+        assert_eq!(released_ts(&out), vec![2, 2, 2]);
+        assert_eq!(out.watermark, Some(3));
+    }
+}

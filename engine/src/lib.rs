@@ -1,0 +1,20 @@
+//! healer's runtime: sources, the dataflow, event time, sinks and the `healer` binary.
+//!
+//! * [`message`]: the one message type on every edge and its ordering contract.
+//! * [`source`]: `ParquetSource`, event-time-ordered replay of parquet over object_store.
+//! * [`gate`]: watermarks, bounded out-of-orderness and late data.
+//! * [`job`]: the replay job: gate, keyed workers running the rules, merge, sinks.
+//! * [`sink`]: the parquet incident log and the dead-letter output.
+//! * [`query`]: SQL over the incident log.
+//! * [`config`]: the pipeline configuration and its validation.
+
+pub mod config;
+pub mod demo;
+pub mod gate;
+pub mod job;
+pub mod message;
+pub mod metrics;
+pub mod query;
+pub mod sink;
+pub mod source;
+pub mod store;

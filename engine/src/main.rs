@@ -1,0 +1,415 @@
+//! The `healer` command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use healer_datasets::FleetConfig;
+use healer_engine::config::PipelineConfig;
+use healer_engine::job::{Job, JobError, Summary, compile_rules};
+use healer_engine::store::{Location, S3Config};
+use healer_operators::schema::canonical_metrics_schema;
+use healer_operators::severity::Severity;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+#[derive(Debug, Parser)]
+#[command(name = "healer", version, about = "Self-healing infrastructure engine: stream anomaly detection on columnar dataflow")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Replay historical metrics (parquet) through the detection rules into the incident log.
+    Replay(ReplayArgs),
+    /// Generate a sample fleet, replay it through the bundled rules and show what was found.
+    Demo(DemoArgs),
+    /// Query an incident log with SQL.
+    Incidents(IncidentsArgs),
+    /// Check pipeline configs and rule files; prints every problem with file, line and key.
+    Validate(ValidateArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReplayArgs {
+    /// Pipeline config (TOML); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Parquet files, directories, file:// or s3:// URLs.
+    #[arg(long, num_args = 1..)]
+    input: Vec<String>,
+    /// Rule files or directories (default: the bundled rules).
+    #[arg(long, num_args = 1..)]
+    rules: Vec<PathBuf>,
+    /// Incident-log directory or URL.
+    #[arg(long)]
+    out: Option<String>,
+    /// Replay pace: `max` or e.g. `10x`.
+    #[arg(long)]
+    speed: Option<String>,
+    /// Keyed workers (0 = one per core).
+    #[arg(long)]
+    partitions: Option<usize>,
+    /// Bounded out-of-orderness, e.g. `5s`.
+    #[arg(long)]
+    max_out_of_orderness: Option<String>,
+    /// Rows per batch read from parquet.
+    #[arg(long)]
+    batch_rows: Option<usize>,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Also write the summary as JSON to this file.
+    #[arg(long)]
+    summary_json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Where to write the generated data and the incident log.
+    #[arg(long, default_value = "healer-demo")]
+    out: PathBuf,
+    /// Resources in the simulated fleet.
+    #[arg(long, default_value_t = 24)]
+    resources: usize,
+    /// Hours of 10-second samples.
+    #[arg(long, default_value_t = 4)]
+    hours: usize,
+    /// Faults to inject.
+    #[arg(long, default_value_t = 12)]
+    faults: usize,
+    /// Seed of the generator.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+#[derive(Debug, Args)]
+struct IncidentsArgs {
+    /// Incident-log directory or URL.
+    log: String,
+    /// SQL over the tables `anomalies` and `dead_letter`.
+    #[arg(long)]
+    sql: Option<String>,
+    /// S3 endpoint for s3:// logs.
+    #[arg(long)]
+    s3_endpoint: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct ValidateArgs {
+    /// Pipeline configs (.toml), rule files (.sql) or rule directories.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Replay(args) => replay(args).await,
+            Command::Demo(args) => demo(args).await,
+            Command::Incidents(args) => incidents(args).await,
+            Command::Validate(args) => validate(args),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn replay_config(args: &ReplayArgs) -> Result<PipelineConfig> {
+    let mut config = match &args.config {
+        Some(path) => PipelineConfig::load(path).map_err(|problems| {
+            anyhow::anyhow!(problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))
+        })?,
+        None => PipelineConfig::default(),
+    };
+    if !args.input.is_empty() {
+        config.source.paths = args.input.clone();
+    }
+    if !args.rules.is_empty() {
+        config.rules.paths = args.rules.clone();
+    }
+    if let Some(out) = &args.out {
+        config.sink.out = out.clone();
+    }
+    if let Some(s) = &args.speed {
+        config.source.speed = s.clone();
+    }
+    if let Some(p) = args.partitions {
+        config.engine.partitions = p;
+    }
+    if let Some(d) = &args.max_out_of_orderness {
+        config.event_time.max_out_of_orderness = d.clone();
+    }
+    if let Some(b) = args.batch_rows {
+        config.source.batch_rows = b;
+    }
+    Ok(config)
+}
+
+fn fmt_int(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn fmt_ts(ms: i64) -> String {
+    arrow::temporal_conversions::timestamp_ms_to_datetime(ms)
+        .map(|d| d.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+async fn run_job(config: &PipelineConfig, quiet: bool) -> Result<Summary> {
+    let job = match Job::prepare(config).await {
+        Ok(job) => job,
+        Err(JobError::Rules(errors)) => bail!("rules rejected:\n{errors}"),
+        Err(e) => return Err(e.into()),
+    };
+    let metrics = job.metrics();
+    let bar = if quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::with_draw_target(Some(job.total_rows()), ProgressDrawTarget::stderr())
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed_precise} [{bar:30}] {human_pos}/{human_len} rows  {per_sec}  event time {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let ticker = {
+        let bar = bar.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            loop {
+                let s = metrics.snapshot();
+                bar.set_position(s.source_rows);
+                bar.set_message(fmt_ts(s.watermark));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let result = job.run().await;
+    ticker.abort();
+    bar.finish_and_clear();
+    Ok(result?)
+}
+
+fn print_summary(s: &Summary) {
+    let m = &s.metrics;
+    let secs = s.elapsed.as_secs_f64().max(1e-9);
+    let cells = m.gate_rows * s.metric_columns as u64;
+    println!("replay finished in {:.2} s", secs);
+    println!(
+        "  input        {} rows ({} cells) from {} file(s), {} partition(s)",
+        fmt_int(m.source_rows),
+        fmt_int(cells),
+        s.input_files,
+        s.partitions
+    );
+    println!(
+        "  throughput   {:.2} M rows/s, {:.1} M cells/s",
+        m.gate_rows as f64 / secs / 1e6,
+        cells as f64 / secs / 1e6
+    );
+    println!(
+        "  dead letter  {} late, {} invalid rows ({} file(s))",
+        fmt_int(m.late_rows),
+        fmt_int(m.invalid_rows),
+        s.dead_letter_files.len()
+    );
+    println!();
+    println!("  {:<24} {:>9} {:>9} {:>9} {:>9} {:>10}", "rule", "LOW", "MEDIUM", "HIGH", "CRITICAL", "total");
+    for r in &s.rules {
+        let total: u64 = r.by_severity.iter().sum();
+        println!(
+            "  {:<24} {:>9} {:>9} {:>9} {:>9} {:>10}",
+            r.rule,
+            fmt_int(r.by_severity[0]),
+            fmt_int(r.by_severity[1]),
+            fmt_int(r.by_severity[2]),
+            fmt_int(r.by_severity[3]),
+            fmt_int(total)
+        );
+    }
+    println!();
+    let rows: usize = s.files.iter().map(|f| f.rows).sum();
+    println!("  incident log {} ({} file(s), {} anomaly rows)", s.out, s.files.len(), fmt_int(rows as u64));
+}
+
+fn summary_json(s: &Summary) -> serde_json::Value {
+    serde_json::json!({
+        "elapsed_s": s.elapsed.as_secs_f64(),
+        "source_rows": s.metrics.source_rows,
+        "rows": s.metrics.gate_rows,
+        "cells": s.metrics.gate_rows * s.metric_columns as u64,
+        "late_rows": s.metrics.late_rows,
+        "invalid_rows": s.metrics.invalid_rows,
+        "anomalies": s.metrics.anomalies,
+        "partitions": s.partitions,
+        "files": s.files.len(),
+        "rules": s.rules.iter().map(|r| serde_json::json!({
+            "rule": r.rule,
+            "by_severity": Severity::ALL
+                .iter()
+                .zip(r.by_severity)
+                .map(|(k, v)| (k.as_str().to_string(), serde_json::Value::from(v)))
+                .collect::<serde_json::Map<_, _>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn replay(args: ReplayArgs) -> Result<ExitCode> {
+    let config = replay_config(&args)?;
+    let summary = run_job(&config, args.quiet).await?;
+    print_summary(&summary);
+    if let Some(path) = &args.summary_json {
+        std::fs::write(path, serde_json::to_vec_pretty(&summary_json(&summary))?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn demo(args: DemoArgs) -> Result<ExitCode> {
+    let fleet = FleetConfig {
+        seed: args.seed,
+        resources: args.resources,
+        samples: args.hours * 360,
+        faults: args.faults,
+        ..FleetConfig::default()
+    };
+    let input = healer_engine::demo::write_input(&args.out, &fleet).context("writing the demo fleet")?;
+    println!(
+        "generated {} rows: {} resources × {} h of 10 s samples, {} injected faults ({})",
+        fmt_int(input.rows as u64),
+        args.resources,
+        args.hours,
+        args.faults,
+        input.labels_csv.display()
+    );
+    let log = args.out.join("incidents");
+    let mut config = PipelineConfig::default();
+    config.source.paths = vec![input.metrics.display().to_string()];
+    config.sink.out = log.display().to_string();
+    let summary = run_job(&config, false).await?;
+    print_summary(&summary);
+
+    let location = Location::parse(&config.sink.out, &S3Config::default(), false)?;
+    let mut detected = 0;
+    for label in &input.labels {
+        let sql = format!(
+            "SELECT count(*) AS n FROM anomalies WHERE resource = '{}' AND metric = '{}' \
+             AND ts BETWEEN to_timestamp_millis({}) AND to_timestamp_millis({})",
+            label.resource,
+            label.metric,
+            label.start_ms,
+            label.end_ms + 300_000
+        );
+        let hits = if summary.files.is_empty() {
+            0
+        } else {
+            let batches = healer_engine::query::query(&location, &sql).await?;
+            batches
+                .first()
+                .and_then(|b| b.column(0).as_any().downcast_ref::<arrow::array::Int64Array>().map(|a| a.value(0)))
+                .unwrap_or(0)
+        };
+        if hits > 0 {
+            detected += 1;
+        }
+    }
+    println!();
+    println!(
+        "injected faults detected: {detected} of {} (resource, metric) series, within 5 min of the fault",
+        input.labels.len()
+    );
+    if !summary.files.is_empty() {
+        println!();
+        println!("strongest anomalies:");
+        let batches = healer_engine::query::query(&location, healer_engine::query::DEFAULT_QUERY).await?;
+        println!("{}", arrow::util::pretty::pretty_format_batches(&batches)?);
+    }
+    println!();
+    println!("query the log:  healer incidents {} --sql \"SELECT severity, count(*) FROM anomalies GROUP BY severity\"", log.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn incidents(args: IncidentsArgs) -> Result<ExitCode> {
+    let s3 = S3Config {
+        endpoint: args.s3_endpoint.clone(),
+        allow_http: args.s3_endpoint.as_deref().is_some_and(|e| e.starts_with("http://")),
+        ..S3Config::default()
+    };
+    let location = Location::parse(&args.log, &s3, false)?;
+    let sql = args.sql.as_deref().unwrap_or(healer_engine::query::DEFAULT_QUERY);
+    let batches = healer_engine::query::query(&location, sql)
+        .await
+        .with_context(|| format!("query over {}", location.display()))?;
+    println!("{}", arrow::util::pretty::pretty_format_batches(&batches)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn validate(args: ValidateArgs) -> Result<ExitCode> {
+    let mut problems: Vec<String> = Vec::new();
+    let mut checked = 0;
+    for path in &args.paths {
+        checked += 1;
+        let is_toml = path.extension().is_some_and(|e| e == "toml");
+        let config = if is_toml {
+            match PipelineConfig::load(path) {
+                Ok(c) => {
+                    // Rule paths in a config are relative to the working directory.
+                    c
+                }
+                Err(p) => {
+                    problems.extend(p.iter().map(|p| p.to_string()));
+                    continue;
+                }
+            }
+        } else {
+            let mut c = PipelineConfig::default();
+            c.rules.paths = vec![path.clone()];
+            c
+        };
+        if let Err(e) = compile_rules(&config, canonical_metrics_schema()) {
+            match e {
+                JobError::Rules(errors) => problems.extend(errors.0.iter().map(|e| e.to_string())),
+                other => problems.push(format!("{}: {other}", display(path))),
+            }
+        }
+    }
+    if problems.is_empty() {
+        println!("ok: {checked} path(s) valid");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for p in &problems {
+            eprintln!("{p}");
+        }
+        eprintln!("{} problem(s)", problems.len());
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn display(p: &Path) -> String {
+    p.display().to_string()
+}

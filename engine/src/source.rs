@@ -1,0 +1,513 @@
+//! `ParquetSource`: historical metrics from parquet files, replayed in event-time order.
+//!
+//! Inputs are files, directories (every `*.parquet` below them, recursively), `file://` or
+//! `s3://` URLs, through object_store. Footers are read up front: the schema of the first
+//! file is the stream's schema (see [`normalized_schema`]), and the `ts` statistics of each
+//! file order the replay. Files are merged by event time, not by listing order: a file is
+//! opened when the replay reaches its first timestamp, and rows of overlapping files are
+//! interleaved by `ts` (ties keep file order). Within a file, rows keep their order: rows out
+//! of event-time order are the event-time gate's to handle (reordered within the configured
+//! bound, dead-lettered beyond), so what counts as late never depends on batch sizes.
+//!
+//! Only the columns the rules read are decoded (projection pushdown). A file that lacks a
+//! column of the stream schema yields NULLs for it; a column of another type is cast, or the
+//! file is rejected with its name.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, new_null_array};
+use arrow::compute::{cast, concat_batches, take};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMillisecondType};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::path::Path;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
+use parquet::arrow::arrow_reader::ArrowReaderOptions;
+use parquet::arrow::async_reader::{AsyncFileReader, ParquetRecordBatchStream};
+use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
+use parquet::arrow::ParquetRecordBatchStreamBuilder;
+use tokio::sync::mpsc;
+
+use crate::config::Speed;
+use crate::message::Message;
+use crate::metrics::PipelineMetrics;
+use crate::store::{Location, S3Config, StoreError};
+use healer_operators::schema::{RESOURCE, TS, is_metric_type, is_tag_type, ts_type};
+
+/// Errors of the parquet source.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// A location could not be resolved.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Listing or reading failed.
+    #[error("{location}: {source}")]
+    ObjectStore {
+        /// The file or prefix.
+        location: String,
+        /// The cause.
+        #[source]
+        source: object_store::Error,
+    },
+    /// A file is not valid parquet, or decoding failed.
+    #[error("{location}: {source}")]
+    Parquet {
+        /// The file.
+        location: String,
+        /// The cause.
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+    /// A file's schema does not fit the stream.
+    #[error("{location}: {reason}")]
+    Schema {
+        /// The file.
+        location: String,
+        /// What does not fit.
+        reason: String,
+    },
+    /// No input files were found.
+    #[error("no parquet files found in {0}")]
+    Empty(String),
+    /// The downstream pipeline stopped.
+    #[error("pipeline closed")]
+    Closed,
+}
+
+/// Reads a parquet file through object_store: ranged GETs, footer with a prefetch hint.
+#[derive(Debug, Clone)]
+pub struct ObjectReader {
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    size: u64,
+}
+
+impl ObjectReader {
+    /// A reader of the `size`-byte object at `path`.
+    pub fn new(store: Arc<dyn ObjectStore>, path: Path) -> Self {
+        Self { store, path, size: 0 }
+    }
+
+    /// The object's size, known from listing.
+    pub fn with_file_size(mut self, size: u64) -> Self {
+        self.size = size;
+        self
+    }
+}
+
+fn to_parquet_err(e: object_store::Error) -> parquet::errors::ParquetError {
+    parquet::errors::ParquetError::External(Box::new(e))
+}
+
+impl AsyncFileReader for ObjectReader {
+    fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
+        async move { self.store.get_range(&self.path, range).await.map_err(to_parquet_err) }.boxed()
+    }
+
+    fn get_byte_ranges(&mut self, ranges: Vec<Range<u64>>) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
+        async move { self.store.get_ranges(&self.path, &ranges).await.map_err(to_parquet_err) }.boxed()
+    }
+
+    fn get_metadata<'a>(
+        &'a mut self,
+        _options: Option<&'a ArrowReaderOptions>,
+    ) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
+        async move {
+            let size = self.size;
+            let metadata = ParquetMetaDataReader::new()
+                .with_prefetch_hint(Some(256 * 1024))
+                .load_and_finish(self, size)
+                .await?;
+            Ok(Arc::new(metadata))
+        }
+        .boxed()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FileInfo {
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    display: String,
+    size: u64,
+    min_ts: i64,
+    rows: u64,
+}
+
+/// The stream schema for a file schema: `ts` becomes `Timestamp(ms, UTC)`, string-like
+/// columns `Utf8`, numeric columns stay as they are, other columns are dropped.
+pub fn normalized_schema(file: &Schema) -> Result<SchemaRef, String> {
+    let ts = file
+        .field_with_name(TS)
+        .map_err(|_| format!("no `{TS}` column (event time)"))?;
+    if !matches!(ts.data_type(), DataType::Timestamp(_, _) | DataType::Int64 | DataType::Date64) {
+        return Err(format!("`{TS}` is {}, expected a timestamp or epoch milliseconds", ts.data_type()));
+    }
+    let resource = file
+        .field_with_name(RESOURCE)
+        .map_err(|_| format!("no `{RESOURCE}` column"))?;
+    if !is_tag_type(resource.data_type()) {
+        return Err(format!("`{RESOURCE}` is {}, expected a string", resource.data_type()));
+    }
+    let mut fields = Vec::new();
+    for f in file.fields() {
+        if f.name() == TS {
+            fields.push(Field::new(TS, ts_type(), true));
+        } else if is_tag_type(f.data_type()) {
+            fields.push(Field::new(f.name(), DataType::Utf8, true));
+        } else if is_metric_type(f.data_type()) {
+            fields.push(Field::new(f.name(), f.data_type().clone(), true));
+        }
+    }
+    Ok(Arc::new(Schema::new(fields)))
+}
+
+/// Casts and reorders `batch` to `target`; missing columns become NULLs.
+pub fn conform(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch, String> {
+    let columns = target
+        .fields()
+        .iter()
+        .map(|f| match batch.schema().index_of(f.name()) {
+            Ok(i) => {
+                let c = batch.column(i);
+                if c.data_type() == f.data_type() {
+                    Ok(Arc::clone(c))
+                } else if f.name() == TS && c.data_type() == &DataType::Int64 {
+                    cast(c, &DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, None))
+                        .and_then(|c| cast(&c, f.data_type()))
+                        .map_err(|e| e.to_string())
+                } else {
+                    cast(c, f.data_type())
+                        .map_err(|e| format!("column `{}` ({}): {e}", f.name(), c.data_type()))
+                }
+            }
+            Err(_) => Ok(new_null_array(f.data_type(), batch.num_rows())),
+        })
+        .collect::<Result<Vec<ArrayRef>, String>>()?;
+    let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+    RecordBatch::try_new_with_options(Arc::clone(target), columns, &options).map_err(|e| e.to_string())
+}
+
+/// Timestamps (ms) of a conformed batch's `ts` column; NULL reads as `i64::MIN`.
+pub fn ts_values(batch: &RecordBatch) -> Vec<i64> {
+    let ts = batch
+        .column_by_name(TS)
+        .expect("conformed batches have a ts column")
+        .as_primitive::<TimestampMillisecondType>();
+    if ts.null_count() == 0 {
+        ts.values().to_vec()
+    } else {
+        (0..ts.len()).map(|i| if ts.is_null(i) { i64::MIN } else { ts.value(i) }).collect()
+    }
+}
+
+/// Stable sort of `batch` by `ts`, when it is not sorted already.
+pub fn sort_by_ts(batch: RecordBatch) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let ts = ts_values(&batch);
+    if ts.windows(2).all(|w| w[0] <= w[1]) {
+        return Ok(batch);
+    }
+    let mut idx: Vec<u32> = (0..ts.len() as u32).collect();
+    idx.sort_by_key(|&i| ts[i as usize]);
+    let idx = arrow::array::UInt32Array::from(idx);
+    let columns = batch
+        .columns()
+        .iter()
+        .map(|c| take(c, &idx, None))
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(batch.schema(), columns)
+}
+
+/// The rows of a file not emitted yet.
+struct Head {
+    batch: RecordBatch,
+    ts: Vec<i64>,
+    max: i64,
+    sorted: bool,
+}
+
+impl Head {
+    fn new(batch: RecordBatch) -> Self {
+        let ts = ts_values(&batch);
+        let max = ts.iter().copied().max().unwrap_or(i64::MIN);
+        let sorted = ts.windows(2).all(|w| w[0] <= w[1]);
+        Self { batch, ts, max, sorted }
+    }
+
+    /// The rows with `ts <= bound` (in file order) and the rest.
+    fn split(self, bound: i64) -> Result<(Option<RecordBatch>, Option<Head>), arrow::error::ArrowError> {
+        if self.max <= bound {
+            return Ok((Some(self.batch), None));
+        }
+        let n = self.batch.num_rows();
+        if self.sorted {
+            let cut = self.ts.partition_point(|&t| t <= bound);
+            let ready = (cut > 0).then(|| self.batch.slice(0, cut));
+            let rest = Head {
+                batch: self.batch.slice(cut, n - cut),
+                ts: self.ts[cut..].to_vec(),
+                max: self.max,
+                sorted: true,
+            };
+            return Ok((ready, Some(rest)));
+        }
+        let mask: arrow::array::BooleanArray = self.ts.iter().map(|&t| Some(t <= bound)).collect();
+        let ready = arrow::compute::filter_record_batch(&self.batch, &mask)?;
+        let rest = arrow::compute::filter_record_batch(&self.batch, &arrow::compute::not(&mask)?)?;
+        Ok(((ready.num_rows() > 0).then_some(ready), Some(Head::new(rest))))
+    }
+}
+
+/// Replays parquet files in event-time order. See the [module docs](self).
+#[derive(Debug)]
+pub struct ParquetSource {
+    files: Vec<FileInfo>,
+    schema: SchemaRef,
+    projection: SchemaRef,
+    batch_rows: usize,
+    speed: Speed,
+}
+
+async fn list_files(location: &Location) -> Result<Vec<(Path, u64)>, SourceError> {
+    let store = &location.store;
+    // A single object?
+    if let Ok(meta) = store.head(&location.path).await {
+        return Ok(vec![(meta.location, meta.size)]);
+    }
+    let mut files = Vec::new();
+    let mut listing = store.list(Some(&location.path));
+    while let Some(item) = listing.next().await {
+        let meta = item.map_err(|source| SourceError::ObjectStore {
+            location: location.display(),
+            source,
+        })?;
+        if meta.location.extension() == Some("parquet") {
+            files.push((meta.location, meta.size));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+impl ParquetSource {
+    /// Finds the input files and reads their footers.
+    pub async fn open(
+        inputs: &[String],
+        s3: &S3Config,
+        batch_rows: usize,
+        speed: Speed,
+    ) -> Result<Self, SourceError> {
+        let mut files = Vec::new();
+        let mut schema: Option<SchemaRef> = None;
+        for input in inputs {
+            let location = Location::parse(input, s3, false)?;
+            let found = list_files(&location).await?;
+            if found.is_empty() {
+                return Err(SourceError::Empty(input.clone()));
+            }
+            for (path, size) in found {
+                let display = if location.url.scheme() == "file" {
+                    format!("/{path}")
+                } else {
+                    format!("{}{path}", location.url)
+                };
+                let reader = ObjectReader::new(Arc::clone(&location.store), path.clone())
+                    .with_file_size(size);
+                let builder = ParquetRecordBatchStreamBuilder::new(reader).await.map_err(|source| {
+                    SourceError::Parquet {
+                        location: display.clone(),
+                        source,
+                    }
+                })?;
+                let file_schema = builder.schema();
+                let normalized = normalized_schema(file_schema).map_err(|reason| SourceError::Schema {
+                    location: display.clone(),
+                    reason,
+                })?;
+                if schema.is_none() {
+                    schema = Some(normalized);
+                }
+                let metadata = builder.metadata();
+                let rows = metadata.file_metadata().num_rows().max(0) as u64;
+                let min_ts = StatisticsConverter::try_new(TS, file_schema, builder.parquet_schema())
+                    .and_then(|c| c.row_group_mins(metadata.row_groups().iter()))
+                    .ok()
+                    .and_then(|mins| {
+                        let mins = cast(&mins, &DataType::Int64).ok()?;
+                        let mins = cast(
+                            &cast(&mins, &file_schema.field_with_name(TS).ok()?.data_type().clone()).ok()?,
+                            &ts_type(),
+                        )
+                        .ok()?;
+                        let mins = mins.as_primitive::<TimestampMillisecondType>();
+                        (0..mins.len()).filter(|&i| mins.is_valid(i)).map(|i| mins.value(i)).min()
+                    })
+                    // Without statistics the file must be opened first.
+                    .unwrap_or(i64::MIN);
+                if rows > 0 {
+                    files.push(FileInfo {
+                        store: Arc::clone(&location.store),
+                        path,
+                        display,
+                        size,
+                        min_ts,
+                        rows,
+                    });
+                }
+            }
+        }
+        let schema = schema.ok_or_else(|| SourceError::Empty(inputs.join(", ")))?;
+        // Stable: equal first timestamps keep listing order.
+        files.sort_by_key(|f| f.min_ts);
+        Ok(Self {
+            files,
+            projection: Arc::clone(&schema),
+            schema,
+            batch_rows: batch_rows.max(1),
+            speed,
+        })
+    }
+
+    /// The stream schema (see [`normalized_schema`]).
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    /// Rows in all input files, from their footers.
+    pub fn total_rows(&self) -> u64 {
+        self.files.iter().map(|f| f.rows).sum()
+    }
+
+    /// Number of input files.
+    pub fn file_count(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Decode only these columns of the stream schema (by index).
+    pub fn project(&mut self, columns: &[usize]) {
+        let fields: Vec<Field> = columns.iter().map(|&i| self.schema.field(i).clone()).collect();
+        self.projection = Arc::new(Schema::new(fields));
+    }
+
+    /// The schema of the batches this source emits.
+    pub fn output_schema(&self) -> &SchemaRef {
+        &self.projection
+    }
+
+    async fn open_stream(&self, file: &FileInfo) -> Result<ParquetRecordBatchStream<ObjectReader>, SourceError> {
+        let parquet_err = |source| SourceError::Parquet {
+            location: file.display.clone(),
+            source,
+        };
+        let reader = ObjectReader::new(Arc::clone(&file.store), file.path.clone()).with_file_size(file.size);
+        let builder = ParquetRecordBatchStreamBuilder::new(reader).await.map_err(parquet_err)?;
+        let file_schema = Arc::clone(builder.schema());
+        let roots: Vec<usize> = self
+            .projection
+            .fields()
+            .iter()
+            .filter_map(|f| file_schema.index_of(f.name()).ok())
+            .collect();
+        let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
+        builder
+            .with_projection(mask)
+            .with_batch_size(self.batch_rows)
+            .build()
+            .map_err(parquet_err)
+    }
+
+    /// Replays every file into `tx` and ends with [`Message::End`].
+    pub async fn run(self, tx: mpsc::Sender<Message>, metrics: Arc<PipelineMetrics>) -> Result<(), SourceError> {
+        struct Active {
+            file: usize,
+            stream: ParquetRecordBatchStream<ObjectReader>,
+            head: Option<Head>,
+            done: bool,
+        }
+        let mut active: Vec<Active> = Vec::new();
+        let mut next = 0usize;
+        let mut pace: Option<(Instant, i64)> = None;
+        loop {
+            for a in active.iter_mut() {
+                while a.head.is_none() && !a.done {
+                    match a.stream.next().await {
+                        None => a.done = true,
+                        Some(Err(source)) => {
+                            return Err(SourceError::Parquet {
+                                location: self.files[a.file].display.clone(),
+                                source,
+                            });
+                        }
+                        Some(Ok(batch)) if batch.num_rows() == 0 => {}
+                        Some(Ok(batch)) => {
+                            let batch = conform(&batch, &self.projection).map_err(|reason| SourceError::Schema {
+                                location: self.files[a.file].display.clone(),
+                                reason,
+                            })?;
+                            a.head = Some(Head::new(batch));
+                        }
+                    }
+                }
+            }
+            active.retain(|a| a.head.is_some());
+            let bound = active
+                .iter()
+                .filter_map(|a| a.head.as_ref().map(|h| h.max))
+                .min();
+            if let Some(file) = self.files.get(next)
+                && bound.is_none_or(|b| file.min_ts <= b)
+            {
+                let stream = self.open_stream(file).await?;
+                active.push(Active {
+                    file: next,
+                    stream,
+                    head: None,
+                    done: false,
+                });
+                next += 1;
+                continue;
+            }
+            let Some(bound) = bound else { break };
+            // Every row at or before `bound` is now known: emit it.
+            let mut parts: Vec<RecordBatch> = Vec::new();
+            for a in active.iter_mut() {
+                let Some(head) = a.head.take() else { continue };
+                let (ready, rest) = head.split(bound).map_err(|e| SourceError::Schema {
+                    location: self.files[a.file].display.clone(),
+                    reason: e.to_string(),
+                })?;
+                parts.extend(ready);
+                a.head = rest;
+            }
+            let out = match parts.len() {
+                0 => continue,
+                1 => parts.pop().expect("one part"),
+                _ => {
+                    let merged = concat_batches(&self.projection, &parts).map_err(|e| SourceError::Schema {
+                        location: "merge".into(),
+                        reason: e.to_string(),
+                    })?;
+                    sort_by_ts(merged).map_err(|e| SourceError::Schema {
+                        location: "merge".into(),
+                        reason: e.to_string(),
+                    })?
+                }
+            };
+            let first_ts = ts_values(&out).first().copied().unwrap_or(bound);
+            if let Speed::Factor(factor) = self.speed {
+                let (start, ts0) = *pace.get_or_insert((Instant::now(), first_ts));
+                let due = start + Duration::from_secs_f64(((first_ts - ts0).max(0) as f64 / 1000.0) / factor);
+                tokio::time::sleep_until(due.into()).await;
+            }
+            metrics.add_source_rows(out.num_rows() as u64);
+            tx.send(Message::Data(out)).await.map_err(|_| SourceError::Closed)?;
+        }
+        tx.send(Message::End).await.map_err(|_| SourceError::Closed)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,146 @@
+//! Object stores from paths and URLs.
+//!
+//! * a plain path or `file:///abs/path`: the local file system;
+//! * `s3://bucket/prefix`: Amazon S3 or any S3-compatible endpoint, configured by
+//!   [`S3Config`] and the standard `AWS_*` environment variables.
+
+use std::path::Path as FsPath;
+use std::sync::Arc;
+
+use object_store::ObjectStore;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+/// S3 connection settings; unset fields come from the environment (`AWS_REGION`,
+/// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL`, …).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// Endpoint URL, for S3-compatible stores (e.g. `http://127.0.0.1:5000`).
+    pub endpoint: Option<String>,
+    /// Region.
+    pub region: Option<String>,
+    /// Allow plain HTTP endpoints.
+    pub allow_http: bool,
+    /// Access key id.
+    pub access_key_id: Option<String>,
+    /// Secret access key.
+    pub secret_access_key: Option<String>,
+}
+
+/// Errors resolving a location.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The location is not a path or a supported URL.
+    #[error("`{location}`: {reason}")]
+    BadLocation {
+        /// What was given.
+        location: String,
+        /// Why it is not usable.
+        reason: String,
+    },
+    /// The store could not be built.
+    #[error("`{location}`: {source}")]
+    Store {
+        /// What was given.
+        location: String,
+        /// The cause.
+        #[source]
+        source: object_store::Error,
+    },
+}
+
+/// A store and a path inside it.
+#[derive(Debug, Clone)]
+pub struct Location {
+    /// The store.
+    pub store: Arc<dyn ObjectStore>,
+    /// The path in the store (a prefix for directories).
+    pub path: Path,
+    /// The URL this location was resolved from, for messages and DataFusion registration.
+    pub url: Url,
+}
+
+impl Location {
+    /// Resolves a path or URL. Local directories are created when `create` is set.
+    pub fn parse(location: &str, s3: &S3Config, create: bool) -> Result<Self, StoreError> {
+        let bad = |reason: String| StoreError::BadLocation {
+            location: location.to_string(),
+            reason,
+        };
+        if let Some(rest) = location.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(bad("no bucket in s3:// URL".into()));
+            }
+            let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+            if let Some(e) = &s3.endpoint {
+                builder = builder.with_endpoint(e);
+            }
+            if let Some(r) = &s3.region {
+                builder = builder.with_region(r);
+            }
+            if s3.allow_http {
+                builder = builder.with_allow_http(true);
+            }
+            if let Some(k) = &s3.access_key_id {
+                builder = builder.with_access_key_id(k);
+            }
+            if let Some(k) = &s3.secret_access_key {
+                builder = builder.with_secret_access_key(k);
+            }
+            let store = builder.build().map_err(|source| StoreError::Store {
+                location: location.to_string(),
+                source,
+            })?;
+            let url = Url::parse(&format!("s3://{bucket}/")).map_err(|e| bad(e.to_string()))?;
+            return Ok(Self {
+                store: Arc::new(store),
+                path: Path::from(prefix.trim_end_matches('/')),
+                url,
+            });
+        }
+        let local = match location.strip_prefix("file://") {
+            Some(p) => p.to_string(),
+            None if location.contains("://") => {
+                return Err(bad("supported schemes are file:// and s3://".into()));
+            }
+            None => location.to_string(),
+        };
+        let local = FsPath::new(&local);
+        if create && !local.exists() {
+            std::fs::create_dir_all(local).map_err(|e| bad(e.to_string()))?;
+        }
+        let absolute = std::fs::canonicalize(local)
+            .or_else(|_| std::path::absolute(local))
+            .map_err(|e| bad(e.to_string()))?;
+        let path = Path::from_absolute_path(&absolute).map_err(|e| bad(e.to_string()))?;
+        let url = Url::from_directory_path("/").map_err(|_| bad("invalid root".into()))?;
+        Ok(Self {
+            store: Arc::new(LocalFileSystem::new()),
+            path,
+            url,
+        })
+    }
+
+    /// `path` joined with a relative `child` (`/`-separated).
+    pub fn child(&self, child: &str) -> Path {
+        let mut p = self.path.clone();
+        for part in child.split('/').filter(|s| !s.is_empty()) {
+            p = p.clone().join(part);
+        }
+        p
+    }
+
+    /// A human-readable form.
+    pub fn display(&self) -> String {
+        if self.url.scheme() == "file" {
+            format!("/{}", self.path)
+        } else {
+            format!("{}{}", self.url, self.path)
+        }
+    }
+}

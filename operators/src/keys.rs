@@ -1,0 +1,284 @@
+//! Interning of partition keys into dense group ids.
+//!
+//! Window state is stored in flat vectors indexed by a dense `u32` group id. A
+//! [`KeyInterner`] maps the values of one or more key columns to those ids, stably across
+//! batches: the first key seen gets id 0, the next new one id 1, and so on.
+//!
+//! Dictionary-encoded columns are interned once per distinct dictionary value, not once per
+//! row, which makes the long `samples` view (see [`crate::unpivot`]) cheap to key.
+
+use arrow::array::{Array, ArrayRef, AsArray};
+use arrow::compute::cast;
+use arrow::datatypes::DataType;
+use hashbrown::HashMap;
+
+use crate::{OperatorError, Result};
+
+/// Interner of a single column's values.
+#[derive(Debug, Default)]
+struct ColumnInterner {
+    strings: HashMap<String, u32>,
+    ints: HashMap<i64, u32>,
+    null: Option<u32>,
+    next: u32,
+}
+
+impl ColumnInterner {
+    fn fresh(&mut self) -> u32 {
+        let id = self.next;
+        self.next += 1;
+        id
+    }
+
+    fn null_id(&mut self) -> u32 {
+        match self.null {
+            Some(id) => id,
+            None => {
+                let id = self.fresh();
+                self.null = Some(id);
+                id
+            }
+        }
+    }
+
+    fn str_id(&mut self, s: &str) -> u32 {
+        if let Some(&id) = self.strings.get(s) {
+            return id;
+        }
+        let id = self.fresh();
+        self.strings.insert(s.to_owned(), id);
+        id
+    }
+
+    fn int_id(&mut self, v: i64) -> u32 {
+        if let Some(&id) = self.ints.get(&v) {
+            return id;
+        }
+        let id = self.fresh();
+        self.ints.insert(v, id);
+        id
+    }
+
+    /// Appends the id of every row of `array` to `out`.
+    fn intern(&mut self, array: &dyn Array, out: &mut Vec<u32>) -> Result<()> {
+        match array.data_type() {
+            DataType::Utf8 => {
+                let a = array.as_string::<i32>();
+                out.extend((0..a.len()).map(|i| {
+                    if a.is_null(i) {
+                        self.null_id()
+                    } else {
+                        self.str_id(a.value(i))
+                    }
+                }));
+            }
+            DataType::LargeUtf8 => {
+                let a = array.as_string::<i64>();
+                out.extend((0..a.len()).map(|i| {
+                    if a.is_null(i) {
+                        self.null_id()
+                    } else {
+                        self.str_id(a.value(i))
+                    }
+                }));
+            }
+            DataType::Utf8View => {
+                let a = array.as_string_view();
+                out.extend((0..a.len()).map(|i| {
+                    if a.is_null(i) {
+                        self.null_id()
+                    } else {
+                        self.str_id(a.value(i))
+                    }
+                }));
+            }
+            DataType::Dictionary(_, _) => {
+                let dict = array.as_any_dictionary();
+                let mut value_ids = Vec::with_capacity(dict.values().len());
+                self.intern(dict.values().as_ref(), &mut value_ids)?;
+                let keys = dict.normalized_keys();
+                let nulls = array.logical_nulls();
+                out.extend(keys.iter().enumerate().map(|(i, &k)| {
+                    if nulls.as_ref().is_some_and(|n| n.is_null(i)) {
+                        self.null_id()
+                    } else {
+                        value_ids[k]
+                    }
+                }));
+            }
+            DataType::Int8
+            | DataType::Int16
+            | DataType::Int32
+            | DataType::Int64
+            | DataType::UInt8
+            | DataType::UInt16
+            | DataType::UInt32
+            | DataType::Date32
+            | DataType::Date64
+            | DataType::Timestamp(_, _)
+            | DataType::Boolean => {
+                let ints = cast(array, &DataType::Int64)?;
+                let a = ints.as_primitive::<arrow::datatypes::Int64Type>();
+                out.extend((0..a.len()).map(|i| {
+                    if a.is_null(i) {
+                        self.null_id()
+                    } else {
+                        self.int_id(a.value(i))
+                    }
+                }));
+            }
+            other => {
+                let strings = cast(array, &DataType::Utf8).map_err(|e| {
+                    OperatorError::InvalidInput(format!(
+                        "cannot use a column of type {other} as a partition key: {e}"
+                    ))
+                })?;
+                self.intern(strings.as_ref(), out)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Maps rows of one or more key columns to dense, stable group ids.
+#[derive(Debug, Default)]
+pub struct KeyInterner {
+    columns: Vec<ColumnInterner>,
+    pairs: HashMap<(u32, u32), u32>,
+    tuples: HashMap<Box<[u32]>, u32>,
+    groups: u32,
+    scratch: Vec<Vec<u32>>,
+}
+
+impl KeyInterner {
+    /// An interner for keys of `columns` columns (0 means every row is in group 0).
+    pub fn new(columns: usize) -> Self {
+        Self {
+            columns: (0..columns).map(|_| ColumnInterner::default()).collect(),
+            groups: u32::from(columns == 0),
+            ..Self::default()
+        }
+    }
+
+    /// Number of distinct groups seen so far.
+    pub fn len(&self) -> usize {
+        self.groups as usize
+    }
+
+    /// Whether no group has been seen.
+    pub fn is_empty(&self) -> bool {
+        self.groups == 0
+    }
+
+    /// The group id of every row. `keys` must hold one array per key column, all of `rows`
+    /// rows.
+    pub fn intern(&mut self, keys: &[ArrayRef], rows: usize) -> Result<Vec<u32>> {
+        if keys.len() != self.columns.len() {
+            return Err(OperatorError::InvalidInput(format!(
+                "expected {} key columns, got {}",
+                self.columns.len(),
+                keys.len()
+            )));
+        }
+        if let Some(k) = keys.iter().find(|k| k.len() != rows) {
+            return Err(OperatorError::InvalidInput(format!(
+                "key column of {} rows for {rows} rows",
+                k.len()
+            )));
+        }
+        match keys.len() {
+            0 => Ok(vec![0; rows]),
+            1 => {
+                let mut out = Vec::with_capacity(rows);
+                self.columns[0].intern(keys[0].as_ref(), &mut out)?;
+                self.groups = self.columns[0].next;
+                Ok(out)
+            }
+            n => {
+                self.scratch.resize_with(n, Vec::new);
+                for (c, key) in keys.iter().enumerate() {
+                    self.scratch[c].clear();
+                    self.scratch[c].reserve(rows);
+                    let (interner, scratch) = (&mut self.columns[c], &mut self.scratch[c]);
+                    interner.intern(key.as_ref(), scratch)?;
+                }
+                let mut out = Vec::with_capacity(rows);
+                if n == 2 {
+                    for i in 0..rows {
+                        let pair = (self.scratch[0][i], self.scratch[1][i]);
+                        let next = self.groups;
+                        let id = *self.pairs.entry(pair).or_insert(next);
+                        if id == next {
+                            self.groups += 1;
+                        }
+                        out.push(id);
+                    }
+                } else {
+                    let mut tuple = vec![0u32; n];
+                    for i in 0..rows {
+                        for c in 0..n {
+                            tuple[c] = self.scratch[c][i];
+                        }
+                        let id = match self.tuples.get(tuple.as_slice()) {
+                            Some(&id) => id,
+                            None => {
+                                let id = self.groups;
+                                self.tuples.insert(tuple.clone().into_boxed_slice(), id);
+                                self.groups += 1;
+                                id
+                            }
+                        };
+                        out.push(id);
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{DictionaryArray, Int32Array, StringArray};
+    use arrow::datatypes::Int32Type;
+
+    use super::*;
+
+    #[test]
+    fn ids_are_dense_and_stable_across_batches() {
+        let mut k = KeyInterner::new(1);
+        let a: ArrayRef = Arc::new(StringArray::from(vec![Some("x"), Some("y"), None, Some("x")]));
+        assert_eq!(k.intern(&[a], 4).unwrap(), vec![0, 1, 2, 0]);
+        let b: ArrayRef = Arc::new(StringArray::from(vec![Some("z"), None, Some("y")]));
+        assert_eq!(k.intern(&[b], 3).unwrap(), vec![3, 2, 1]);
+        assert_eq!(k.len(), 4);
+    }
+
+    #[test]
+    fn dictionary_and_plain_columns_agree() {
+        let mut plain = KeyInterner::new(2);
+        let mut dict = KeyInterner::new(2);
+        let r: ArrayRef = Arc::new(StringArray::from(vec!["a", "a", "b", "b"]));
+        let m: ArrayRef = Arc::new(StringArray::from(vec!["cpu", "mem", "cpu", "mem"]));
+        let rd: ArrayRef = Arc::new(DictionaryArray::<Int32Type>::try_new(
+            Int32Array::from(vec![0, 0, 1, 1]),
+            Arc::new(StringArray::from(vec!["a", "b"])),
+        ).unwrap());
+        let md: ArrayRef = Arc::new(DictionaryArray::<Int32Type>::try_new(
+            Int32Array::from(vec![1, 0, 1, 0]),
+            Arc::new(StringArray::from(vec!["mem", "cpu"])),
+        ).unwrap());
+        assert_eq!(plain.intern(&[r, m], 4).unwrap(), dict.intern(&[rd, md], 4).unwrap());
+        assert_eq!(plain.len(), 4);
+    }
+
+    #[test]
+    fn many_columns() {
+        let mut k = KeyInterner::new(3);
+        let c: ArrayRef = Arc::new(Int32Array::from(vec![1, 1, 2]));
+        assert_eq!(k.intern(&[c.clone(), c.clone(), c], 3).unwrap(), vec![0, 0, 1]);
+        assert!(k.intern(&[], 0).is_err());
+    }
+}

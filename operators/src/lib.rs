@@ -1,0 +1,35 @@
+//! Pure logic of healer over Arrow [`RecordBatch`](arrow::record_batch::RecordBatch)es.
+//!
+//! Nothing in this crate does I/O, spawns tasks or reads a clock: every operator is a value
+//! that takes batches in and returns batches or arrays out, so it can be tested in isolation
+//! and driven identically by replay and by a live stream.
+//!
+//! * [`window`]: keyed, incremental sliding-window aggregates (the engine behind SQL
+//!   `OVER (PARTITION BY … ORDER BY ts ROWS BETWEEN n PRECEDING AND CURRENT ROW)`).
+//! * [`keys`]: interning of partition keys into dense group ids.
+//! * [`schema`]: the canonical metrics schema and the versioned incident-log schema.
+//! * [`severity`]: the z-score severity and confidence mapping.
+//! * [`unpivot`]: the long `samples` view of a wide metrics batch.
+//! * [`id`]: deterministic, version-stable identifiers.
+
+pub mod id;
+pub mod keys;
+pub mod schema;
+pub mod severity;
+pub mod unpivot;
+pub mod window;
+
+/// Errors raised by operators. Operators never panic on data: every unexpected input is one
+/// of these.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    /// The input does not have the shape the operator was built for.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// An Arrow kernel failed.
+    #[error(transparent)]
+    Arrow(#[from] arrow::error::ArrowError),
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = OperatorError> = std::result::Result<T, E>;

@@ -1,0 +1,575 @@
+//! Keyed, incremental sliding-window aggregates.
+//!
+//! A [`WindowOperator`] evaluates a set of aggregates that share one frame over many
+//! independent series (one per partition key and argument). Each call to
+//! [`WindowOperator::process`] takes the next rows in event-time order and returns, for every
+//! row, the value of every aggregate over the frame that ends at that row. State is kept
+//! between calls, so feeding a stream in one batch or in batches of any size gives identical
+//! output.
+//!
+//! # Frames
+//! `ROWS BETWEEN n PRECEDING AND CURRENT ROW` (the last `n + 1` rows of the series, the
+//! current one included) and `ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW`.
+//!
+//! # Cost
+//! Amortised O(1) work per row and aggregate; memory is `series × (n + 1)` values for bounded
+//! frames and O(1) per series for unbounded ones. All ring buffers of an operator live in one
+//! slab that only grows when a new series appears.
+//!
+//! # Missing values
+//! NULL and NaN inputs are both *missing*: they occupy a row of the frame but are ignored by
+//! every aggregate, as pandas' rolling functions do. `COUNT(x)` counts the present values, so
+//! `COUNT(x) OVER w = n + 1` is the "full window" test (pandas' `min_periods = window`).
+//! Results: `COUNT` is 0 and the others are NULL when no value is present; `VAR_SAMP` and
+//! `STDDEV_SAMP` are NULL with fewer than two values. Variances never go negative.
+//!
+//! # Numerical stability
+//! Bounded frames keep sums of deviations from a shift (a recent value of the series), and
+//! recompute them exactly from the ring every `n + 1` evictions, so rounding error cannot
+//! accumulate over an unbounded stream. Unbounded frames use Welford's update.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, Float64Array, Int64Array};
+use arrow::buffer::{BooleanBuffer, NullBuffer};
+
+use crate::{OperatorError, Result};
+
+/// An aggregate function computed over a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AggKind {
+    /// Number of present values (`COUNT`).
+    Count,
+    /// Sum (`SUM`).
+    Sum,
+    /// Arithmetic mean (`AVG`).
+    Avg,
+    /// Sample variance, n − 1 (`VAR_SAMP`, `VARIANCE`).
+    VarSamp,
+    /// Population variance (`VAR_POP`).
+    VarPop,
+    /// Sample standard deviation (`STDDEV`, `STDDEV_SAMP`).
+    StddevSamp,
+    /// Population standard deviation (`STDDEV_POP`).
+    StddevPop,
+    /// Minimum (`MIN`).
+    Min,
+    /// Maximum (`MAX`).
+    Max,
+}
+
+impl AggKind {
+    /// Maps a SQL aggregate name (DataFusion's canonical names and aliases) to a kind.
+    pub fn from_sql_name(name: &str) -> Option<Self> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "count" => AggKind::Count,
+            "sum" => AggKind::Sum,
+            "avg" | "mean" => AggKind::Avg,
+            "var" | "var_samp" | "var_sample" | "variance" => AggKind::VarSamp,
+            "var_pop" | "var_population" => AggKind::VarPop,
+            "stddev" | "stddev_samp" => AggKind::StddevSamp,
+            "stddev_pop" => AggKind::StddevPop,
+            "min" => AggKind::Min,
+            "max" => AggKind::Max,
+            _ => return None,
+        })
+    }
+
+    fn needs_extrema(self) -> bool {
+        matches!(self, AggKind::Min | AggKind::Max)
+    }
+}
+
+/// The frame of a window: always ending at the current row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Frame {
+    /// `ROWS BETWEEN n PRECEDING AND CURRENT ROW`: the last `n + 1` rows.
+    Rows {
+        /// Rows before the current one.
+        preceding: usize,
+    },
+    /// `ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW`.
+    Unbounded,
+}
+
+impl Frame {
+    fn capacity(self) -> usize {
+        match self {
+            Frame::Rows { preceding } => preceding + 1,
+            Frame::Unbounded => 0,
+        }
+    }
+}
+
+/// One aggregate of a [`WindowOperator`]: a function over one of the operator's arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Aggregate {
+    /// The function.
+    pub kind: AggKind,
+    /// Index of the argument (see [`WindowOperator::process`]).
+    pub arg: usize,
+}
+
+/// Running statistics of one series (one partition key × one argument).
+#[derive(Debug, Clone, Default)]
+struct Series {
+    /// Rows currently in the frame, present or not.
+    rows: usize,
+    /// Next write position in the ring.
+    head: usize,
+    /// Present values in the frame.
+    n: u64,
+    /// Bounded: shift. Unbounded: running mean.
+    shift: f64,
+    /// Bounded: Σ(x − shift). Unbounded: Σx.
+    s1: f64,
+    /// Bounded: Σ(x − shift)². Unbounded: Welford's M2.
+    s2: f64,
+    /// Evictions since the last exact recomputation.
+    evictions: usize,
+    /// Rows ever pushed (sequence number of the next row).
+    seq: u64,
+    /// Monotonic deques of (seq, value) for MIN / MAX, when needed.
+    min: VecDeque<(u64, f64)>,
+    max: VecDeque<(u64, f64)>,
+}
+
+/// Keyed incremental window aggregates over one frame. See the [module docs](self).
+#[derive(Debug)]
+pub struct WindowOperator {
+    frame: Frame,
+    n_args: usize,
+    aggregates: Vec<Aggregate>,
+    /// Per argument: whether MIN/MAX deques must be maintained.
+    extrema: Vec<bool>,
+    /// `series[group * n_args + arg]`.
+    series: Vec<Series>,
+    /// Ring buffers of all series, `capacity` values each, in series order.
+    slab: Vec<f64>,
+}
+
+impl WindowOperator {
+    /// An operator over `n_args` arguments computing `aggregates` over `frame`.
+    pub fn try_new(frame: Frame, n_args: usize, aggregates: Vec<Aggregate>) -> Result<Self> {
+        if let Some(bad) = aggregates.iter().find(|a| a.arg >= n_args) {
+            return Err(OperatorError::InvalidInput(format!(
+                "aggregate {:?} refers to argument {} of {n_args}",
+                bad.kind, bad.arg
+            )));
+        }
+        if let Frame::Rows { preceding } = frame
+            && preceding >= (u32::MAX as usize)
+        {
+            return Err(OperatorError::InvalidInput(format!(
+                "window of {preceding} preceding rows is too large"
+            )));
+        }
+        let mut extrema = vec![false; n_args];
+        for a in &aggregates {
+            extrema[a.arg] |= a.kind.needs_extrema();
+        }
+        Ok(Self {
+            frame,
+            n_args,
+            aggregates,
+            extrema,
+            series: Vec::new(),
+            slab: Vec::new(),
+        })
+    }
+
+    /// The frame of this operator.
+    pub fn frame(&self) -> Frame {
+        self.frame
+    }
+
+    /// Number of series (groups × arguments) holding state.
+    pub fn series_count(&self) -> usize {
+        self.series.len()
+    }
+
+    fn ensure_groups(&mut self, groups: usize) {
+        let needed = groups * self.n_args;
+        if needed > self.series.len() {
+            self.series.resize_with(needed, Series::default);
+            self.slab.resize(needed * self.frame.capacity(), f64::NAN);
+        }
+    }
+
+    /// Processes the next rows.
+    ///
+    /// `groups[i]` is the dense group id of row `i` (see [`crate::keys::KeyInterner`]);
+    /// `args[a]` holds argument `a` for every row. Rows of one group must come in event-time
+    /// order across calls. Returns one array per aggregate, in the order given to
+    /// [`WindowOperator::try_new`]: `Int64` for `COUNT`, `Float64` otherwise.
+    pub fn process(&mut self, groups: &[u32], args: &[Float64Array]) -> Result<Vec<ArrayRef>> {
+        let rows = groups.len();
+        if args.len() != self.n_args {
+            return Err(OperatorError::InvalidInput(format!(
+                "expected {} arguments, got {}",
+                self.n_args,
+                args.len()
+            )));
+        }
+        if let Some(a) = args.iter().find(|a| a.len() != rows) {
+            return Err(OperatorError::InvalidInput(format!(
+                "argument of {} rows for {rows} group ids",
+                a.len()
+            )));
+        }
+        let max_group = groups.iter().copied().max().map_or(0, |g| g as usize + 1);
+        self.ensure_groups(max_group);
+
+        let mut values: Vec<Vec<f64>> = self.aggregates.iter().map(|_| vec![0.0; rows]).collect();
+        let mut valid: Vec<Vec<bool>> = self.aggregates.iter().map(|_| vec![true; rows]).collect();
+
+        let cap = self.frame.capacity();
+        for arg in 0..self.n_args {
+            let outputs: Vec<(usize, AggKind)> = self
+                .aggregates
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| a.arg == arg)
+                .map(|(i, a)| (i, a.kind))
+                .collect();
+            let extrema = self.extrema[arg];
+            let input = &args[arg];
+            let raw = input.values();
+            let nulls = input.nulls();
+            for i in 0..rows {
+                let x = match nulls {
+                    Some(n) if n.is_null(i) => f64::NAN,
+                    _ => raw[i],
+                };
+                let s = groups[i] as usize * self.n_args + arg;
+                let series = &mut self.series[s];
+                match self.frame {
+                    Frame::Rows { .. } => {
+                        let ring = &mut self.slab[s * cap..(s + 1) * cap];
+                        push_bounded(series, ring, x, extrema);
+                    }
+                    Frame::Unbounded => push_unbounded(series, x, extrema),
+                }
+                for &(o, kind) in &outputs {
+                    match evaluate(series, self.frame, kind) {
+                        Some(v) => values[o][i] = v,
+                        None => valid[o][i] = false,
+                    }
+                }
+            }
+        }
+
+        Ok(self
+            .aggregates
+            .iter()
+            .zip(values.into_iter().zip(valid))
+            .map(|(agg, (values, valid))| {
+                let nulls = if valid.iter().all(|v| *v) {
+                    None
+                } else {
+                    Some(NullBuffer::new(BooleanBuffer::from(valid)))
+                };
+                if agg.kind == AggKind::Count {
+                    let counts: Vec<i64> = values.into_iter().map(|v| v as i64).collect();
+                    Arc::new(Int64Array::new(counts.into(), None)) as ArrayRef
+                } else {
+                    Arc::new(Float64Array::new(values.into(), nulls)) as ArrayRef
+                }
+            })
+            .collect())
+    }
+}
+
+fn push_extrema(series: &mut Series, x: f64) {
+    if x.is_nan() {
+        return;
+    }
+    let seq = series.seq;
+    while series.min.back().is_some_and(|&(_, v)| v >= x) {
+        series.min.pop_back();
+    }
+    series.min.push_back((seq, x));
+    while series.max.back().is_some_and(|&(_, v)| v <= x) {
+        series.max.pop_back();
+    }
+    series.max.push_back((seq, x));
+}
+
+fn push_bounded(series: &mut Series, ring: &mut [f64], x: f64, extrema: bool) {
+    let cap = ring.len();
+    if series.rows == cap {
+        let old = ring[series.head];
+        if !old.is_nan() {
+            series.n -= 1;
+            if series.n == 0 {
+                series.s1 = 0.0;
+                series.s2 = 0.0;
+            } else {
+                let d = old - series.shift;
+                series.s1 -= d;
+                series.s2 -= d * d;
+            }
+        }
+        series.rows -= 1;
+        series.evictions += 1;
+    }
+    ring[series.head] = x;
+    series.head = if series.head + 1 == cap {
+        0
+    } else {
+        series.head + 1
+    };
+    series.rows += 1;
+    if !x.is_nan() {
+        if series.n == 0 {
+            series.shift = x;
+            series.s1 = 0.0;
+            series.s2 = 0.0;
+        } else {
+            let d = x - series.shift;
+            series.s1 += d;
+            series.s2 += d * d;
+        }
+        series.n += 1;
+    }
+    if extrema {
+        push_extrema(series, x);
+        // The frame holds sequence numbers (seq + 1 - rows ..= seq].
+        let first = series.seq + 1 - series.rows as u64;
+        while series.min.front().is_some_and(|&(s, _)| s < first) {
+            series.min.pop_front();
+        }
+        while series.max.front().is_some_and(|&(s, _)| s < first) {
+            series.max.pop_front();
+        }
+    }
+    series.seq += 1;
+    if series.evictions >= cap {
+        recompute(series, ring, x);
+    }
+}
+
+/// Exact recomputation of the shifted sums from the ring, re-centred on `latest` when present.
+fn recompute(series: &mut Series, ring: &[f64], latest: f64) {
+    series.evictions = 0;
+    if series.n == 0 {
+        return;
+    }
+    let shift = if latest.is_nan() {
+        series.shift + series.s1 / series.n as f64
+    } else {
+        latest
+    };
+    let (mut s1, mut s2) = (0.0, 0.0);
+    for &v in ring.iter() {
+        if !v.is_nan() {
+            let d = v - shift;
+            s1 += d;
+            s2 += d * d;
+        }
+    }
+    series.shift = shift;
+    series.s1 = s1;
+    series.s2 = s2;
+}
+
+fn push_unbounded(series: &mut Series, x: f64, extrema: bool) {
+    series.rows = series.rows.saturating_add(1);
+    if !x.is_nan() {
+        series.n += 1;
+        let delta = x - series.shift;
+        series.shift += delta / series.n as f64;
+        series.s2 += delta * (x - series.shift);
+        series.s1 += x;
+        if extrema {
+            // Unbounded frames never evict: the deques hold just the extremes.
+            if series.min.front().is_none_or(|&(_, v)| x < v) {
+                series.min.clear();
+                series.min.push_back((series.seq, x));
+            }
+            if series.max.front().is_none_or(|&(_, v)| x > v) {
+                series.max.clear();
+                series.max.push_back((series.seq, x));
+            }
+        }
+    }
+    series.seq += 1;
+}
+
+/// The value of `kind` over the current frame of `series`; `None` is SQL NULL.
+fn evaluate(series: &Series, frame: Frame, kind: AggKind) -> Option<f64> {
+    let n = series.n;
+    if kind == AggKind::Count {
+        return Some(n as f64);
+    }
+    if n == 0 {
+        return None;
+    }
+    let nf = n as f64;
+    let (mean, m2) = match frame {
+        Frame::Rows { .. } => {
+            let m2 = (series.s2 - series.s1 * series.s1 / nf).max(0.0);
+            (series.shift + series.s1 / nf, m2)
+        }
+        Frame::Unbounded => (series.shift, series.s2.max(0.0)),
+    };
+    match kind {
+        AggKind::Count => unreachable!("handled above"),
+        AggKind::Sum => Some(match frame {
+            Frame::Rows { .. } => series.s1 + nf * series.shift,
+            Frame::Unbounded => series.s1,
+        }),
+        AggKind::Avg => Some(mean),
+        AggKind::VarPop => Some(m2 / nf),
+        AggKind::StddevPop => Some((m2 / nf).sqrt()),
+        AggKind::VarSamp => (n >= 2).then(|| m2 / (nf - 1.0)),
+        AggKind::StddevSamp => (n >= 2).then(|| (m2 / (nf - 1.0)).sqrt()),
+        AggKind::Min => series.min.front().map(|&(_, v)| v),
+        AggKind::Max => series.max.front().map(|&(_, v)| v),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Two-pass reference over the frame ending at each row.
+    fn reference(xs: &[Option<f64>], preceding: Option<usize>, kind: AggKind) -> Vec<Option<f64>> {
+        (0..xs.len())
+            .map(|i| {
+                let start = preceding.map_or(0, |p| i.saturating_sub(p));
+                let present: Vec<f64> = xs[start..=i]
+                    .iter()
+                    .flatten()
+                    .copied()
+                    .filter(|v| !v.is_nan())
+                    .collect();
+                let n = present.len() as f64;
+                let mean = present.iter().sum::<f64>() / n;
+                let m2: f64 = present.iter().map(|v| (v - mean) * (v - mean)).sum();
+                match kind {
+                    AggKind::Count => Some(n),
+                    _ if present.is_empty() => None,
+                    AggKind::Sum => Some(present.iter().sum()),
+                    AggKind::Avg => Some(mean),
+                    AggKind::VarPop => Some(m2 / n),
+                    AggKind::StddevPop => Some((m2 / n).sqrt()),
+                    AggKind::VarSamp => (n >= 2.0).then(|| m2 / (n - 1.0)),
+                    AggKind::StddevSamp => (n >= 2.0).then(|| (m2 / (n - 1.0)).sqrt()),
+                    AggKind::Min => present.iter().copied().reduce(f64::min),
+                    AggKind::Max => present.iter().copied().reduce(f64::max),
+                }
+            })
+            .collect()
+    }
+
+    const KINDS: [AggKind; 9] = [
+        AggKind::Count,
+        AggKind::Sum,
+        AggKind::Avg,
+        AggKind::VarSamp,
+        AggKind::VarPop,
+        AggKind::StddevSamp,
+        AggKind::StddevPop,
+        AggKind::Min,
+        AggKind::Max,
+    ];
+
+    fn run(frame: Frame, xs: &[Option<f64>], chunk: usize) -> Vec<Vec<Option<f64>>> {
+        let aggs = KINDS.iter().map(|&kind| Aggregate { kind, arg: 0 }).collect();
+        let mut op = WindowOperator::try_new(frame, 1, aggs).unwrap();
+        let mut out = vec![Vec::new(); KINDS.len()];
+        for part in xs.chunks(chunk.max(1)) {
+            let arg = Float64Array::from(part.to_vec());
+            let groups = vec![0u32; part.len()];
+            let arrays = op.process(&groups, &[arg]).unwrap();
+            for (k, array) in arrays.iter().enumerate() {
+                for i in 0..array.len() {
+                    out[k].push(if array.is_null(i) {
+                        None
+                    } else if KINDS[k] == AggKind::Count {
+                        Some(array.as_any().downcast_ref::<Int64Array>().unwrap().value(i) as f64)
+                    } else {
+                        Some(array.as_any().downcast_ref::<Float64Array>().unwrap().value(i))
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    fn close(a: Option<f64>, b: Option<f64>, scale: f64) -> bool {
+        match (a, b) {
+            (None, None) => true,
+            (Some(a), Some(b)) => (a - b).abs() <= 1e-9 * scale.max(1.0) + 1e-9 * a.abs().max(b.abs()),
+            _ => false,
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn matches_two_pass_reference(
+            xs in proptest::collection::vec(
+                prop_oneof![8 => (-1e3f64..1e3).prop_map(Some), 1 => Just(None), 1 => Just(Some(f64::NAN))],
+                1..400),
+            preceding in prop_oneof![Just(None), (0usize..40).prop_map(Some)],
+            chunk in 1usize..64,
+        ) {
+            let frame = preceding.map_or(Frame::Unbounded, |preceding| Frame::Rows { preceding });
+            let got = run(frame, &xs, chunk);
+            for (k, kind) in KINDS.iter().enumerate() {
+                let want = reference(&xs, preceding, *kind);
+                let scale = match kind { AggKind::VarPop | AggKind::VarSamp => 1e6, _ => 1e3 * 400.0 };
+                for i in 0..xs.len() {
+                    prop_assert!(close(got[k][i], want[i], scale),
+                        "{kind:?} row {i}: got {:?} want {:?}", got[k][i], want[i]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stable_with_large_offset_and_level_shift() {
+        // 1e9 offset with unit noise, then a level shift: naive Σx² loses all precision here.
+        let xs: Vec<Option<f64>> = (0..5000)
+            .map(|i| {
+                let noise = ((i * 7919) % 13) as f64 - 6.0;
+                let level = if i > 2500 { 1e9 + 1e6 } else { 1e9 };
+                Some(level + noise)
+            })
+            .collect();
+        let got = run(Frame::Rows { preceding: 299 }, &xs, 777);
+        let want = reference(&xs, Some(299), AggKind::StddevSamp);
+        for i in 0..xs.len() {
+            let (g, w) = (got[5][i].unwrap_or(0.0), want[i].unwrap_or(0.0));
+            assert!((g - w).abs() <= 1e-6 * w.max(1.0), "row {i}: {g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn constant_series_has_zero_variance_not_negative() {
+        let xs = vec![Some(0.1f64); 1000];
+        let got = run(Frame::Rows { preceding: 299 }, &xs, 100);
+        assert!(got[3].iter().skip(1).all(|v| *v == Some(0.0)), "{:?}", &got[3][..5]);
+    }
+
+    #[test]
+    fn groups_are_independent() {
+        let aggs = vec![Aggregate { kind: AggKind::Sum, arg: 0 }];
+        let mut op = WindowOperator::try_new(Frame::Rows { preceding: 1 }, 1, aggs).unwrap();
+        let out = op
+            .process(&[0, 1, 0, 1, 0], &[Float64Array::from(vec![1.0, 10.0, 2.0, 20.0, 3.0])])
+            .unwrap();
+        let sums = out[0].as_any().downcast_ref::<Float64Array>().unwrap();
+        assert_eq!(sums.values().to_vec(), vec![1.0, 10.0, 3.0, 30.0, 5.0]);
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
+        assert!(WindowOperator::try_new(Frame::Unbounded, 1, vec![Aggregate { kind: AggKind::Sum, arg: 1 }]).is_err());
+        let mut op = WindowOperator::try_new(Frame::Unbounded, 1, vec![]).unwrap();
+        assert!(op.process(&[0, 0], &[Float64Array::from(vec![1.0])]).is_err());
+    }
+}

@@ -1,0 +1,694 @@
+//! Loading and compiling rules.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{Schema, SchemaRef};
+use datafusion::common::{DFSchema, DataFusionError, ScalarValue};
+use datafusion::datasource::MemTable;
+use datafusion::execution::context::SessionState;
+use datafusion::logical_expr::{
+    Expr, LogicalPlan, WindowFrameBound, WindowFrameUnits, WindowFunctionDefinition,
+};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::{DFParserBuilder, Statement as DFStatement};
+use datafusion::sql::sqlparser::ast::{Spanned, Statement};
+use healer_operators::schema::TS;
+use healer_operators::unpivot::Unpivot;
+use healer_operators::window::{AggKind, Aggregate, Frame};
+
+use crate::error::{ExecError, RuleError, RuleErrors};
+use crate::output::OutputMapping;
+use crate::stage::{Stage, StageTemplate, WindowGroupTemplate};
+
+/// The stream a rule reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StreamTable {
+    /// The wide metrics stream, one row per (ts, resource).
+    Metrics,
+    /// The long view, one row per (ts, resource, metric).
+    Samples,
+}
+
+impl StreamTable {
+    /// The SQL name of the table.
+    pub fn name(self) -> &'static str {
+        match self {
+            StreamTable::Metrics => "metrics",
+            StreamTable::Samples => "samples",
+        }
+    }
+}
+
+/// A rule ready to run: its plan, without state.
+#[derive(Debug)]
+pub struct CompiledRule {
+    /// The rule's name (the view name).
+    pub name: String,
+    /// The file it came from.
+    pub file: PathBuf,
+    /// 1-based line of its `CREATE VIEW`.
+    pub line: u64,
+    /// The stream it reads.
+    pub table: StreamTable,
+    /// Columns of the wide `metrics` schema the rule needs (by name).
+    pub columns: Vec<String>,
+    /// Columns each window partitions by, per window (for the engine's key partitioning).
+    pub partition_keys: Vec<Vec<String>>,
+    /// The pipeline, bottom-up.
+    pub stages: Vec<Arc<StageTemplate>>,
+    /// How the rule's output becomes anomaly rows (`None` when compiled without the output
+    /// contract, see [`RuleCompiler::without_output_contract`]).
+    pub output: Option<OutputMapping>,
+    /// The SQL text of the query.
+    pub sql: String,
+}
+
+impl CompiledRule {
+    /// A runnable instance with fresh state.
+    pub fn instantiate(self: &Arc<Self>) -> Result<RuleInstance, healer_operators::OperatorError> {
+        Ok(RuleInstance {
+            rule: Arc::clone(self),
+            stages: self
+                .stages
+                .iter()
+                .map(|s| s.instantiate())
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+/// A rule with its state; owned by one worker.
+#[derive(Debug)]
+pub struct RuleInstance {
+    rule: Arc<CompiledRule>,
+    stages: Vec<Stage>,
+}
+
+impl RuleInstance {
+    /// The compiled rule.
+    pub fn rule(&self) -> &Arc<CompiledRule> {
+        &self.rule
+    }
+
+    /// Runs the next batch of the rule's input table; returns the rule's raw output rows.
+    pub fn process(&mut self, input: RecordBatch) -> Result<RecordBatch, ExecError> {
+        let mut batch = input;
+        for stage in &mut self.stages {
+            batch = stage.process(&self.rule.name, batch)?;
+        }
+        Ok(batch)
+    }
+
+    /// Runs the next batch and converts the output to incident-log anomaly rows.
+    pub fn anomalies(&mut self, input: RecordBatch) -> Result<RecordBatch, ExecError> {
+        let raw = self.process(input)?;
+        let output = self.rule.output.as_ref().ok_or_else(|| ExecError::DataFusion {
+            rule: self.rule.name.clone(),
+            source: DataFusionError::Internal("rule compiled without the output contract".into()),
+        })?;
+        output
+            .to_anomalies(&self.rule.name, &raw)
+            .map_err(|source| ExecError::Arrow {
+                rule: self.rule.name.clone(),
+                source,
+            })
+    }
+
+    /// Keyed series holding state across all stages.
+    pub fn state_series(&self) -> usize {
+        self.stages.iter().map(Stage::state_series).sum()
+    }
+}
+
+/// Compiles rule files against the schema of a metrics stream.
+pub struct RuleCompiler {
+    ctx: SessionContext,
+    metrics: SchemaRef,
+    samples: SchemaRef,
+    output_contract: bool,
+}
+
+impl std::fmt::Debug for RuleCompiler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuleCompiler")
+            .field("metrics", &self.metrics)
+            .field("samples", &self.samples)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RuleCompiler {
+    /// A compiler for rules over wide batches of `metrics`.
+    pub fn try_new(metrics: SchemaRef) -> Result<Self, String> {
+        let unpivot = Unpivot::try_new(&metrics).map_err(|e| e.to_string())?;
+        let samples = unpivot.schema();
+        let mut config = SessionConfig::new();
+        config.options_mut().sql_parser.collect_spans = true;
+        let ctx = SessionContext::new_with_config(config);
+        crate::functions::register_all(&ctx);
+        for (name, schema) in [("metrics", &metrics), ("samples", &samples)] {
+            let table = MemTable::try_new(Arc::clone(schema), vec![vec![]])
+                .map_err(|e| e.to_string())?;
+            ctx.register_table(name, Arc::new(table))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(Self {
+            ctx,
+            metrics,
+            samples,
+            output_contract: true,
+        })
+    }
+
+    /// Accept queries whose output is not anomaly rows (for tests and exploration: such rules
+    /// can [`RuleInstance::process`] but not produce anomalies).
+    pub fn without_output_contract(mut self) -> Self {
+        self.output_contract = false;
+        self
+    }
+
+    /// The wide schema rules are compiled against.
+    pub fn metrics_schema(&self) -> &SchemaRef {
+        &self.metrics
+    }
+
+    /// The long `samples` schema.
+    pub fn samples_schema(&self) -> &SchemaRef {
+        &self.samples
+    }
+
+    /// Compiles every `*.sql` file of `dir` (sorted by name), or `dir` itself when it is a
+    /// file. Reports every problem of every file at once.
+    pub fn compile_path(&self, path: &Path) -> Result<Vec<Arc<CompiledRule>>, RuleErrors> {
+        let io = |e: std::io::Error| {
+            RuleErrors(vec![RuleError {
+                file: path.to_path_buf(),
+                line: 0,
+                column: 0,
+                rule: None,
+                message: e.to_string(),
+            }])
+        };
+        let files: Vec<PathBuf> = if path.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(io)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+                .collect();
+            files.sort();
+            files
+        } else {
+            vec![path.to_path_buf()]
+        };
+        let mut rules = Vec::new();
+        let mut errors = Vec::new();
+        for file in files {
+            match std::fs::read_to_string(&file) {
+                Ok(text) => match self.compile_str(&file, &text) {
+                    Ok(mut r) => rules.append(&mut r),
+                    Err(RuleErrors(mut e)) => errors.append(&mut e),
+                },
+                Err(e) => errors.push(RuleError {
+                    file: file.clone(),
+                    line: 0,
+                    column: 0,
+                    rule: None,
+                    message: e.to_string(),
+                }),
+            }
+        }
+        let mut seen: HashMap<String, (PathBuf, u64)> = HashMap::new();
+        for r in &rules {
+            if let Some((file, line)) = seen.get(&r.name) {
+                errors.push(RuleError {
+                    file: r.file.clone(),
+                    line: r.line,
+                    column: 0,
+                    rule: Some(r.name.clone()),
+                    message: format!(
+                        "a rule of this name is already defined at {}:{line}",
+                        file.display()
+                    ),
+                });
+            } else {
+                seen.insert(r.name.clone(), (r.file.clone(), r.line));
+            }
+        }
+        if rules.is_empty() && errors.is_empty() {
+            errors.push(RuleError {
+                file: path.to_path_buf(),
+                line: 0,
+                column: 0,
+                rule: None,
+                message: "no rules found (a rule is a `CREATE VIEW name AS SELECT …` in a .sql file)"
+                    .into(),
+            });
+        }
+        if errors.is_empty() {
+            Ok(rules)
+        } else {
+            Err(RuleErrors(errors))
+        }
+    }
+
+    /// Compiles the rules of one file's text.
+    pub fn compile_str(&self, file: &Path, text: &str) -> Result<Vec<Arc<CompiledRule>>, RuleErrors> {
+        let error = |line: u64, column: u64, rule: Option<&str>, message: String| RuleError {
+            file: file.to_path_buf(),
+            line,
+            column,
+            rule: rule.map(str::to_owned),
+            message,
+        };
+        let statements = DFParserBuilder::new(text)
+            .build()
+            .and_then(|mut p| p.parse_statements())
+            .map_err(|e| {
+                let (line, column, message) = parser_location(&e);
+                RuleErrors(vec![error(line, column, None, message)])
+            })?;
+        let mut rules = Vec::new();
+        let mut errors = Vec::new();
+        for statement in statements {
+            let DFStatement::Statement(statement) = statement else {
+                errors.push(error(0, 0, None, "only `CREATE VIEW name AS SELECT …` statements are allowed in rule files".into()));
+                continue;
+            };
+            let span = statement.span();
+            let (line, column) = (span.start.line, span.start.column);
+            let Statement::CreateView(view) = *statement else {
+                errors.push(error(
+                    line,
+                    column,
+                    None,
+                    "only `CREATE VIEW name AS SELECT …` statements are allowed in rule files".into(),
+                ));
+                continue;
+            };
+            let name = view.name.to_string();
+            if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                errors.push(error(line, column, Some(&name), "rule names may only contain letters, digits and `_`".into()));
+                continue;
+            }
+            let sql = view.query.to_string();
+            match self.compile_query(view.query) {
+                Ok(lowered) => rules.push(Arc::new(CompiledRule {
+                    name,
+                    file: file.to_path_buf(),
+                    line,
+                    table: lowered.table,
+                    columns: lowered.columns,
+                    partition_keys: lowered.partition_keys,
+                    stages: lowered.stages,
+                    output: lowered.output,
+                    sql,
+                })),
+                Err(e) => {
+                    let (l, c) = e.location.unwrap_or((line, column));
+                    errors.push(error(l, c, Some(&name), e.message));
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(rules)
+        } else {
+            Err(RuleErrors(errors))
+        }
+    }
+
+    fn state(&self) -> SessionState {
+        self.ctx.state()
+    }
+
+    fn compile_query(
+        &self,
+        query: Box<datafusion::sql::sqlparser::ast::Query>,
+    ) -> Result<Lowered, CompileError> {
+        let state = self.state();
+        let statement = DFStatement::Statement(Box::new(Statement::Query(query)));
+        let plan = futures::executor::block_on(state.statement_to_plan(statement))
+            .map_err(CompileError::from_datafusion)?;
+        let plan = state
+            .analyzer()
+            .execute_and_check(plan, state.config_options(), |_, _| {})
+            .map_err(CompileError::from_datafusion)?;
+        let mut lowering = Lowering {
+            state: &state,
+            table: None,
+            columns: Vec::new(),
+            partition_keys: Vec::new(),
+            stages: Vec::new(),
+        };
+        lowering.lower(&plan)?;
+        let table = lowering.table.ok_or_else(|| CompileError::msg("the rule reads no stream: select FROM metrics or FROM samples"))?;
+        let output = if self.output_contract {
+            Some(OutputMapping::try_new(plan.schema().as_arrow()).map_err(CompileError::msg)?)
+        } else {
+            None
+        };
+        let mut columns = lowering.columns;
+        columns.sort();
+        columns.dedup();
+        Ok(Lowered {
+            table,
+            columns,
+            partition_keys: lowering.partition_keys,
+            stages: lowering.stages.into_iter().map(Arc::new).collect(),
+            output,
+        })
+    }
+}
+
+struct Lowered {
+    table: StreamTable,
+    columns: Vec<String>,
+    partition_keys: Vec<Vec<String>>,
+    stages: Vec<Arc<StageTemplate>>,
+    output: Option<OutputMapping>,
+}
+
+#[derive(Debug)]
+struct CompileError {
+    location: Option<(u64, u64)>,
+    message: String,
+}
+
+impl CompileError {
+    fn msg(message: impl Into<String>) -> Self {
+        Self {
+            location: None,
+            message: message.into(),
+        }
+    }
+
+    fn from_datafusion(e: DataFusionError) -> Self {
+        let location = e
+            .diagnostic()
+            .and_then(|d| d.span)
+            .map(|s| (s.start.line, s.start.column));
+        let message = match e.diagnostic() {
+            Some(d) => d.message.clone(),
+            None => e.strip_backtrace().to_string(),
+        };
+        Self { location, message }
+    }
+}
+
+/// Line, column and message of a parser error ("… at Line: 3, Column: 7").
+fn parser_location(e: &DataFusionError) -> (u64, u64, String) {
+    let text = e.strip_backtrace().to_string();
+    let number_after = |key: &str| -> u64 {
+        text.find(key)
+            .map(|i| {
+                text[i + key.len()..]
+                    .chars()
+                    .skip_while(|c| c.is_whitespace())
+                    .take_while(|c| c.is_ascii_digit())
+                    .collect::<String>()
+            })
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    };
+    (number_after("Line:"), number_after("Column:"), text)
+}
+
+struct Lowering<'a> {
+    state: &'a SessionState,
+    table: Option<StreamTable>,
+    columns: Vec<String>,
+    partition_keys: Vec<Vec<String>>,
+    stages: Vec<StageTemplate>,
+}
+
+impl Lowering<'_> {
+    fn physical(&self, expr: &Expr, schema: &DFSchema) -> Result<Arc<dyn PhysicalExpr>, CompileError> {
+        self.state
+            .create_physical_expr(expr.clone(), schema)
+            .map_err(CompileError::from_datafusion)
+    }
+
+    fn note_columns(&mut self, expr: &Expr) {
+        for c in expr.column_refs() {
+            self.columns.push(c.name.clone());
+        }
+    }
+
+    fn lower(&mut self, plan: &LogicalPlan) -> Result<(), CompileError> {
+        match plan {
+            LogicalPlan::TableScan(scan) => {
+                let name = scan.table_name.table();
+                let table = match name {
+                    "metrics" => StreamTable::Metrics,
+                    "samples" => StreamTable::Samples,
+                    other => {
+                        return Err(CompileError::msg(format!(
+                            "unknown stream `{other}`: rules read `metrics` or `samples`"
+                        )));
+                    }
+                };
+                if self.table.is_some_and(|t| t != table) {
+                    return Err(CompileError::msg("a rule reads one stream"));
+                }
+                self.table = Some(table);
+                if !scan.filters.is_empty() || scan.fetch.is_some() {
+                    return Err(CompileError::msg("internal: unexpected pushed-down scan filters"));
+                }
+                if let Some(projection) = &scan.projection {
+                    let source = scan.source.schema();
+                    let exprs = projection
+                        .iter()
+                        .map(|&i| {
+                            datafusion::physical_expr::expressions::col(source.field(i).name(), &source)
+                                .map_err(CompileError::from_datafusion)
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    self.stages.push(StageTemplate::Project {
+                        exprs,
+                        schema: Arc::new(scan.projected_schema.as_arrow().clone()),
+                    });
+                }
+                Ok(())
+            }
+            LogicalPlan::SubqueryAlias(alias) => self.lower(&alias.input),
+            LogicalPlan::Projection(p) => {
+                self.lower(&p.input)?;
+                let exprs = p
+                    .expr
+                    .iter()
+                    .map(|e| {
+                        self.note_columns(e);
+                        self.physical(e, p.input.schema())
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.stages.push(StageTemplate::Project {
+                    exprs,
+                    schema: Arc::new(p.schema.as_arrow().clone()),
+                });
+                Ok(())
+            }
+            LogicalPlan::Filter(f) => {
+                self.lower(&f.input)?;
+                self.note_columns(&f.predicate);
+                let predicate = self.physical(&f.predicate, f.input.schema())?;
+                self.stages.push(StageTemplate::Filter { predicate });
+                Ok(())
+            }
+            LogicalPlan::Window(w) => {
+                self.lower(&w.input)?;
+                let stage = self.lower_window(&w.window_expr, w.input.schema(), &w.schema)?;
+                self.stages.push(stage);
+                Ok(())
+            }
+            LogicalPlan::Aggregate(_) => Err(CompileError::msg(
+                "GROUP BY / aggregate functions without OVER are not supported in streaming rules; \
+                 use a window: AGG(x) OVER (PARTITION BY … ORDER BY ts ROWS BETWEEN n PRECEDING AND CURRENT ROW)",
+            )),
+            LogicalPlan::Join(_) => Err(CompileError::msg("JOIN is not supported in streaming rules")),
+            LogicalPlan::Sort(_) => Err(CompileError::msg(
+                "ORDER BY on a rule's result is not supported: rule output follows event time",
+            )),
+            LogicalPlan::Limit(_) => Err(CompileError::msg("LIMIT is not supported in streaming rules")),
+            LogicalPlan::Union(_) => Err(CompileError::msg(
+                "UNION is not supported in a rule: write one rule per branch",
+            )),
+            LogicalPlan::Distinct(_) => Err(CompileError::msg("DISTINCT is not supported in streaming rules")),
+            other => Err(CompileError::msg(format!(
+                "`{}` is not supported in streaming rules",
+                other.display()
+            ))),
+        }
+    }
+
+    fn lower_window(
+        &mut self,
+        window_exprs: &[Expr],
+        input: &DFSchema,
+        output: &DFSchema,
+    ) -> Result<StageTemplate, CompileError> {
+        // Group aggregates by (partition keys, frame); within a group, dedupe arguments.
+        struct Group {
+            key: String,
+            partition: Vec<Arc<dyn PhysicalExpr>>,
+            frame: Frame,
+            args: Vec<(String, Arc<dyn PhysicalExpr>)>,
+            aggregates: Vec<Aggregate>,
+            positions: Vec<usize>,
+        }
+        let mut groups: Vec<Group> = Vec::new();
+        for (pos, expr) in window_exprs.iter().enumerate() {
+            let inner = match expr {
+                Expr::Alias(a) => a.expr.as_ref(),
+                e => e,
+            };
+            let Expr::WindowFunction(wf) = inner else {
+                return Err(CompileError::msg(format!("unsupported window expression {expr}")));
+            };
+            let name = match &wf.fun {
+                WindowFunctionDefinition::AggregateUDF(udaf) => udaf.name().to_string(),
+                WindowFunctionDefinition::WindowUDF(udwf) => {
+                    return Err(CompileError::msg(format!(
+                        "window function `{}` is not supported in streaming rules yet; supported: \
+                         COUNT, SUM, AVG, MIN, MAX, STDDEV[_SAMP|_POP], VAR[_SAMP|_POP]",
+                        udwf.name()
+                    )));
+                }
+            };
+            let kind = AggKind::from_sql_name(&name).ok_or_else(|| {
+                CompileError::msg(format!(
+                    "aggregate `{name}` is not supported over a window; supported: COUNT, SUM, AVG, \
+                     MIN, MAX, STDDEV[_SAMP|_POP], VAR[_SAMP|_POP]"
+                ))
+            })?;
+            let p = &wf.params;
+            if p.distinct || p.filter.is_some() || p.null_treatment.is_some() {
+                return Err(CompileError::msg(format!(
+                    "`{name}`: DISTINCT, FILTER and IGNORE/RESPECT NULLS are not supported over windows"
+                )));
+            }
+            match p.order_by.as_slice() {
+                [sort] if sort.asc && matches!(&sort.expr, Expr::Column(c) if c.name == TS) => {}
+                _ => {
+                    return Err(CompileError::msg(format!(
+                        "`{name}` OVER (…) must be ordered by event time: ORDER BY {TS} (ascending)"
+                    )));
+                }
+            }
+            let frame_error = || {
+                CompileError::msg(format!(
+                    "`{name}`: only ROWS BETWEEN <n> PRECEDING AND CURRENT ROW and ROWS BETWEEN \
+                     UNBOUNDED PRECEDING AND CURRENT ROW frames are supported (got {})",
+                    p.window_frame
+                ))
+            };
+            let wf_frame = &p.window_frame;
+            if wf_frame.units != WindowFrameUnits::Rows
+                || !matches!(wf_frame.end_bound, WindowFrameBound::CurrentRow)
+            {
+                return Err(frame_error());
+            }
+            let frame = match &wf_frame.start_bound {
+                WindowFrameBound::Preceding(v) if v.is_null() => Frame::Unbounded,
+                WindowFrameBound::Preceding(v) => match v {
+                    ScalarValue::UInt64(Some(n)) => Frame::Rows {
+                        preceding: usize::try_from(*n).map_err(|_| frame_error())?,
+                    },
+                    _ => return Err(frame_error()),
+                },
+                WindowFrameBound::CurrentRow => Frame::Rows { preceding: 0 },
+                WindowFrameBound::Following(_) => return Err(frame_error()),
+            };
+            let arg = match p.args.as_slice() {
+                [] => Expr::Literal(ScalarValue::Int64(Some(1)), None),
+                [a] => a.clone(),
+                _ => {
+                    return Err(CompileError::msg(format!("`{name}` takes one argument over a window")));
+                }
+            };
+            self.note_columns(&arg);
+            let mut key_names = Vec::new();
+            for e in &p.partition_by {
+                self.note_columns(e);
+                match e {
+                    Expr::Column(c) => key_names.push(c.name.clone()),
+                    other => key_names.push(format!("{other}")),
+                }
+            }
+            let key = format!(
+                "{:?}|{frame:?}",
+                p.partition_by.iter().map(|e| e.to_string()).collect::<Vec<_>>()
+            );
+            let group_index = match groups.iter().position(|g| g.key == key) {
+                Some(i) => i,
+                None => {
+                    self.partition_keys.push(key_names);
+                    let partition = p
+                        .partition_by
+                        .iter()
+                        .map(|e| self.physical(e, input))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    groups.push(Group {
+                        key,
+                        partition,
+                        frame,
+                        args: Vec::new(),
+                        aggregates: Vec::new(),
+                        positions: Vec::new(),
+                    });
+                    groups.len() - 1
+                }
+            };
+            let arg_key = arg.to_string();
+            let arg_index = match groups[group_index].args.iter().position(|(k, _)| *k == arg_key) {
+                Some(i) => i,
+                None => {
+                    let physical = self.physical(&arg, input)?;
+                    let g = &mut groups[group_index];
+                    g.args.push((arg_key, physical));
+                    g.args.len() - 1
+                }
+            };
+            let g = &mut groups[group_index];
+            g.aggregates.push(Aggregate {
+                kind,
+                arg: arg_index,
+            });
+            g.positions.push(pos);
+        }
+        Ok(StageTemplate::Window {
+            groups: groups
+                .into_iter()
+                .map(|g| WindowGroupTemplate {
+                    partition: g.partition,
+                    args: g.args.into_iter().map(|(_, e)| e).collect(),
+                    frame: g.frame,
+                    aggregates: g.aggregates,
+                    positions: g.positions,
+                })
+                .collect(),
+            schema: Arc::new(output.as_arrow().clone()),
+            input_columns: input.fields().len(),
+        })
+    }
+}
+
+/// The schema of `metrics` restricted to what `rules` read, in the order of `full`. The time
+/// and resource columns and tags are always kept.
+pub fn required_columns(full: &Schema, rules: &[Arc<CompiledRule>]) -> Vec<usize> {
+    let needs_all_metrics = rules.iter().any(|r| r.table == StreamTable::Samples);
+    full.fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| {
+            let name = f.name();
+            !healer_operators::schema::is_metric_type(f.data_type())
+                || f.name() == TS
+                || needs_all_metrics
+                || rules.iter().any(|r| r.columns.iter().any(|c| c == name))
+        })
+        .map(|(i, _)| i)
+        .collect()
+}

@@ -1,0 +1,202 @@
+//! The executable form of a rule: a linear pipeline of stages.
+//!
+//! A [`StageTemplate`] is what the compiler produces: physical expressions and operator
+//! specifications, shareable between workers. [`StageTemplate::instantiate`] gives a
+//! [`Stage`] with its own state (interned keys, window buffers). Stages only ever see rows in
+//! event-time order, one batch after the other.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, Float64Array, RecordBatch};
+use arrow::compute::{cast, filter_record_batch};
+use arrow::datatypes::{DataType, SchemaRef};
+use datafusion::common::Result as DFResult;
+use datafusion::physical_expr::PhysicalExpr;
+use healer_operators::keys::KeyInterner;
+use healer_operators::window::{Aggregate, Frame, WindowOperator};
+
+use crate::error::ExecError;
+
+/// One group of window aggregates that share partition keys and frame.
+#[derive(Debug)]
+pub struct WindowGroupTemplate {
+    /// `PARTITION BY` expressions.
+    pub partition: Vec<Arc<dyn PhysicalExpr>>,
+    /// Distinct aggregate arguments (evaluated, then cast to `Float64`).
+    pub args: Vec<Arc<dyn PhysicalExpr>>,
+    /// The frame.
+    pub frame: Frame,
+    /// The aggregates, over `args`.
+    pub aggregates: Vec<Aggregate>,
+    /// For each aggregate, its position among the window node's output columns.
+    pub positions: Vec<usize>,
+}
+
+/// A stage as compiled: no state.
+#[derive(Debug)]
+pub enum StageTemplate {
+    /// Keep the rows where the predicate is true (NULL counts as false).
+    Filter {
+        /// The predicate.
+        predicate: Arc<dyn PhysicalExpr>,
+    },
+    /// Compute new columns.
+    Project {
+        /// One expression per output column.
+        exprs: Vec<Arc<dyn PhysicalExpr>>,
+        /// Output schema.
+        schema: SchemaRef,
+    },
+    /// Append window aggregate columns to every row.
+    Window {
+        /// Groups of aggregates.
+        groups: Vec<WindowGroupTemplate>,
+        /// Output schema: the input columns, then one column per aggregate.
+        schema: SchemaRef,
+        /// Number of input columns.
+        input_columns: usize,
+    },
+}
+
+impl StageTemplate {
+    /// A stage with fresh state.
+    pub fn instantiate(self: &Arc<Self>) -> Result<Stage, healer_operators::OperatorError> {
+        let windows = match self.as_ref() {
+            StageTemplate::Window { groups, .. } => groups
+                .iter()
+                .map(|g| {
+                    Ok((
+                        KeyInterner::new(g.partition.len()),
+                        WindowOperator::try_new(g.frame, g.args.len(), g.aggregates.clone())?,
+                    ))
+                })
+                .collect::<Result<_, healer_operators::OperatorError>>()?,
+            _ => Vec::new(),
+        };
+        Ok(Stage {
+            template: Arc::clone(self),
+            windows,
+        })
+    }
+}
+
+/// A stage with its state.
+#[derive(Debug)]
+pub struct Stage {
+    template: Arc<StageTemplate>,
+    windows: Vec<(KeyInterner, WindowOperator)>,
+}
+
+fn eval(expr: &Arc<dyn PhysicalExpr>, batch: &RecordBatch) -> DFResult<ArrayRef> {
+    expr.evaluate(batch)?.into_array(batch.num_rows())
+}
+
+impl Stage {
+    /// Processes the next batch of rows.
+    pub fn process(&mut self, rule: &str, batch: RecordBatch) -> Result<RecordBatch, ExecError> {
+        let df = |source| ExecError::DataFusion {
+            rule: rule.to_string(),
+            source,
+        };
+        let arrow_err = |source| ExecError::Arrow {
+            rule: rule.to_string(),
+            source,
+        };
+        match self.template.as_ref() {
+            StageTemplate::Filter { predicate } => {
+                if batch.num_rows() == 0 {
+                    return Ok(batch);
+                }
+                let mask = eval(predicate, &batch).map_err(df)?;
+                let mask = mask.as_boolean_opt().ok_or_else(|| {
+                    df(datafusion::error::DataFusionError::Internal(format!(
+                        "filter predicate is {}, not boolean",
+                        mask.data_type()
+                    )))
+                })?;
+                filter_record_batch(&batch, mask).map_err(arrow_err)
+            }
+            StageTemplate::Project { exprs, schema } => {
+                let columns = exprs
+                    .iter()
+                    .zip(schema.fields())
+                    .map(|(e, field)| {
+                        let array = eval(e, &batch).map_err(df)?;
+                        if array.data_type() == field.data_type() {
+                            Ok(array)
+                        } else {
+                            cast(&array, field.data_type()).map_err(arrow_err)
+                        }
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let options =
+                    arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+                RecordBatch::try_new_with_options(Arc::clone(schema), columns, &options)
+                    .map_err(arrow_err)
+            }
+            StageTemplate::Window {
+                groups,
+                schema,
+                input_columns,
+            } => {
+                let rows = batch.num_rows();
+                let mut columns: Vec<Option<ArrayRef>> =
+                    vec![None; schema.fields().len() - input_columns];
+                for (template, (interner, op)) in groups.iter().zip(self.windows.iter_mut()) {
+                    let keys = template
+                        .partition
+                        .iter()
+                        .map(|e| eval(e, &batch))
+                        .collect::<DFResult<Vec<_>>>()
+                        .map_err(df)?;
+                    let ids = interner.intern(&keys, rows).map_err(|source| ExecError::Operator {
+                        rule: rule.to_string(),
+                        source,
+                    })?;
+                    let args = template
+                        .args
+                        .iter()
+                        .map(|e| {
+                            let a = eval(e, &batch).map_err(df)?;
+                            let a = if a.data_type() == &DataType::Float64 {
+                                a
+                            } else {
+                                cast(&a, &DataType::Float64).map_err(arrow_err)?
+                            };
+                            Ok(a.as_primitive::<arrow::datatypes::Float64Type>().clone())
+                        })
+                        .collect::<Result<Vec<Float64Array>, ExecError>>()?;
+                    let outputs = op.process(&ids, &args).map_err(|source| ExecError::Operator {
+                        rule: rule.to_string(),
+                        source,
+                    })?;
+                    for (array, &pos) in outputs.into_iter().zip(&template.positions) {
+                        let field = schema.field(input_columns + pos);
+                        let array = if array.data_type() == field.data_type() {
+                            array
+                        } else {
+                            cast(&array, field.data_type()).map_err(arrow_err)?
+                        };
+                        columns[pos] = Some(array);
+                    }
+                }
+                let mut all: Vec<ArrayRef> = batch.columns().to_vec();
+                for (i, c) in columns.into_iter().enumerate() {
+                    all.push(c.ok_or_else(|| {
+                        df(datafusion::error::DataFusionError::Internal(format!(
+                            "window column {i} was not computed"
+                        )))
+                    })?);
+                }
+                let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(rows));
+                RecordBatch::try_new_with_options(Arc::clone(schema), all, &options)
+                    .map_err(arrow_err)
+            }
+        }
+    }
+
+    /// Number of keyed series this stage holds state for.
+    pub fn state_series(&self) -> usize {
+        self.windows.iter().map(|(_, op)| op.series_count()).sum()
+    }
+}

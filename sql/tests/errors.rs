@@ -1,0 +1,79 @@
+//! Bad rules are rejected at load with file, line and reason, all at once.
+
+use std::path::Path;
+
+use healer_operators::schema::canonical_metrics_schema;
+use healer_sql::RuleCompiler;
+
+fn errors(sql: &str) -> Vec<String> {
+    let compiler = RuleCompiler::try_new(canonical_metrics_schema()).unwrap();
+    match compiler.compile_str(Path::new("rules/bad.sql"), sql) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+#[test]
+fn every_bad_statement_is_reported_with_its_location() {
+    let sql = "\
+-- two bad rules and a good one
+CREATE VIEW grouped AS
+SELECT max(ts) AS ts, resource, 'cpu' AS metric, avg(cpu_percent) AS value, 0.0 AS score
+FROM metrics GROUP BY resource;
+
+CREATE VIEW good AS SELECT ts, resource, 'cpu' AS metric, cpu_percent AS value, cpu_percent AS score FROM metrics;
+
+CREATE VIEW typo AS
+SELECT ts, resource, 'cpu' AS metric, cpu_pct AS value, 1.0 AS score FROM metrics;
+";
+    let e = errors(sql);
+    assert_eq!(e.len(), 2, "{e:#?}");
+    assert!(e[0].starts_with("rules/bad.sql:2:13: rule `grouped`: GROUP BY"), "{}", e[0]);
+    assert!(e[1].starts_with("rules/bad.sql:9:39: rule `typo`"), "{}", e[1]);
+    assert!(e[1].contains("cpu_pct"), "{}", e[1]);
+}
+
+#[test]
+fn unsupported_windows_say_what_is_supported() {
+    let range = "CREATE VIEW r AS SELECT ts, resource, 'cpu' AS metric, cpu_percent AS value, \
+        AVG(cpu_percent) OVER (PARTITION BY resource ORDER BY ts) AS score FROM metrics;";
+    let e = errors(range);
+    assert_eq!(e.len(), 1);
+    assert!(e[0].contains("only ROWS BETWEEN <n> PRECEDING AND CURRENT ROW"), "{}", e[0]);
+
+    let unordered = "CREATE VIEW r AS SELECT ts, resource, 'cpu' AS metric, cpu_percent AS value, \
+        AVG(cpu_percent) OVER (PARTITION BY resource ROWS BETWEEN 3 PRECEDING AND CURRENT ROW) AS score FROM metrics;";
+    assert!(errors(unordered)[0].contains("ORDER BY ts"));
+
+    let following = "CREATE VIEW r AS SELECT ts, resource, 'cpu' AS metric, cpu_percent AS value, \
+        AVG(cpu_percent) OVER (PARTITION BY resource ORDER BY ts ROWS BETWEEN 3 PRECEDING AND 1 FOLLOWING) AS score FROM metrics;";
+    assert!(errors(following)[0].contains("only ROWS"));
+
+    let lag = "CREATE VIEW r AS SELECT ts, resource, 'cpu' AS metric, cpu_percent AS value, \
+        LAG(cpu_percent) OVER (PARTITION BY resource ORDER BY ts) AS score FROM metrics;";
+    assert!(errors(lag)[0].contains("not supported"), "{}", errors(lag)[0]);
+}
+
+#[test]
+fn output_contract_and_statement_kinds() {
+    let missing = "CREATE VIEW m AS SELECT ts, resource, cpu_percent AS value FROM metrics;";
+    let e = errors(missing);
+    assert!(e[0].contains("`metric`") && e[0].contains("`score`"), "{}", e[0]);
+
+    let extra = "CREATE VIEW x AS SELECT ts, resource, 'c' AS metric, cpu_percent AS value, 1.0 AS score, 2 AS bonus FROM metrics;";
+    assert!(errors(extra)[0].contains("`bonus`"));
+
+    let select = "SELECT 1;";
+    assert!(errors(select)[0].contains("only `CREATE VIEW"));
+
+    let syntax = "CREATE VIEW s AS\nSELECT ts FROM metrics WHERE;";
+    let e = errors(syntax);
+    assert!(e[0].starts_with("rules/bad.sql:2:"), "{}", e[0]);
+
+    let join = "CREATE VIEW j AS SELECT a.ts, a.resource, 'c' AS metric, a.cpu_percent AS value, 1.0 AS score \
+        FROM metrics a JOIN metrics b ON a.resource = b.resource;";
+    assert!(errors(join)[0].contains("JOIN"));
+
+    let other = "CREATE VIEW o AS SELECT ts, resource, 'c' AS metric, 1.0 AS value, 1.0 AS score FROM elsewhere;";
+    assert!(errors(other)[0].contains("elsewhere"), "{}", errors(other)[0]);
+}
