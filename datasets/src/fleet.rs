@@ -33,7 +33,14 @@ const METRICS: [(&str, f64, f64, f64, f64, f64); 16] = [
     ("thread_count", 80.0, 400.0, 0.2, 0.03, 0.99),
 ];
 
-const SERVICES: [&str; 6] = ["api-gateway", "checkout", "payments", "catalog", "postgres", "redis"];
+const SERVICES: [&str; 6] = [
+    "api-gateway",
+    "checkout",
+    "payments",
+    "catalog",
+    "postgres",
+    "redis",
+];
 const REGIONS: [&str; 2] = ["us-east-1", "eu-west-1"];
 
 /// Kinds of injected faults.
@@ -115,12 +122,20 @@ impl Default for FleetConfig {
 /// The wide schema the generator writes.
 pub fn schema() -> SchemaRef {
     let mut fields = vec![
-        Field::new("ts", DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), false),
+        Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            false,
+        ),
         Field::new("resource", DataType::Utf8, false),
         Field::new("service", DataType::Utf8, true),
         Field::new("region", DataType::Utf8, true),
     ];
-    fields.extend(METRICS.iter().map(|m| Field::new(m.0, DataType::Float64, true)));
+    fields.extend(
+        METRICS
+            .iter()
+            .map(|m| Field::new(m.0, DataType::Float64, true)),
+    );
     Arc::new(Schema::new(fields))
 }
 
@@ -185,15 +200,34 @@ pub fn generate(config: &FleetConfig) -> (Vec<RecordBatch>, Vec<Label>) {
             break;
         }
         let span = t_len - warmup;
-        let start = warmup + (k * span) / config.faults.max(1) + rng.below((span / config.faults.max(1)).max(1) as u64 / 2) as usize;
+        let start = warmup
+            + (k * span) / config.faults.max(1)
+            + rng.below((span / config.faults.max(1)).max(1) as u64 / 2) as usize;
         let start = start.min(t_len - 5);
-        let kind = [FaultKind::Spike, FaultKind::LevelShift, FaultKind::Drift, FaultKind::Incident][k % 4];
+        let kind = [
+            FaultKind::Spike,
+            FaultKind::LevelShift,
+            FaultKind::Drift,
+            FaultKind::Incident,
+        ][k % 4];
         let resource = (k * 7 + rng.below(r as u64) as usize) % r;
         let sign = if rng.uniform() < 0.8 { 1.0 } else { -1.0 };
         let (metrics, len, sigma) = match kind {
-            FaultKind::Spike => (vec![rng.below(16) as usize], 1 + rng.below(3) as usize, sign * rng.range(8.0, 14.0)),
-            FaultKind::LevelShift => (vec![rng.below(16) as usize], 30 + rng.below(60) as usize, sign * rng.range(6.0, 10.0)),
-            FaultKind::Drift => (vec![rng.below(16) as usize], 60 + rng.below(90) as usize, sign * rng.range(10.0, 16.0)),
+            FaultKind::Spike => (
+                vec![rng.below(16) as usize],
+                1 + rng.below(3) as usize,
+                sign * rng.range(8.0, 14.0),
+            ),
+            FaultKind::LevelShift => (
+                vec![rng.below(16) as usize],
+                30 + rng.below(60) as usize,
+                sign * rng.range(6.0, 10.0),
+            ),
+            FaultKind::Drift => (
+                vec![rng.below(16) as usize],
+                60 + rng.below(90) as usize,
+                sign * rng.range(10.0, 16.0),
+            ),
             FaultKind::Incident => (
                 incident_groups[rng.below(3) as usize].to_vec(),
                 20 + rng.below(40) as usize,
@@ -201,13 +235,22 @@ pub fn generate(config: &FleetConfig) -> (Vec<RecordBatch>, Vec<Label>) {
             ),
         };
         let len = len.min(t_len - start);
-        faults.push(Fault { resource, metrics, kind, start, len, sigma });
+        faults.push(Fault {
+            resource,
+            metrics,
+            kind,
+            start,
+            len,
+            sigma,
+        });
     }
 
     let schema = schema();
     let service_of = |i: usize| SERVICES[i % SERVICES.len()];
     let region_of = |i: usize| REGIONS[(i / SERVICES.len()) % REGIONS.len()];
-    let mut noise_rngs: Vec<Rng> = (0..r).map(|i| Rng::fork(config.seed ^ 0xabcdef, i as u64)).collect();
+    let mut noise_rngs: Vec<Rng> = (0..r)
+        .map(|i| Rng::fork(config.seed ^ 0xabcdef, i as u64))
+        .collect();
     let total = r * t_len;
     let batch_rows = config.batch_rows.max(1);
     let mut batches = Vec::with_capacity(total.div_ceil(batch_rows));
@@ -249,12 +292,16 @@ pub fn generate(config: &FleetConfig) -> (Vec<RecordBatch>, Vec<Label>) {
             svc.push(service_of(i));
             reg.push(region_of(i));
             if ts.len() == batch_rows {
-                batches.push(flush(&schema, &mut ts, &mut res, &mut svc, &mut reg, &mut cols));
+                batches.push(flush(
+                    &schema, &mut ts, &mut res, &mut svc, &mut reg, &mut cols,
+                ));
             }
         }
     }
     if !ts.is_empty() {
-        batches.push(flush(&schema, &mut ts, &mut res, &mut svc, &mut reg, &mut cols));
+        batches.push(flush(
+            &schema, &mut ts, &mut res, &mut svc, &mut reg, &mut cols,
+        ));
     }
     let labels = faults
         .iter()
@@ -286,14 +333,22 @@ fn flush(
         Arc::new(StringArray::from(std::mem::take(svc))),
         Arc::new(StringArray::from(std::mem::take(reg))),
     ];
-    columns.extend(cols.iter_mut().map(|c| Arc::new(Float64Array::from(std::mem::take(c))) as ArrayRef));
+    columns.extend(
+        cols.iter_mut()
+            .map(|c| Arc::new(Float64Array::from(std::mem::take(c))) as ArrayRef),
+    );
     RecordBatch::try_new(Arc::clone(schema), columns).expect("generator schema matches its columns")
 }
 
 /// Writes batches as one zstd parquet file.
-pub fn write_parquet(path: &Path, batches: &[RecordBatch]) -> Result<(), parquet::errors::ParquetError> {
+pub fn write_parquet(
+    path: &Path,
+    batches: &[RecordBatch],
+) -> Result<(), parquet::errors::ParquetError> {
     let Some(first) = batches.first() else {
-        return Err(parquet::errors::ParquetError::General("no batches to write".into()));
+        return Err(parquet::errors::ParquetError::General(
+            "no batches to write".into(),
+        ));
     };
     let file = std::fs::File::create(path)?;
     let props = WriterProperties::builder()
@@ -337,7 +392,13 @@ mod tests {
 
     #[test]
     fn deterministic_stream_order_with_labels() {
-        let config = FleetConfig { resources: 6, samples: 400, faults: 4, batch_rows: 500, ..Default::default() };
+        let config = FleetConfig {
+            resources: 6,
+            samples: 400,
+            faults: 4,
+            batch_rows: 500,
+            ..Default::default()
+        };
         let (a, la) = generate(&config);
         let (b, lb) = generate(&config);
         assert_eq!(a, b);
@@ -346,9 +407,19 @@ mod tests {
         assert!(!la.is_empty());
         let ts: Vec<i64> = a
             .iter()
-            .flat_map(|b| b.column(0).as_any().downcast_ref::<TimestampMillisecondArray>().unwrap().values().to_vec())
+            .flat_map(|b| {
+                b.column(0)
+                    .as_any()
+                    .downcast_ref::<TimestampMillisecondArray>()
+                    .unwrap()
+                    .values()
+                    .to_vec()
+            })
             .collect();
         assert!(ts.windows(2).all(|w| w[0] <= w[1]), "stream order");
-        assert!(la.iter().all(|l| l.start_ms <= l.end_ms && l.magnitude_sigma.abs() >= 6.0));
+        assert!(
+            la.iter()
+                .all(|l| l.start_ms <= l.end_ms && l.magnitude_sigma.abs() >= 6.0)
+        );
     }
 }

@@ -175,7 +175,9 @@ pub fn parse_speed(s: &str) -> Result<Speed, String> {
         .ok_or_else(|| format!("speed `{s}` must be `max` or like `10x`"))?;
     match factor.parse::<f64>() {
         Ok(f) if f.is_finite() && f > 0.0 => Ok(Speed::Factor(f)),
-        _ => Err(format!("speed `{s}` must be `max` or a positive factor like `10x`")),
+        _ => Err(format!(
+            "speed `{s}` must be `max` or a positive factor like `10x`"
+        )),
     }
 }
 
@@ -325,7 +327,10 @@ impl PipelineConfig {
         if self.source.kind != "parquet" {
             problems.push((
                 "source.kind".into(),
-                format!("unknown source kind `{}` (this build has: parquet)", self.source.kind),
+                format!(
+                    "unknown source kind `{}` (this build has: parquet)",
+                    self.source.kind
+                ),
             ));
         }
         if let Err(e) = parse_speed(&self.source.speed) {
@@ -338,7 +343,10 @@ impl PipelineConfig {
             problems.push(("event_time.max_out_of_orderness".into(), e));
         }
         if self.engine.channel_capacity == 0 {
-            problems.push(("engine.channel_capacity".into(), "must be at least 1".into()));
+            problems.push((
+                "engine.channel_capacity".into(),
+                "must be at least 1".into(),
+            ));
         }
         if self.engine.partitions > 1024 {
             problems.push(("engine.partitions".into(), "at most 1024".into()));
@@ -401,15 +409,32 @@ x = 1
         let problems = PipelineConfig::parse(Path::new("p.toml"), text).unwrap_err();
         let shown: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
         assert_eq!(problems.len(), 4, "{shown:#?}");
-        assert!(shown[0].starts_with("p.toml:2: `source.speed`"), "{}", shown[0]);
-        assert!(shown[1].starts_with("p.toml:6: `engine.bogus`: unknown field"), "{}", shown[1]);
-        assert!(shown[2].starts_with("p.toml:9: `sink.max_rows_per_file`"), "{}", shown[2]);
-        assert!(shown[3].starts_with("p.toml:11: `nonsense`"), "{}", shown[3]);
+        assert!(
+            shown[0].starts_with("p.toml:2: `source.speed`"),
+            "{}",
+            shown[0]
+        );
+        assert!(
+            shown[1].starts_with("p.toml:6: `engine.bogus`: unknown field"),
+            "{}",
+            shown[1]
+        );
+        assert!(
+            shown[2].starts_with("p.toml:9: `sink.max_rows_per_file`"),
+            "{}",
+            shown[2]
+        );
+        assert!(
+            shown[3].starts_with("p.toml:11: `nonsense`"),
+            "{}",
+            shown[3]
+        );
     }
 
     #[test]
     fn syntax_errors_have_lines() {
-        let problems = PipelineConfig::parse(Path::new("p.toml"), "[source]\npaths = [\n").unwrap_err();
+        let problems =
+            PipelineConfig::parse(Path::new("p.toml"), "[source]\npaths = [\n").unwrap_err();
         assert_eq!(problems.len(), 1);
         assert!(problems[0].line >= 2, "{:?}", problems[0]);
     }

@@ -86,7 +86,10 @@ impl EventTimeGate {
             let watermark = self.watermark.max(max_ts.saturating_sub(self.delay_ms));
             reasons.push(if t == i64::MIN {
                 Some("missing ts")
-            } else if resource.as_ref().is_some_and(|n| n.as_ref().is_some_and(|n| n.is_null(i))) {
+            } else if resource
+                .as_ref()
+                .is_some_and(|n| n.as_ref().is_some_and(|n| n.is_null(i)))
+            {
                 Some("missing resource")
             } else if t < watermark {
                 Some("late: ts is before the watermark")
@@ -100,10 +103,17 @@ impl EventTimeGate {
             let drop: BooleanArray = reasons.iter().map(|r| Some(r.is_some())).collect();
             let rejected = filter_record_batch(&batch, &drop)?;
             let why: StringArray = reasons.iter().flatten().map(|r| Some(*r)).collect();
-            out.late = reasons.iter().flatten().filter(|r| r.starts_with("late")).count();
+            out.late = reasons
+                .iter()
+                .flatten()
+                .filter(|r| r.starts_with("late"))
+                .count();
             let mut columns: Vec<ArrayRef> = rejected.columns().to_vec();
             columns.push(Arc::new(why));
-            out.rejected = Some(RecordBatch::try_new(Arc::clone(&self.rejected_schema), columns)?);
+            out.rejected = Some(RecordBatch::try_new(
+                Arc::clone(&self.rejected_schema),
+                columns,
+            )?);
             filter_record_batch(&batch, &keep)?
         } else {
             batch
@@ -138,7 +148,11 @@ impl EventTimeGate {
         let mut parts: Vec<(RecordBatch, i64, i64)> = Vec::new();
         let mut keep = Vec::new();
         for (batch, ts) in self.pending.drain(..) {
-            let cut = if w == i64::MAX { ts.len() } else { ts.partition_point(|&t| t < w) };
+            let cut = if w == i64::MAX {
+                ts.len()
+            } else {
+                ts.partition_point(|&t| t < w)
+            };
             if cut > 0 {
                 parts.push((batch.slice(0, cut), ts[0], ts[cut - 1]));
             }
@@ -191,13 +205,18 @@ mod tests {
     #[test]
     fn reorders_within_bound_and_rejects_late() {
         let mut gate = EventTimeGate::new(schema(), 5);
-        let out = gate.push(batch(&[Some(10), Some(6), Some(12)], &[Some("a"); 3])).unwrap();
+        let out = gate
+            .push(batch(&[Some(10), Some(6), Some(12)], &[Some("a"); 3]))
+            .unwrap();
         // 6 arrives behind 10 but within the bound; max 12, watermark 7: releases 6 only.
         assert!(out.rejected.is_none());
         assert_eq!(released_ts(&out), vec![6]);
         assert_eq!(out.watermark, Some(7));
         let out = gate
-            .push(batch(&[Some(8), Some(6), None, Some(20)], &[Some("a"), Some("a"), Some("a"), None]))
+            .push(batch(
+                &[Some(8), Some(6), None, Some(20)],
+                &[Some("a"), Some("a"), Some("a"), None],
+            ))
             .unwrap();
         let rejected = out.rejected.unwrap();
         assert_eq!(rejected.num_rows(), 3);
@@ -212,7 +231,9 @@ mod tests {
     fn lateness_is_decided_in_arrival_order_within_a_batch() {
         let mut gate = EventTimeGate::new(schema(), 5);
         // 3 arrives after 10: behind 10 − 5, late even though it is in the same batch.
-        let out = gate.push(batch(&[Some(10), Some(3), Some(12)], &[Some("a"); 3])).unwrap();
+        let out = gate
+            .push(batch(&[Some(10), Some(3), Some(12)], &[Some("a"); 3]))
+            .unwrap();
         assert_eq!(out.late, 1);
         assert_eq!(released_ts(&out), Vec::<i64>::new());
         assert_eq!(out.watermark, Some(7));
@@ -221,9 +242,16 @@ mod tests {
     #[test]
     fn equal_timestamps_are_released_together() {
         let mut gate = EventTimeGate::new(schema(), 0);
-        let out = gate.push(batch(&[Some(1), Some(2), Some(2)], &[Some("a"), Some("a"), Some("b")])).unwrap();
+        let out = gate
+            .push(batch(
+                &[Some(1), Some(2), Some(2)],
+                &[Some("a"), Some("a"), Some("b")],
+            ))
+            .unwrap();
         assert_eq!(released_ts(&out), vec![1]);
-        let out = gate.push(batch(&[Some(2), Some(3)], &[Some("c"), Some("a")])).unwrap();
+        let out = gate
+            .push(batch(&[Some(2), Some(3)], &[Some("c"), Some("a")]))
+            .unwrap();
         assert_eq!(released_ts(&out), vec![2, 2, 2]);
         assert_eq!(out.watermark, Some(3));
     }

@@ -35,7 +35,8 @@ use crate::source::{ParquetSource, SourceError};
 use crate::store::{Location, StoreError};
 
 /// The rules bundled with healer, used when no rule path is configured.
-pub const BUNDLED_RULES: [(&str, &str); 1] = [("zscore.sql", include_str!("../../sql/rules/zscore.sql"))];
+pub const BUNDLED_RULES: [(&str, &str); 1] =
+    [("zscore.sql", include_str!("../../sql/rules/zscore.sql"))];
 
 /// Errors of a job.
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +103,10 @@ pub struct Summary {
 }
 
 /// Compiles the configured rules (or the bundled ones) against `schema`.
-pub fn compile_rules(config: &PipelineConfig, schema: SchemaRef) -> Result<Vec<Arc<CompiledRule>>, JobError> {
+pub fn compile_rules(
+    config: &PipelineConfig,
+    schema: SchemaRef,
+) -> Result<Vec<Arc<CompiledRule>>, JobError> {
     let compiler = RuleCompiler::try_new(schema).map_err(JobError::Config)?;
     if config.rules.paths.is_empty() {
         let mut rules = Vec::new();
@@ -113,7 +117,11 @@ pub fn compile_rules(config: &PipelineConfig, schema: SchemaRef) -> Result<Vec<A
                 Err(RuleErrors(mut e)) => errors.append(&mut e),
             }
         }
-        return if errors.is_empty() { Ok(rules) } else { Err(RuleErrors(errors).into()) };
+        return if errors.is_empty() {
+            Ok(rules)
+        } else {
+            Err(RuleErrors(errors).into())
+        };
     }
     let mut rules = Vec::new();
     let mut errors = Vec::new();
@@ -123,7 +131,11 @@ pub fn compile_rules(config: &PipelineConfig, schema: SchemaRef) -> Result<Vec<A
             Err(RuleErrors(mut e)) => errors.append(&mut e),
         }
     }
-    if errors.is_empty() { Ok(rules) } else { Err(RuleErrors(errors).into()) }
+    if errors.is_empty() {
+        Ok(rules)
+    } else {
+        Err(RuleErrors(errors).into())
+    }
 }
 
 /// The column rows are partitioned on: one that every window of every rule partitions by.
@@ -159,14 +171,25 @@ impl Job {
     pub async fn prepare(config: &PipelineConfig) -> Result<Self, JobError> {
         let problems = config.validate();
         if !problems.is_empty() {
-            let text: Vec<String> = problems.iter().map(|(k, m)| format!("`{k}`: {m}")).collect();
+            let text: Vec<String> = problems
+                .iter()
+                .map(|(k, m)| format!("`{k}`: {m}"))
+                .collect();
             return Err(JobError::Config(text.join("; ")));
         }
         if config.source.paths.is_empty() {
-            return Err(JobError::Config("no input: set source.paths or pass --input".into()));
+            return Err(JobError::Config(
+                "no input: set source.paths or pass --input".into(),
+            ));
         }
         let speed = parse_speed(&config.source.speed).map_err(JobError::Config)?;
-        let mut source = ParquetSource::open(&config.source.paths, &config.source.s3, config.source.batch_rows, speed).await?;
+        let mut source = ParquetSource::open(
+            &config.source.paths,
+            &config.source.s3,
+            config.source.batch_rows,
+            speed,
+        )
+        .await?;
         // Compile once to learn which columns the rules read, then against the projection.
         let full = Arc::clone(source.schema());
         let rules = compile_rules(config, Arc::clone(&full))?;
@@ -174,8 +197,14 @@ impl Job {
         source.project(&columns);
         let rules = compile_rules(config, Arc::clone(source.output_schema()))?;
         let key = partition_column(&rules, source.output_schema());
-        let partition_by = key.as_ref().and_then(|k| source.output_schema().index_of(k).ok());
-        let partitions = if partition_by.is_some() { config.partitions() } else { 1 };
+        let partition_by = key
+            .as_ref()
+            .and_then(|k| source.output_schema().index_of(k).ok());
+        let partitions = if partition_by.is_some() {
+            config.partitions()
+        } else {
+            1
+        };
         let out = Location::parse(&config.sink.out, &config.sink.s3, true)?;
         Ok(Self {
             source,
@@ -241,7 +270,9 @@ impl Job {
             let tags = TagFiller::new(&schema);
             let merge_tx = merge_tx.clone();
             let metrics = Arc::clone(&metrics);
-            tasks.spawn_blocking(move || run_worker(worker, rx, merge_tx, instances, unpivot, tags, &metrics));
+            tasks.spawn_blocking(move || {
+                run_worker(worker, rx, merge_tx, instances, unpivot, tags, &metrics)
+            });
         }
         drop(merge_tx);
 
@@ -318,7 +349,12 @@ impl Job {
             }
         };
         // The root cause is the first error that is not a consequence of another.
-        if let Some(i) = errors.iter().position(|e| !matches!(e, JobError::Closed(_) | JobError::Source(SourceError::Closed))) {
+        if let Some(i) = errors.iter().position(|e| {
+            !matches!(
+                e,
+                JobError::Closed(_) | JobError::Source(SourceError::Closed)
+            )
+        }) {
             return Err(errors.swap_remove(i));
         }
         if let Some(e) = errors.pop() {
@@ -326,7 +362,10 @@ impl Job {
         }
         for r in &self.rules {
             if !counts.iter().any(|c| c.rule == r.name) {
-                counts.push(RuleCounts { rule: r.name.clone(), by_severity: [0; 4] });
+                counts.push(RuleCounts {
+                    rule: r.name.clone(),
+                    by_severity: [0; 4],
+                });
             }
         }
         counts.sort_by(|a, b| a.rule.cmp(&b.rule));
@@ -345,14 +384,23 @@ impl Job {
 }
 
 fn count(counts: &mut Vec<RuleCounts>, batch: &RecordBatch) {
-    let rules = batch.column_by_name("rule").expect("anomaly schema").as_string::<i32>();
-    let severities = batch.column_by_name("severity").expect("anomaly schema").as_string::<i32>();
+    let rules = batch
+        .column_by_name("rule")
+        .expect("anomaly schema")
+        .as_string::<i32>();
+    let severities = batch
+        .column_by_name("severity")
+        .expect("anomaly schema")
+        .as_string::<i32>();
     for i in 0..batch.num_rows() {
         let rule = rules.value(i);
         let idx = match counts.iter().position(|c| c.rule == rule) {
             Some(i) => i,
             None => {
-                counts.push(RuleCounts { rule: rule.to_string(), by_severity: [0; 4] });
+                counts.push(RuleCounts {
+                    rule: rule.to_string(),
+                    by_severity: [0; 4],
+                });
                 counts.len() - 1
             }
         };
@@ -386,14 +434,22 @@ fn partition(batch: &RecordBatch, key: usize, parts: usize) -> Result<Vec<Record
     let keys = column.as_string::<i32>();
     let mut indices: Vec<Vec<u32>> = vec![Vec::with_capacity(batch.num_rows() / parts + 1); parts];
     for i in 0..batch.num_rows() {
-        let h = if keys.is_null(i) { 0 } else { route_hash(keys.value(i).as_bytes()) };
+        let h = if keys.is_null(i) {
+            0
+        } else {
+            route_hash(keys.value(i).as_bytes())
+        };
         indices[(h % parts as u64) as usize].push(i as u32);
     }
     indices
         .into_iter()
         .map(|idx| {
             let idx = UInt32Array::from(idx);
-            let columns = batch.columns().iter().map(|c| take(c, &idx, None)).collect::<Result<Vec<_>, _>>()?;
+            let columns = batch
+                .columns()
+                .iter()
+                .map(|c| take(c, &idx, None))
+                .collect::<Result<Vec<_>, _>>()?;
             Ok(RecordBatch::try_new(batch.schema(), columns)?)
         })
         .collect()
@@ -471,30 +527,48 @@ impl TagFiller {
                 Some((src, dst))
             })
             .collect();
-        (!tags.is_empty()).then(|| Self { resource, tags, latest: Default::default() })
+        (!tags.is_empty()).then(|| Self {
+            resource,
+            tags,
+            latest: Default::default(),
+        })
     }
 
     fn observe(&mut self, batch: &RecordBatch) {
         let resources = batch.column(self.resource).as_string::<i32>();
-        let tag_columns: Vec<&StringArray> = self.tags.iter().map(|&(s, _)| batch.column(s).as_string::<i32>()).collect();
+        let tag_columns: Vec<&StringArray> = self
+            .tags
+            .iter()
+            .map(|&(s, _)| batch.column(s).as_string::<i32>())
+            .collect();
         for i in 0..batch.num_rows() {
             if resources.is_null(i) {
                 continue;
             }
             let r = resources.value(i);
-            let current: Vec<Option<&str>> = tag_columns.iter().map(|c| c.is_valid(i).then(|| c.value(i))).collect();
+            let current: Vec<Option<&str>> = tag_columns
+                .iter()
+                .map(|c| c.is_valid(i).then(|| c.value(i)))
+                .collect();
             let same = self
                 .latest
                 .get(r)
                 .is_some_and(|v| v.iter().map(|t| t.as_deref()).eq(current.iter().copied()));
             if !same {
-                self.latest.insert(r.to_string(), current.iter().map(|t| t.map(str::to_owned)).collect());
+                self.latest.insert(
+                    r.to_string(),
+                    current.iter().map(|t| t.map(str::to_owned)).collect(),
+                );
             }
         }
     }
 
     fn fill(&self, anomalies: RecordBatch) -> Result<RecordBatch, JobError> {
-        let resources = anomalies.column_by_name(RESOURCE).expect("anomaly schema").as_string::<i32>().clone();
+        let resources = anomalies
+            .column_by_name(RESOURCE)
+            .expect("anomaly schema")
+            .as_string::<i32>()
+            .clone();
         let mut columns: Vec<ArrayRef> = anomalies.columns().to_vec();
         for (t, &(_, dst)) in self.tags.iter().enumerate() {
             let given = anomalies.column(dst).as_string::<i32>();
@@ -503,7 +577,9 @@ impl TagFiller {
                     if given.is_valid(i) {
                         Some(given.value(i).to_string())
                     } else {
-                        self.latest.get(resources.value(i)).and_then(|v| v[t].clone())
+                        self.latest
+                            .get(resources.value(i))
+                            .and_then(|v| v[t].clone())
                     }
                 })
                 .collect();
@@ -529,11 +605,17 @@ fn run_worker(
                 if let Some(t) = tags.as_mut() {
                     t.observe(&batch);
                 }
-                let samples = unpivot.as_ref().map(|u| u.apply(&batch)).transpose().map_err(|e| JobError::Config(e.to_string()))?;
+                let samples = unpivot
+                    .as_ref()
+                    .map(|u| u.apply(&batch))
+                    .transpose()
+                    .map_err(|e| JobError::Config(e.to_string()))?;
                 for rule in &mut rules {
                     let input = match rule.rule().table {
                         StreamTable::Metrics => batch.clone(),
-                        StreamTable::Samples => samples.clone().expect("samples view built when a rule reads it"),
+                        StreamTable::Samples => samples
+                            .clone()
+                            .expect("samples view built when a rule reads it"),
                     };
                     let out = rule.anomalies(input)?;
                     if out.num_rows() > 0 {
@@ -545,7 +627,11 @@ fn run_worker(
                     }
                 }
             }
-            Message::Watermark(w) => send_blocking(&tx, (worker, Step::At(std::mem::take(&mut pending), w)), "merge")?,
+            Message::Watermark(w) => send_blocking(
+                &tx,
+                (worker, Step::At(std::mem::take(&mut pending), w)),
+                "merge",
+            )?,
             Message::Barrier(_) => {}
             Message::End => {
                 send_blocking(&tx, (worker, Step::End), "merge")?;
@@ -563,15 +649,27 @@ pub fn canonical_order(batch: &RecordBatch) -> Result<RecordBatch, arrow::error:
     }
     let columns: Vec<SortColumn> = ["ts", "resource", "metric", "rule"]
         .iter()
-        .map(|c| SortColumn { values: Arc::clone(batch.column_by_name(c).expect("anomaly schema")), options: None })
+        .map(|c| SortColumn {
+            values: Arc::clone(batch.column_by_name(c).expect("anomaly schema")),
+            options: None,
+        })
         .collect();
     let idx = lexsort_to_indices(&columns, None)?;
-    let columns = batch.columns().iter().map(|c| take(c, &idx, None)).collect::<Result<Vec<_>, _>>()?;
+    let columns = batch
+        .columns()
+        .iter()
+        .map(|c| take(c, &idx, None))
+        .collect::<Result<Vec<_>, _>>()?;
     RecordBatch::try_new(batch.schema(), columns)
 }
 
-fn run_merge(mut rx: mpsc::Receiver<(usize, Step)>, workers: usize, tx: mpsc::Sender<Message>) -> Result<(), JobError> {
-    let mut queues: Vec<std::collections::VecDeque<(Vec<RecordBatch>, i64)>> = (0..workers).map(|_| Default::default()).collect();
+fn run_merge(
+    mut rx: mpsc::Receiver<(usize, Step)>,
+    workers: usize,
+    tx: mpsc::Sender<Message>,
+) -> Result<(), JobError> {
+    let mut queues: Vec<std::collections::VecDeque<(Vec<RecordBatch>, i64)>> =
+        (0..workers).map(|_| Default::default()).collect();
     let mut ended = 0;
     let schema = anomaly_schema();
     while let Some((worker, step)) = rx.blocking_recv() {

@@ -15,7 +15,11 @@ use healer_operators::severity::Severity;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 #[derive(Debug, Parser)]
-#[command(name = "healer", version, about = "Self-healing infrastructure engine: stream anomaly detection on columnar dataflow")]
+#[command(
+    name = "healer",
+    version,
+    about = "Self-healing infrastructure engine: stream anomaly detection on columnar dataflow"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -107,7 +111,10 @@ struct ValidateArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -134,7 +141,13 @@ fn main() -> ExitCode {
 fn replay_config(args: &ReplayArgs) -> Result<PipelineConfig> {
     let mut config = match &args.config {
         Some(path) => PipelineConfig::load(path).map_err(|problems| {
-            anyhow::anyhow!(problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))
+            anyhow::anyhow!(
+                problems
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
         })?,
         None => PipelineConfig::default(),
     };
@@ -166,7 +179,7 @@ fn fmt_int(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -239,7 +252,10 @@ fn print_summary(s: &Summary) {
         s.dead_letter_files.len()
     );
     println!();
-    println!("  {:<24} {:>9} {:>9} {:>9} {:>9} {:>10}", "rule", "LOW", "MEDIUM", "HIGH", "CRITICAL", "total");
+    println!(
+        "  {:<24} {:>9} {:>9} {:>9} {:>9} {:>10}",
+        "rule", "LOW", "MEDIUM", "HIGH", "CRITICAL", "total"
+    );
     for r in &s.rules {
         let total: u64 = r.by_severity.iter().sum();
         println!(
@@ -254,7 +270,12 @@ fn print_summary(s: &Summary) {
     }
     println!();
     let rows: usize = s.files.iter().map(|f| f.rows).sum();
-    println!("  incident log {} ({} file(s), {} anomaly rows)", s.out, s.files.len(), fmt_int(rows as u64));
+    println!(
+        "  incident log {} ({} file(s), {} anomaly rows)",
+        s.out,
+        s.files.len(),
+        fmt_int(rows as u64)
+    );
 }
 
 fn summary_json(s: &Summary) -> serde_json::Value {
@@ -298,7 +319,8 @@ async fn demo(args: DemoArgs) -> Result<ExitCode> {
         faults: args.faults,
         ..FleetConfig::default()
     };
-    let input = healer_engine::demo::write_input(&args.out, &fleet).context("writing the demo fleet")?;
+    let input =
+        healer_engine::demo::write_input(&args.out, &fleet).context("writing the demo fleet")?;
     println!(
         "generated {} rows: {} resources × {} h of 10 s samples, {} injected faults ({})",
         fmt_int(input.rows as u64),
@@ -331,7 +353,12 @@ async fn demo(args: DemoArgs) -> Result<ExitCode> {
             let batches = healer_engine::query::query(&location, &sql).await?;
             batches
                 .first()
-                .and_then(|b| b.column(0).as_any().downcast_ref::<arrow::array::Int64Array>().map(|a| a.value(0)))
+                .and_then(|b| {
+                    b.column(0)
+                        .as_any()
+                        .downcast_ref::<arrow::array::Int64Array>()
+                        .map(|a| a.value(0))
+                })
                 .unwrap_or(0)
         };
         if hits > 0 {
@@ -346,22 +373,32 @@ async fn demo(args: DemoArgs) -> Result<ExitCode> {
     if !summary.files.is_empty() {
         println!();
         println!("strongest anomalies:");
-        let batches = healer_engine::query::query(&location, healer_engine::query::DEFAULT_QUERY).await?;
+        let batches =
+            healer_engine::query::query(&location, healer_engine::query::DEFAULT_QUERY).await?;
         println!("{}", arrow::util::pretty::pretty_format_batches(&batches)?);
     }
     println!();
-    println!("query the log:  healer incidents {} --sql \"SELECT severity, count(*) FROM anomalies GROUP BY severity\"", log.display());
+    println!(
+        "query the log:  healer incidents {} --sql \"SELECT severity, count(*) FROM anomalies GROUP BY severity\"",
+        log.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 async fn incidents(args: IncidentsArgs) -> Result<ExitCode> {
     let s3 = S3Config {
         endpoint: args.s3_endpoint.clone(),
-        allow_http: args.s3_endpoint.as_deref().is_some_and(|e| e.starts_with("http://")),
+        allow_http: args
+            .s3_endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("http://")),
         ..S3Config::default()
     };
     let location = Location::parse(&args.log, &s3, false)?;
-    let sql = args.sql.as_deref().unwrap_or(healer_engine::query::DEFAULT_QUERY);
+    let sql = args
+        .sql
+        .as_deref()
+        .unwrap_or(healer_engine::query::DEFAULT_QUERY);
     let batches = healer_engine::query::query(&location, sql)
         .await
         .with_context(|| format!("query over {}", location.display()))?;

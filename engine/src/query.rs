@@ -10,7 +10,9 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use arrow::datatypes::DataType;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
 use datafusion::error::Result;
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
@@ -29,13 +31,19 @@ async fn has_files(location: &Location, table: &str) -> bool {
 
 async fn register(ctx: &SessionContext, location: &Location, table: &str) -> Result<()> {
     let base = location.url.as_str().trim_end_matches('/');
-    let url = format!("{base}/{}/{table}/", location.path.as_ref().trim_matches('/'));
+    let url = format!(
+        "{base}/{}/{table}/",
+        location.path.as_ref().trim_matches('/')
+    );
     let url = ListingTableUrl::parse(&url)?;
     let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
         .with_file_extension(".parquet")
         .with_table_partition_cols(vec![("date".to_string(), DataType::Utf8)]);
     let state = ctx.state();
-    let config = ListingTableConfig::new(url).with_listing_options(options).infer_schema(&state).await?;
+    let config = ListingTableConfig::new(url)
+        .with_listing_options(options)
+        .infer_schema(&state)
+        .await?;
     ctx.register_table(table, Arc::new(ListingTable::try_new(config)?))?;
     Ok(())
 }
@@ -44,7 +52,8 @@ async fn register(ctx: &SessionContext, location: &Location, table: &str) -> Res
 pub async fn context(location: &Location) -> Result<SessionContext> {
     let ctx = SessionContext::new();
     let store: Arc<dyn ObjectStore> = Arc::clone(&location.store);
-    ctx.runtime_env().register_object_store(&location.url, store);
+    ctx.runtime_env()
+        .register_object_store(&location.url, store);
     for table in ["anomalies", "dead_letter"] {
         if has_files(location, table).await {
             register(&ctx, location, table).await?;

@@ -85,7 +85,11 @@ fn encode(batch: &RecordBatch, path: &str) -> Result<Bytes, SinkError> {
     Ok(Bytes::from(buffer))
 }
 
-async fn put(location: &Location, relative: &str, batch: &RecordBatch) -> Result<WrittenFile, SinkError> {
+async fn put(
+    location: &Location,
+    relative: &str,
+    batch: &RecordBatch,
+) -> Result<WrittenFile, SinkError> {
     let path = location.child(relative);
     let bytes = encode(batch, relative)?;
     location
@@ -183,8 +187,14 @@ impl IncidentLog {
         );
         self.written.push(put(&self.location, &name, &file).await?);
         if rows < buffered {
-            self.hours
-                .insert(hour, (vec![all.slice(rows, buffered - rows)], buffered - rows, chunk + 1));
+            self.hours.insert(
+                hour,
+                (
+                    vec![all.slice(rows, buffered - rows)],
+                    buffered - rows,
+                    chunk + 1,
+                ),
+            );
         }
         Ok(())
     }
@@ -255,7 +265,9 @@ impl DeadLetter {
         let all = concat_batches(&first.schema(), &self.buffered)?;
         self.buffered.clear();
         self.rows = 0;
-        let ts = all.column_by_name(TS).map(|c| c.as_primitive::<TimestampMillisecondType>().clone());
+        let ts = all
+            .column_by_name(TS)
+            .map(|c| c.as_primitive::<TimestampMillisecondType>().clone());
         let first_ts = ts.as_ref().and_then(|t| t.iter().flatten().next());
         let mut h = StableHasher::new();
         h.i64(all.num_rows() as i64);

@@ -23,14 +23,14 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMillisecondT
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
-use object_store::{ObjectStore, ObjectStoreExt};
 use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use parquet::arrow::ParquetRecordBatchStreamBuilder;
 use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
 use parquet::arrow::arrow_reader::ArrowReaderOptions;
+use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
 use parquet::arrow::async_reader::{AsyncFileReader, ParquetRecordBatchStream};
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
-use parquet::arrow::ParquetRecordBatchStreamBuilder;
 use tokio::sync::mpsc;
 
 use crate::config::Speed;
@@ -90,7 +90,11 @@ pub struct ObjectReader {
 impl ObjectReader {
     /// A reader of the `size`-byte object at `path`.
     pub fn new(store: Arc<dyn ObjectStore>, path: Path) -> Self {
-        Self { store, path, size: 0 }
+        Self {
+            store,
+            path,
+            size: 0,
+        }
     }
 
     /// The object's size, known from listing.
@@ -106,11 +110,26 @@ fn to_parquet_err(e: object_store::Error) -> parquet::errors::ParquetError {
 
 impl AsyncFileReader for ObjectReader {
     fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
-        async move { self.store.get_range(&self.path, range).await.map_err(to_parquet_err) }.boxed()
+        async move {
+            self.store
+                .get_range(&self.path, range)
+                .await
+                .map_err(to_parquet_err)
+        }
+        .boxed()
     }
 
-    fn get_byte_ranges(&mut self, ranges: Vec<Range<u64>>) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
-        async move { self.store.get_ranges(&self.path, &ranges).await.map_err(to_parquet_err) }.boxed()
+    fn get_byte_ranges(
+        &mut self,
+        ranges: Vec<Range<u64>>,
+    ) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
+        async move {
+            self.store
+                .get_ranges(&self.path, &ranges)
+                .await
+                .map_err(to_parquet_err)
+        }
+        .boxed()
     }
 
     fn get_metadata<'a>(
@@ -145,14 +164,23 @@ pub fn normalized_schema(file: &Schema) -> Result<SchemaRef, String> {
     let ts = file
         .field_with_name(TS)
         .map_err(|_| format!("no `{TS}` column (event time)"))?;
-    if !matches!(ts.data_type(), DataType::Timestamp(_, _) | DataType::Int64 | DataType::Date64) {
-        return Err(format!("`{TS}` is {}, expected a timestamp or epoch milliseconds", ts.data_type()));
+    if !matches!(
+        ts.data_type(),
+        DataType::Timestamp(_, _) | DataType::Int64 | DataType::Date64
+    ) {
+        return Err(format!(
+            "`{TS}` is {}, expected a timestamp or epoch milliseconds",
+            ts.data_type()
+        ));
     }
     let resource = file
         .field_with_name(RESOURCE)
         .map_err(|_| format!("no `{RESOURCE}` column"))?;
     if !is_tag_type(resource.data_type()) {
-        return Err(format!("`{RESOURCE}` is {}, expected a string", resource.data_type()));
+        return Err(format!(
+            "`{RESOURCE}` is {}, expected a string",
+            resource.data_type()
+        ));
     }
     let mut fields = Vec::new();
     for f in file.fields() {
@@ -178,9 +206,12 @@ pub fn conform(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch, S
                 if c.data_type() == f.data_type() {
                     Ok(Arc::clone(c))
                 } else if f.name() == TS && c.data_type() == &DataType::Int64 {
-                    cast(c, &DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, None))
-                        .and_then(|c| cast(&c, f.data_type()))
-                        .map_err(|e| e.to_string())
+                    cast(
+                        c,
+                        &DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, None),
+                    )
+                    .and_then(|c| cast(&c, f.data_type()))
+                    .map_err(|e| e.to_string())
                 } else {
                     cast(c, f.data_type())
                         .map_err(|e| format!("column `{}` ({}): {e}", f.name(), c.data_type()))
@@ -190,7 +221,8 @@ pub fn conform(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch, S
         })
         .collect::<Result<Vec<ArrayRef>, String>>()?;
     let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
-    RecordBatch::try_new_with_options(Arc::clone(target), columns, &options).map_err(|e| e.to_string())
+    RecordBatch::try_new_with_options(Arc::clone(target), columns, &options)
+        .map_err(|e| e.to_string())
 }
 
 /// Timestamps (ms) of a conformed batch's `ts` column; NULL reads as `i64::MIN`.
@@ -202,7 +234,9 @@ pub fn ts_values(batch: &RecordBatch) -> Vec<i64> {
     if ts.null_count() == 0 {
         ts.values().to_vec()
     } else {
-        (0..ts.len()).map(|i| if ts.is_null(i) { i64::MIN } else { ts.value(i) }).collect()
+        (0..ts.len())
+            .map(|i| if ts.is_null(i) { i64::MIN } else { ts.value(i) })
+            .collect()
     }
 }
 
@@ -236,11 +270,19 @@ impl Head {
         let ts = ts_values(&batch);
         let max = ts.iter().copied().max().unwrap_or(i64::MIN);
         let sorted = ts.windows(2).all(|w| w[0] <= w[1]);
-        Self { batch, ts, max, sorted }
+        Self {
+            batch,
+            ts,
+            max,
+            sorted,
+        }
     }
 
     /// The rows with `ts <= bound` (in file order) and the rest.
-    fn split(self, bound: i64) -> Result<(Option<RecordBatch>, Option<Head>), arrow::error::ArrowError> {
+    fn split(
+        self,
+        bound: i64,
+    ) -> Result<(Option<RecordBatch>, Option<Head>), arrow::error::ArrowError> {
         if self.max <= bound {
             return Ok((Some(self.batch), None));
         }
@@ -259,7 +301,10 @@ impl Head {
         let mask: arrow::array::BooleanArray = self.ts.iter().map(|&t| Some(t <= bound)).collect();
         let ready = arrow::compute::filter_record_batch(&self.batch, &mask)?;
         let rest = arrow::compute::filter_record_batch(&self.batch, &arrow::compute::not(&mask)?)?;
-        Ok(((ready.num_rows() > 0).then_some(ready), Some(Head::new(rest))))
+        Ok((
+            (ready.num_rows() > 0).then_some(ready),
+            Some(Head::new(rest)),
+        ))
     }
 }
 
@@ -318,37 +363,47 @@ impl ParquetSource {
                 };
                 let reader = ObjectReader::new(Arc::clone(&location.store), path.clone())
                     .with_file_size(size);
-                let builder = ParquetRecordBatchStreamBuilder::new(reader).await.map_err(|source| {
-                    SourceError::Parquet {
-                        location: display.clone(),
-                        source,
-                    }
-                })?;
+                let builder =
+                    ParquetRecordBatchStreamBuilder::new(reader)
+                        .await
+                        .map_err(|source| SourceError::Parquet {
+                            location: display.clone(),
+                            source,
+                        })?;
                 let file_schema = builder.schema();
-                let normalized = normalized_schema(file_schema).map_err(|reason| SourceError::Schema {
-                    location: display.clone(),
-                    reason,
-                })?;
+                let normalized =
+                    normalized_schema(file_schema).map_err(|reason| SourceError::Schema {
+                        location: display.clone(),
+                        reason,
+                    })?;
                 if schema.is_none() {
                     schema = Some(normalized);
                 }
                 let metadata = builder.metadata();
                 let rows = metadata.file_metadata().num_rows().max(0) as u64;
-                let min_ts = StatisticsConverter::try_new(TS, file_schema, builder.parquet_schema())
-                    .and_then(|c| c.row_group_mins(metadata.row_groups().iter()))
-                    .ok()
-                    .and_then(|mins| {
-                        let mins = cast(&mins, &DataType::Int64).ok()?;
-                        let mins = cast(
-                            &cast(&mins, &file_schema.field_with_name(TS).ok()?.data_type().clone()).ok()?,
-                            &ts_type(),
-                        )
-                        .ok()?;
-                        let mins = mins.as_primitive::<TimestampMillisecondType>();
-                        (0..mins.len()).filter(|&i| mins.is_valid(i)).map(|i| mins.value(i)).min()
-                    })
-                    // Without statistics the file must be opened first.
-                    .unwrap_or(i64::MIN);
+                let min_ts =
+                    StatisticsConverter::try_new(TS, file_schema, builder.parquet_schema())
+                        .and_then(|c| c.row_group_mins(metadata.row_groups().iter()))
+                        .ok()
+                        .and_then(|mins| {
+                            let mins = cast(&mins, &DataType::Int64).ok()?;
+                            let mins = cast(
+                                &cast(
+                                    &mins,
+                                    &file_schema.field_with_name(TS).ok()?.data_type().clone(),
+                                )
+                                .ok()?,
+                                &ts_type(),
+                            )
+                            .ok()?;
+                            let mins = mins.as_primitive::<TimestampMillisecondType>();
+                            (0..mins.len())
+                                .filter(|&i| mins.is_valid(i))
+                                .map(|i| mins.value(i))
+                                .min()
+                        })
+                        // Without statistics the file must be opened first.
+                        .unwrap_or(i64::MIN);
                 if rows > 0 {
                     files.push(FileInfo {
                         store: Arc::clone(&location.store),
@@ -390,7 +445,10 @@ impl ParquetSource {
 
     /// Decode only these columns of the stream schema (by index).
     pub fn project(&mut self, columns: &[usize]) {
-        let fields: Vec<Field> = columns.iter().map(|&i| self.schema.field(i).clone()).collect();
+        let fields: Vec<Field> = columns
+            .iter()
+            .map(|&i| self.schema.field(i).clone())
+            .collect();
         self.projection = Arc::new(Schema::new(fields));
     }
 
@@ -399,13 +457,19 @@ impl ParquetSource {
         &self.projection
     }
 
-    async fn open_stream(&self, file: &FileInfo) -> Result<ParquetRecordBatchStream<ObjectReader>, SourceError> {
+    async fn open_stream(
+        &self,
+        file: &FileInfo,
+    ) -> Result<ParquetRecordBatchStream<ObjectReader>, SourceError> {
         let parquet_err = |source| SourceError::Parquet {
             location: file.display.clone(),
             source,
         };
-        let reader = ObjectReader::new(Arc::clone(&file.store), file.path.clone()).with_file_size(file.size);
-        let builder = ParquetRecordBatchStreamBuilder::new(reader).await.map_err(parquet_err)?;
+        let reader =
+            ObjectReader::new(Arc::clone(&file.store), file.path.clone()).with_file_size(file.size);
+        let builder = ParquetRecordBatchStreamBuilder::new(reader)
+            .await
+            .map_err(parquet_err)?;
         let file_schema = Arc::clone(builder.schema());
         let roots: Vec<usize> = self
             .projection
@@ -422,7 +486,11 @@ impl ParquetSource {
     }
 
     /// Replays every file into `tx` and ends with [`Message::End`].
-    pub async fn run(self, tx: mpsc::Sender<Message>, metrics: Arc<PipelineMetrics>) -> Result<(), SourceError> {
+    pub async fn run(
+        self,
+        tx: mpsc::Sender<Message>,
+        metrics: Arc<PipelineMetrics>,
+    ) -> Result<(), SourceError> {
         struct Active {
             file: usize,
             stream: ParquetRecordBatchStream<ObjectReader>,
@@ -445,9 +513,11 @@ impl ParquetSource {
                         }
                         Some(Ok(batch)) if batch.num_rows() == 0 => {}
                         Some(Ok(batch)) => {
-                            let batch = conform(&batch, &self.projection).map_err(|reason| SourceError::Schema {
-                                location: self.files[a.file].display.clone(),
-                                reason,
+                            let batch = conform(&batch, &self.projection).map_err(|reason| {
+                                SourceError::Schema {
+                                    location: self.files[a.file].display.clone(),
+                                    reason,
+                                }
                             })?;
                             a.head = Some(Head::new(batch));
                         }
@@ -488,9 +558,11 @@ impl ParquetSource {
                 0 => continue,
                 1 => parts.pop().expect("one part"),
                 _ => {
-                    let merged = concat_batches(&self.projection, &parts).map_err(|e| SourceError::Schema {
-                        location: "merge".into(),
-                        reason: e.to_string(),
+                    let merged = concat_batches(&self.projection, &parts).map_err(|e| {
+                        SourceError::Schema {
+                            location: "merge".into(),
+                            reason: e.to_string(),
+                        }
                     })?;
                     sort_by_ts(merged).map_err(|e| SourceError::Schema {
                         location: "merge".into(),
@@ -501,13 +573,18 @@ impl ParquetSource {
             let first_ts = ts_values(&out).first().copied().unwrap_or(bound);
             if let Speed::Factor(factor) = self.speed {
                 let (start, ts0) = *pace.get_or_insert((Instant::now(), first_ts));
-                let due = start + Duration::from_secs_f64(((first_ts - ts0).max(0) as f64 / 1000.0) / factor);
+                let due = start
+                    + Duration::from_secs_f64(((first_ts - ts0).max(0) as f64 / 1000.0) / factor);
                 tokio::time::sleep_until(due.into()).await;
             }
             metrics.add_source_rows(out.num_rows() as u64);
-            tx.send(Message::Data(out)).await.map_err(|_| SourceError::Closed)?;
+            tx.send(Message::Data(out))
+                .await
+                .map_err(|_| SourceError::Closed)?;
         }
-        tx.send(Message::End).await.map_err(|_| SourceError::Closed)?;
+        tx.send(Message::End)
+            .await
+            .map_err(|_| SourceError::Closed)?;
         Ok(())
     }
 }

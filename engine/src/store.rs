@@ -130,7 +130,7 @@ impl Location {
     pub fn child(&self, child: &str) -> Path {
         let mut p = self.path.clone();
         for part in child.split('/').filter(|s| !s.is_empty()) {
-            p = p.clone().join(part);
+            p = p.join(part);
         }
         p
     }

@@ -48,7 +48,10 @@ fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             if p.is_dir() {
                 stack.push(p);
             } else {
-                out.insert(p.strip_prefix(dir).unwrap().display().to_string(), std::fs::read(&p).unwrap());
+                out.insert(
+                    p.strip_prefix(dir).unwrap().display().to_string(),
+                    std::fs::read(&p).unwrap(),
+                );
             }
         }
     }
@@ -57,11 +60,17 @@ fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 
 fn strings(array: &arrow::array::ArrayRef) -> Vec<String> {
     let utf8 = arrow::compute::cast(array, &arrow::datatypes::DataType::Utf8).unwrap();
-    utf8.as_string::<i32>().iter().map(|s| s.unwrap_or_default().to_string()).collect()
+    utf8.as_string::<i32>()
+        .iter()
+        .map(|s| s.unwrap_or_default().to_string())
+        .collect()
 }
 
 fn count(batches: &[RecordBatch]) -> i64 {
-    batches[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0)
+    batches[0]
+        .column(0)
+        .as_primitive::<arrow::datatypes::Int64Type>()
+        .value(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,7 +89,12 @@ async fn fleet_replay_writes_a_queryable_incident_log() {
     assert!(!summary.files.is_empty());
     let written: usize = summary.files.iter().map(|f| f.rows).sum();
     assert_eq!(written as u64, summary.metrics.anomalies);
-    assert!(summary.files.iter().all(|f| f.path.contains("/anomalies/date=2025-01-01/part-")));
+    assert!(
+        summary
+            .files
+            .iter()
+            .all(|f| f.path.contains("/anomalies/date=2025-01-01/part-"))
+    );
 
     let total = count(&sql(&out, "SELECT count(*) FROM anomalies").await);
     assert_eq!(total as usize, written);
@@ -88,20 +102,30 @@ async fn fleet_replay_writes_a_queryable_incident_log() {
     assert_eq!(distinct, total, "ids are unique");
     let bad = count(&sql(&out, "SELECT count(*) FROM anomalies WHERE abs(score) <= 3 OR confidence < 0 OR confidence > 1 \
         OR NOT (value < expected_low OR value > expected_high) OR service IS NULL OR region IS NULL").await);
-    assert_eq!(bad, 0, "every row is a flagged z-score with its range and tags");
+    assert_eq!(
+        bad, 0,
+        "every row is a flagged z-score with its range and tags"
+    );
 
     // Most injected faults are found, within 5 minutes of their start.
     let mut found = 0;
     for l in &labels {
         let q = format!(
             "SELECT count(*) FROM anomalies WHERE resource = '{}' AND metric = '{}' AND ts BETWEEN to_timestamp_millis({}) AND to_timestamp_millis({})",
-            l.resource, l.metric, l.start_ms, l.start_ms + 300_000
+            l.resource,
+            l.metric,
+            l.start_ms,
+            l.start_ms + 300_000
         );
         if count(&sql(&out, &q).await) > 0 {
             found += 1;
         }
     }
-    assert!(found * 3 >= labels.len() * 2, "found {found} of {} labelled faults", labels.len());
+    assert!(
+        found * 3 >= labels.len() * 2,
+        "found {found} of {} labelled faults",
+        labels.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,7 +149,11 @@ async fn partitions_batch_sizes_and_reruns_give_identical_files() {
 
     let fa = files(&a);
     assert!(!fa.is_empty());
-    assert_eq!(fa, files(&b), "partitions and batch sizes do not change the log");
+    assert_eq!(
+        fa,
+        files(&b),
+        "partitions and batch sizes do not change the log"
+    );
 
     // A second replay into the same log rewrites the same files: nothing is duplicated.
     replay(&ca).await;
@@ -138,20 +166,38 @@ async fn files_are_merged_by_event_time_not_listing_order() {
     let (batches, _) = fleet();
     let all = concat_batches(&batches[0].schema(), &batches).unwrap();
     let whole = dir.path().join("whole.parquet");
-    write_parquet(&whole, &[all.clone()]).unwrap();
+    write_parquet(&whole, std::slice::from_ref(&all)).unwrap();
 
     // Late hours listed first, and two files that overlap in time (split by resource).
     let parts = dir.path().join("parts");
     std::fs::create_dir(&parts).unwrap();
     let n = all.num_rows();
     let third = n / 3 / 12 * 12;
-    write_parquet(&parts.join("a-late.parquet"), &[all.slice(2 * third, n - 2 * third)]).unwrap();
+    write_parquet(
+        &parts.join("a-late.parquet"),
+        &[all.slice(2 * third, n - 2 * third)],
+    )
+    .unwrap();
     let early = all.slice(0, 2 * third);
-    let res = early.column_by_name("resource").unwrap().as_string::<i32>().clone();
-    let even: arrow::array::BooleanArray = (0..early.num_rows()).map(|i| Some(res.value(i).ends_with(['0', '2', '4', '6', '8']))).collect();
+    let res = early
+        .column_by_name("resource")
+        .unwrap()
+        .as_string::<i32>()
+        .clone();
+    let even: arrow::array::BooleanArray = (0..early.num_rows())
+        .map(|i| Some(res.value(i).ends_with(['0', '2', '4', '6', '8'])))
+        .collect();
     let odd = arrow::compute::not(&even).unwrap();
-    write_parquet(&parts.join("b-early-even.parquet"), &[arrow::compute::filter_record_batch(&early, &even).unwrap()]).unwrap();
-    write_parquet(&parts.join("c-early-odd.parquet"), &[arrow::compute::filter_record_batch(&early, &odd).unwrap()]).unwrap();
+    write_parquet(
+        &parts.join("b-early-even.parquet"),
+        &[arrow::compute::filter_record_batch(&early, &even).unwrap()],
+    )
+    .unwrap();
+    write_parquet(
+        &parts.join("c-early-odd.parquet"),
+        &[arrow::compute::filter_record_batch(&early, &odd).unwrap()],
+    )
+    .unwrap();
 
     let out_whole = dir.path().join("log-whole");
     let out_parts = dir.path().join("log-parts");
@@ -160,7 +206,10 @@ async fn files_are_merged_by_event_time_not_listing_order() {
     c.source.batch_rows = 500;
     let s2 = replay(&c).await;
     assert_eq!(s2.input_files, 3);
-    assert_eq!(s2.metrics.late_rows, 0, "no row is late when files are merged by time");
+    assert_eq!(
+        s2.metrics.late_rows, 0,
+        "no row is late when files are merged by time"
+    );
     assert_eq!(s1.metrics.anomalies, s2.metrics.anomalies);
     assert_eq!(files(&out_whole), files(&out_parts));
 }
@@ -171,7 +220,9 @@ async fn late_and_invalid_rows_are_dead_lettered_with_reasons() {
     let (batches, _) = fleet();
     let all = concat_batches(&batches[0].schema(), &batches).unwrap();
     // Delay some rows by 3 s (within the 5 s bound) and others by 60 s (beyond it).
-    let ts = all.column(0).as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+    let ts = all
+        .column(0)
+        .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
     let mut order: Vec<(i64, usize)> = (0..all.num_rows()).map(|i| (ts.value(i), i)).collect();
     for (k, o) in order.iter_mut().enumerate() {
         if k % 97 == 5 {
@@ -181,8 +232,13 @@ async fn late_and_invalid_rows_are_dead_lettered_with_reasons() {
         }
     }
     order.sort();
-    let idx = arrow::array::UInt32Array::from(order.iter().map(|&(_, i)| i as u32).collect::<Vec<_>>());
-    let columns: Vec<_> = all.columns().iter().map(|c| arrow::compute::take(c, &idx, None).unwrap()).collect();
+    let idx =
+        arrow::array::UInt32Array::from(order.iter().map(|&(_, i)| i as u32).collect::<Vec<_>>());
+    let columns: Vec<_> = all
+        .columns()
+        .iter()
+        .map(|c| arrow::compute::take(c, &idx, None).unwrap())
+        .collect();
     let shuffled = RecordBatch::try_new(all.schema(), columns).unwrap();
     let input = dir.path().join("late.parquet");
     write_parquet(&input, &[shuffled]).unwrap();
@@ -190,14 +246,32 @@ async fn late_and_invalid_rows_are_dead_lettered_with_reasons() {
     let mut c = config(vec![input.display().to_string()], &out);
     c.event_time.max_out_of_orderness = "5s".into();
     let s = replay(&c).await;
-    let expected_late = (0..all.num_rows()).filter(|k| k % 1009 == 7 && k % 97 != 5).count() as u64;
+    let expected_late = (0..all.num_rows())
+        .filter(|k| k % 1009 == 7 && k % 97 != 5)
+        .count() as u64;
     assert_eq!(s.metrics.late_rows, expected_late);
-    assert_eq!(s.metrics.gate_rows + s.metrics.late_rows, all.num_rows() as u64);
+    assert_eq!(
+        s.metrics.gate_rows + s.metrics.late_rows,
+        all.num_rows() as u64
+    );
     assert_eq!(s.dead_letter_files.len(), 1);
-    let dl = sql(&out, "SELECT reason, count(*) FROM dead_letter GROUP BY reason").await;
+    let dl = sql(
+        &out,
+        "SELECT reason, count(*) FROM dead_letter GROUP BY reason",
+    )
+    .await;
     assert_eq!(dl[0].num_rows(), 1);
-    assert_eq!(strings(dl[0].column(0)), ["late: ts is before the watermark"]);
-    assert_eq!(dl[0].column(1).as_primitive::<arrow::datatypes::Int64Type>().value(0) as u64, expected_late);
+    assert_eq!(
+        strings(dl[0].column(0)),
+        ["late: ts is before the watermark"]
+    );
+    assert_eq!(
+        dl[0]
+            .column(1)
+            .as_primitive::<arrow::datatypes::Int64Type>()
+            .value(0) as u64,
+        expected_late
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,8 +285,16 @@ async fn rows_without_resource_or_ts_are_dead_lettered() {
     let batch = RecordBatch::try_new(
         schema,
         vec![
-            Arc::new(TimestampMillisecondArray::from(vec![Some(1000), None, Some(2000), Some(3000)]).with_timezone("UTC")),
-            Arc::new(arrow::array::StringArray::from(vec![Some("a"), Some("a"), None, Some("a")])),
+            Arc::new(
+                TimestampMillisecondArray::from(vec![Some(1000), None, Some(2000), Some(3000)])
+                    .with_timezone("UTC"),
+            ),
+            Arc::new(arrow::array::StringArray::from(vec![
+                Some("a"),
+                Some("a"),
+                None,
+                Some("a"),
+            ])),
             Arc::new(arrow::array::Float64Array::from(vec![1.0, 2.0, 3.0, 4.0])),
         ],
     )
@@ -236,7 +318,11 @@ async fn bad_rules_and_inputs_fail_at_prepare_with_locations() {
     write_parquet(&input, &batches[..1]).unwrap();
     let rules = dir.path().join("rules");
     std::fs::create_dir(&rules).unwrap();
-    std::fs::write(rules.join("bad.sql"), "CREATE VIEW bad AS\nSELECT ts, resource FROM metrics ORDER BY ts;\n").unwrap();
+    std::fs::write(
+        rules.join("bad.sql"),
+        "CREATE VIEW bad AS\nSELECT ts, resource FROM metrics ORDER BY ts;\n",
+    )
+    .unwrap();
     let mut c = config(vec![input.display().to_string()], &dir.path().join("log"));
     c.rules.paths = vec![rules.clone()];
     match Job::prepare(&c).await {
@@ -246,6 +332,9 @@ async fn bad_rules_and_inputs_fail_at_prepare_with_locations() {
         }
         other => panic!("expected rule errors, got {other:?}"),
     }
-    let c = config(vec![dir.path().join("missing").display().to_string()], &dir.path().join("log"));
+    let c = config(
+        vec![dir.path().join("missing").display().to_string()],
+        &dir.path().join("log"),
+    );
     assert!(Job::prepare(&c).await.is_err());
 }

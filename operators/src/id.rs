@@ -91,7 +91,10 @@ mod tests {
 
     #[test]
     fn pinned_value() {
-        assert_eq!(StableHasher::new().hex(), "cbf29ce4842223256c62272e07bb0142");
+        assert_eq!(
+            StableHasher::new().hex(),
+            "cbf29ce4842223256c62272e07bb0142"
+        );
         let h = StableHasher::new().str("a").hex();
         assert_eq!(h.len(), 32);
         assert_ne!(h, StableHasher::new().hex());

@@ -249,7 +249,12 @@ mod tests {
     #[test]
     fn ids_are_dense_and_stable_across_batches() {
         let mut k = KeyInterner::new(1);
-        let a: ArrayRef = Arc::new(StringArray::from(vec![Some("x"), Some("y"), None, Some("x")]));
+        let a: ArrayRef = Arc::new(StringArray::from(vec![
+            Some("x"),
+            Some("y"),
+            None,
+            Some("x"),
+        ]));
         assert_eq!(k.intern(&[a], 4).unwrap(), vec![0, 1, 2, 0]);
         let b: ArrayRef = Arc::new(StringArray::from(vec![Some("z"), None, Some("y")]));
         assert_eq!(k.intern(&[b], 3).unwrap(), vec![3, 2, 1]);
@@ -262,15 +267,24 @@ mod tests {
         let mut dict = KeyInterner::new(2);
         let r: ArrayRef = Arc::new(StringArray::from(vec!["a", "a", "b", "b"]));
         let m: ArrayRef = Arc::new(StringArray::from(vec!["cpu", "mem", "cpu", "mem"]));
-        let rd: ArrayRef = Arc::new(DictionaryArray::<Int32Type>::try_new(
-            Int32Array::from(vec![0, 0, 1, 1]),
-            Arc::new(StringArray::from(vec!["a", "b"])),
-        ).unwrap());
-        let md: ArrayRef = Arc::new(DictionaryArray::<Int32Type>::try_new(
-            Int32Array::from(vec![1, 0, 1, 0]),
-            Arc::new(StringArray::from(vec!["mem", "cpu"])),
-        ).unwrap());
-        assert_eq!(plain.intern(&[r, m], 4).unwrap(), dict.intern(&[rd, md], 4).unwrap());
+        let rd: ArrayRef = Arc::new(
+            DictionaryArray::<Int32Type>::try_new(
+                Int32Array::from(vec![0, 0, 1, 1]),
+                Arc::new(StringArray::from(vec!["a", "b"])),
+            )
+            .unwrap(),
+        );
+        let md: ArrayRef = Arc::new(
+            DictionaryArray::<Int32Type>::try_new(
+                Int32Array::from(vec![1, 0, 1, 0]),
+                Arc::new(StringArray::from(vec!["mem", "cpu"])),
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            plain.intern(&[r, m], 4).unwrap(),
+            dict.intern(&[rd, md], 4).unwrap()
+        );
         assert_eq!(plain.len(), 4);
     }
 
@@ -278,7 +292,10 @@ mod tests {
     fn many_columns() {
         let mut k = KeyInterner::new(3);
         let c: ArrayRef = Arc::new(Int32Array::from(vec![1, 1, 2]));
-        assert_eq!(k.intern(&[c.clone(), c.clone(), c], 3).unwrap(), vec![0, 0, 1]);
+        assert_eq!(
+            k.intern(&[c.clone(), c.clone(), c], 3).unwrap(),
+            vec![0, 0, 1]
+        );
         assert!(k.intern(&[], 0).is_err());
     }
 }

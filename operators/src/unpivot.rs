@@ -45,9 +45,9 @@ impl Unpivot {
     /// A converter for wide batches of `wide`. Numeric columns other than `ts` are metrics,
     /// string columns are `resource` and tags.
     pub fn try_new(wide: &Schema) -> Result<Self> {
-        let ts = wide
-            .index_of(TS)
-            .map_err(|_| OperatorError::InvalidInput(format!("metrics schema has no `{TS}` column")))?;
+        let ts = wide.index_of(TS).map_err(|_| {
+            OperatorError::InvalidInput(format!("metrics schema has no `{TS}` column"))
+        })?;
         let resource = wide.index_of(RESOURCE).map_err(|_| {
             OperatorError::InvalidInput(format!("metrics schema has no `{RESOURCE}` column"))
         })?;
@@ -71,11 +71,18 @@ impl Unpivot {
         }
         let mut fields = vec![wide.field(ts).clone()];
         fields.extend(keys.iter().map(|&k| {
-            Field::new(wide.field(k).name(), dict_type(), wide.field(k).is_nullable() || k != resource)
+            Field::new(
+                wide.field(k).name(),
+                dict_type(),
+                wide.field(k).is_nullable() || k != resource,
+            )
         }));
         fields.push(Field::new(METRIC, dict_type(), false));
         fields.push(Field::new(VALUE, DataType::Float64, true));
-        let names: Vec<&str> = metrics.iter().map(|&m| wide.field(m).name().as_str()).collect();
+        let names: Vec<&str> = metrics
+            .iter()
+            .map(|&m| wide.field(m).name().as_str())
+            .collect();
         Ok(Self {
             ts,
             keys,
@@ -100,20 +107,32 @@ impl Unpivot {
     pub fn apply(&self, wide: &RecordBatch) -> Result<RecordBatch> {
         let n = wide.num_rows();
         let m = self.metrics.len();
-        let total = n.checked_mul(m).filter(|t| *t < i32::MAX as usize).ok_or_else(|| {
-            OperatorError::InvalidInput(format!("batch of {n} rows × {m} metrics is too large"))
-        })?;
-        let row_of: Vec<u32> = (0..n as u32).flat_map(|i| std::iter::repeat_n(i, m)).collect();
+        let total = n
+            .checked_mul(m)
+            .filter(|t| *t < i32::MAX as usize)
+            .ok_or_else(|| {
+                OperatorError::InvalidInput(format!("batch of {n} rows × {m} metrics is too large"))
+            })?;
+        let row_of: Vec<u32> = (0..n as u32)
+            .flat_map(|i| std::iter::repeat_n(i, m))
+            .collect();
         let row_index = arrow::array::UInt32Array::from(row_of);
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.keys.len() + 3);
-        columns.push(arrow::compute::take(wide.column(self.ts), &row_index, None)?);
+        columns.push(arrow::compute::take(
+            wide.column(self.ts),
+            &row_index,
+            None,
+        )?);
         let keys = Int32Array::from_iter_values(row_index.values().iter().map(|&r| r as i32));
         for &k in &self.keys {
             let values = match wide.column(k).data_type() {
                 DataType::Utf8 => Arc::clone(wide.column(k)),
                 _ => cast(wide.column(k), &DataType::Utf8)?,
             };
-            columns.push(Arc::new(DictionaryArray::<Int32Type>::try_new(keys.clone(), values)?));
+            columns.push(Arc::new(DictionaryArray::<Int32Type>::try_new(
+                keys.clone(),
+                values,
+            )?));
         }
         let metric_keys = Int32Array::from_iter_values((0..total).map(|j| (j % m.max(1)) as i32));
         columns.push(Arc::new(DictionaryArray::<Int32Type>::try_new(

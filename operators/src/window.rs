@@ -478,7 +478,10 @@ mod tests {
     ];
 
     fn run(frame: Frame, xs: &[Option<f64>], chunk: usize) -> Vec<Vec<Option<f64>>> {
-        let aggs = KINDS.iter().map(|&kind| Aggregate { kind, arg: 0 }).collect();
+        let aggs = KINDS
+            .iter()
+            .map(|&kind| Aggregate { kind, arg: 0 })
+            .collect();
         let mut op = WindowOperator::try_new(frame, 1, aggs).unwrap();
         let mut out = vec![Vec::new(); KINDS.len()];
         for part in xs.chunks(chunk.max(1)) {
@@ -490,9 +493,21 @@ mod tests {
                     out[k].push(if array.is_null(i) {
                         None
                     } else if KINDS[k] == AggKind::Count {
-                        Some(array.as_any().downcast_ref::<Int64Array>().unwrap().value(i) as f64)
+                        Some(
+                            array
+                                .as_any()
+                                .downcast_ref::<Int64Array>()
+                                .unwrap()
+                                .value(i) as f64,
+                        )
                     } else {
-                        Some(array.as_any().downcast_ref::<Float64Array>().unwrap().value(i))
+                        Some(
+                            array
+                                .as_any()
+                                .downcast_ref::<Float64Array>()
+                                .unwrap()
+                                .value(i),
+                        )
                     });
                 }
             }
@@ -503,7 +518,9 @@ mod tests {
     fn close(a: Option<f64>, b: Option<f64>, scale: f64) -> bool {
         match (a, b) {
             (None, None) => true,
-            (Some(a), Some(b)) => (a - b).abs() <= 1e-9 * scale.max(1.0) + 1e-9 * a.abs().max(b.abs()),
+            (Some(a), Some(b)) => {
+                (a - b).abs() <= 1e-9 * scale.max(1.0) + 1e-9 * a.abs().max(b.abs())
+            }
             _ => false,
         }
     }
@@ -552,15 +569,25 @@ mod tests {
     fn constant_series_has_zero_variance_not_negative() {
         let xs = vec![Some(0.1f64); 1000];
         let got = run(Frame::Rows { preceding: 299 }, &xs, 100);
-        assert!(got[3].iter().skip(1).all(|v| *v == Some(0.0)), "{:?}", &got[3][..5]);
+        assert!(
+            got[3].iter().skip(1).all(|v| *v == Some(0.0)),
+            "{:?}",
+            &got[3][..5]
+        );
     }
 
     #[test]
     fn groups_are_independent() {
-        let aggs = vec![Aggregate { kind: AggKind::Sum, arg: 0 }];
+        let aggs = vec![Aggregate {
+            kind: AggKind::Sum,
+            arg: 0,
+        }];
         let mut op = WindowOperator::try_new(Frame::Rows { preceding: 1 }, 1, aggs).unwrap();
         let out = op
-            .process(&[0, 1, 0, 1, 0], &[Float64Array::from(vec![1.0, 10.0, 2.0, 20.0, 3.0])])
+            .process(
+                &[0, 1, 0, 1, 0],
+                &[Float64Array::from(vec![1.0, 10.0, 2.0, 20.0, 3.0])],
+            )
             .unwrap();
         let sums = out[0].as_any().downcast_ref::<Float64Array>().unwrap();
         assert_eq!(sums.values().to_vec(), vec![1.0, 10.0, 3.0, 30.0, 5.0]);
@@ -568,8 +595,21 @@ mod tests {
 
     #[test]
     fn rejects_bad_shapes() {
-        assert!(WindowOperator::try_new(Frame::Unbounded, 1, vec![Aggregate { kind: AggKind::Sum, arg: 1 }]).is_err());
+        assert!(
+            WindowOperator::try_new(
+                Frame::Unbounded,
+                1,
+                vec![Aggregate {
+                    kind: AggKind::Sum,
+                    arg: 1
+                }]
+            )
+            .is_err()
+        );
         let mut op = WindowOperator::try_new(Frame::Unbounded, 1, vec![]).unwrap();
-        assert!(op.process(&[0, 0], &[Float64Array::from(vec![1.0])]).is_err());
+        assert!(
+            op.process(&[0, 0], &[Float64Array::from(vec![1.0])])
+                .is_err()
+        );
     }
 }

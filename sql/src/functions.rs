@@ -14,7 +14,10 @@ use datafusion::logical_expr::{ColumnarValue, ScalarUDF, Volatility, create_udf}
 use datafusion::prelude::SessionContext;
 use healer_operators::severity::{Severity, zscore_confidence};
 
-fn unary_f64(args: &[ColumnarValue], f: impl Fn(&Float64Array) -> ArrayRef) -> Result<ColumnarValue> {
+fn unary_f64(
+    args: &[ColumnarValue],
+    f: impl Fn(&Float64Array) -> ArrayRef,
+) -> Result<ColumnarValue> {
     let scalar = matches!(args[0], ColumnarValue::Scalar(_));
     let array = args[0].to_array(1)?;
     let out = f(array.as_primitive::<Float64Type>());

@@ -72,20 +72,37 @@ impl OutputMapping {
             }
         }
         let optional = OPTIONAL.map(find);
-        let check = |name: &str, ok: fn(&DataType) -> bool, want: &str, problems: &mut Vec<String>| {
-            if let Some(p) = find(name) {
-                let t = schema.field(p).data_type();
-                if !ok(t) {
-                    problems.push(format!("output column `{name}` is {t}, expected {want}"));
+        let check =
+            |name: &str, ok: fn(&DataType) -> bool, want: &str, problems: &mut Vec<String>| {
+                if let Some(p) = find(name) {
+                    let t = schema.field(p).data_type();
+                    if !ok(t) {
+                        problems.push(format!("output column `{name}` is {t}, expected {want}"));
+                    }
                 }
-            }
-        };
-        check("ts", |t| matches!(t, DataType::Timestamp(_, _)), "a timestamp", &mut problems);
+            };
+        check(
+            "ts",
+            |t| matches!(t, DataType::Timestamp(_, _)),
+            "a timestamp",
+            &mut problems,
+        );
         for name in ["resource", "metric", "severity", "service", "region"] {
             check(name, is_string, "a string", &mut problems);
         }
-        for name in ["value", "score", "confidence", "expected_low", "expected_high"] {
-            check(name, |t| t.is_numeric() || t == &DataType::Null, "a number", &mut problems);
+        for name in [
+            "value",
+            "score",
+            "confidence",
+            "expected_low",
+            "expected_high",
+        ] {
+            check(
+                name,
+                |t| t.is_numeric() || t == &DataType::Null,
+                "a number",
+                &mut problems,
+            );
         }
         if problems.is_empty() {
             Ok(Self { required, optional })
@@ -124,16 +141,30 @@ impl OutputMapping {
         let null_f64 = || Arc::new(Float64Array::new_null(n)) as ArrayRef;
         let null_str = || Arc::new(StringArray::new_null(n)) as ArrayRef;
         let scores = score.as_primitive::<Float64Type>();
-        let score_at = |i: usize| if scores.is_null(i) { f64::NAN } else { scores.value(i) };
+        let score_at = |i: usize| {
+            if scores.is_null(i) {
+                f64::NAN
+            } else {
+                scores.value(i)
+            }
+        };
 
         let severity_in = opt(0, &DataType::Utf8)?;
         let mut severity = StringBuilder::with_capacity(n, n * 6);
         for i in 0..n {
             let given = severity_in
                 .as_ref()
-                .and_then(|s| s.as_string::<i32>().is_valid(i).then(|| s.as_string::<i32>().value(i)))
+                .and_then(|s| {
+                    s.as_string::<i32>()
+                        .is_valid(i)
+                        .then(|| s.as_string::<i32>().value(i))
+                })
                 .and_then(Severity::parse);
-            severity.append_value(given.unwrap_or_else(|| Severity::from_zscore(score_at(i))).as_str());
+            severity.append_value(
+                given
+                    .unwrap_or_else(|| Severity::from_zscore(score_at(i)))
+                    .as_str(),
+            );
         }
         let confidence_in = opt(1, &DataType::Float64)?;
         let confidence: Float64Array = (0..n)

@@ -106,10 +106,16 @@ impl RuleInstance {
     /// Runs the next batch and converts the output to incident-log anomaly rows.
     pub fn anomalies(&mut self, input: RecordBatch) -> Result<RecordBatch, ExecError> {
         let raw = self.process(input)?;
-        let output = self.rule.output.as_ref().ok_or_else(|| ExecError::DataFusion {
-            rule: self.rule.name.clone(),
-            source: DataFusionError::Internal("rule compiled without the output contract".into()),
-        })?;
+        let output = self
+            .rule
+            .output
+            .as_ref()
+            .ok_or_else(|| ExecError::DataFusion {
+                rule: self.rule.name.clone(),
+                source: DataFusionError::Internal(
+                    "rule compiled without the output contract".into(),
+                ),
+            })?;
         output
             .to_anomalies(&self.rule.name, &raw)
             .map_err(|source| ExecError::Arrow {
@@ -151,8 +157,8 @@ impl RuleCompiler {
         let ctx = SessionContext::new_with_config(config);
         crate::functions::register_all(&ctx);
         for (name, schema) in [("metrics", &metrics), ("samples", &samples)] {
-            let table = MemTable::try_new(Arc::clone(schema), vec![vec![]])
-                .map_err(|e| e.to_string())?;
+            let table =
+                MemTable::try_new(Arc::clone(schema), vec![vec![]]).map_err(|e| e.to_string())?;
             ctx.register_table(name, Arc::new(table))
                 .map_err(|e| e.to_string())?;
         }
@@ -244,8 +250,9 @@ impl RuleCompiler {
                 line: 0,
                 column: 0,
                 rule: None,
-                message: "no rules found (a rule is a `CREATE VIEW name AS SELECT …` in a .sql file)"
-                    .into(),
+                message:
+                    "no rules found (a rule is a `CREATE VIEW name AS SELECT …` in a .sql file)"
+                        .into(),
             });
         }
         if errors.is_empty() {
@@ -256,7 +263,11 @@ impl RuleCompiler {
     }
 
     /// Compiles the rules of one file's text.
-    pub fn compile_str(&self, file: &Path, text: &str) -> Result<Vec<Arc<CompiledRule>>, RuleErrors> {
+    pub fn compile_str(
+        &self,
+        file: &Path,
+        text: &str,
+    ) -> Result<Vec<Arc<CompiledRule>>, RuleErrors> {
         let error = |line: u64, column: u64, rule: Option<&str>, message: String| RuleError {
             file: file.to_path_buf(),
             line,
@@ -275,7 +286,13 @@ impl RuleCompiler {
         let mut errors = Vec::new();
         for statement in statements {
             let DFStatement::Statement(statement) = statement else {
-                errors.push(error(0, 0, None, "only `CREATE VIEW name AS SELECT …` statements are allowed in rule files".into()));
+                errors.push(error(
+                    0,
+                    0,
+                    None,
+                    "only `CREATE VIEW name AS SELECT …` statements are allowed in rule files"
+                        .into(),
+                ));
                 continue;
             };
             let span = statement.span();
@@ -285,13 +302,19 @@ impl RuleCompiler {
                     line,
                     column,
                     None,
-                    "only `CREATE VIEW name AS SELECT …` statements are allowed in rule files".into(),
+                    "only `CREATE VIEW name AS SELECT …` statements are allowed in rule files"
+                        .into(),
                 ));
                 continue;
             };
             let name = view.name.to_string();
             if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                errors.push(error(line, column, Some(&name), "rule names may only contain letters, digits and `_`".into()));
+                errors.push(error(
+                    line,
+                    column,
+                    Some(&name),
+                    "rule names may only contain letters, digits and `_`".into(),
+                ));
                 continue;
             }
             let sql = view.query.to_string();
@@ -344,7 +367,9 @@ impl RuleCompiler {
             stages: Vec::new(),
         };
         lowering.lower(&plan)?;
-        let table = lowering.table.ok_or_else(|| CompileError::msg("the rule reads no stream: select FROM metrics or FROM samples"))?;
+        let table = lowering.table.ok_or_else(|| {
+            CompileError::msg("the rule reads no stream: select FROM metrics or FROM samples")
+        })?;
         let output = if self.output_contract {
             Some(OutputMapping::try_new(plan.schema().as_arrow()).map_err(CompileError::msg)?)
         } else {
@@ -425,7 +450,11 @@ struct Lowering<'a> {
 }
 
 impl Lowering<'_> {
-    fn physical(&self, expr: &Expr, schema: &DFSchema) -> Result<Arc<dyn PhysicalExpr>, CompileError> {
+    fn physical(
+        &self,
+        expr: &Expr,
+        schema: &DFSchema,
+    ) -> Result<Arc<dyn PhysicalExpr>, CompileError> {
         self.state
             .create_physical_expr(expr.clone(), schema)
             .map_err(CompileError::from_datafusion)
@@ -455,15 +484,20 @@ impl Lowering<'_> {
                 }
                 self.table = Some(table);
                 if !scan.filters.is_empty() || scan.fetch.is_some() {
-                    return Err(CompileError::msg("internal: unexpected pushed-down scan filters"));
+                    return Err(CompileError::msg(
+                        "internal: unexpected pushed-down scan filters",
+                    ));
                 }
                 if let Some(projection) = &scan.projection {
                     let source = scan.source.schema();
                     let exprs = projection
                         .iter()
                         .map(|&i| {
-                            datafusion::physical_expr::expressions::col(source.field(i).name(), &source)
-                                .map_err(CompileError::from_datafusion)
+                            datafusion::physical_expr::expressions::col(
+                                source.field(i).name(),
+                                &source,
+                            )
+                            .map_err(CompileError::from_datafusion)
                         })
                         .collect::<Result<Vec<_>, _>>()?;
                     self.stages.push(StageTemplate::Project {
@@ -507,15 +541,21 @@ impl Lowering<'_> {
                 "GROUP BY / aggregate functions without OVER are not supported in streaming rules; \
                  use a window: AGG(x) OVER (PARTITION BY … ORDER BY ts ROWS BETWEEN n PRECEDING AND CURRENT ROW)",
             )),
-            LogicalPlan::Join(_) => Err(CompileError::msg("JOIN is not supported in streaming rules")),
+            LogicalPlan::Join(_) => Err(CompileError::msg(
+                "JOIN is not supported in streaming rules",
+            )),
             LogicalPlan::Sort(_) => Err(CompileError::msg(
                 "ORDER BY on a rule's result is not supported: rule output follows event time",
             )),
-            LogicalPlan::Limit(_) => Err(CompileError::msg("LIMIT is not supported in streaming rules")),
+            LogicalPlan::Limit(_) => Err(CompileError::msg(
+                "LIMIT is not supported in streaming rules",
+            )),
             LogicalPlan::Union(_) => Err(CompileError::msg(
                 "UNION is not supported in a rule: write one rule per branch",
             )),
-            LogicalPlan::Distinct(_) => Err(CompileError::msg("DISTINCT is not supported in streaming rules")),
+            LogicalPlan::Distinct(_) => Err(CompileError::msg(
+                "DISTINCT is not supported in streaming rules",
+            )),
             other => Err(CompileError::msg(format!(
                 "`{}` is not supported in streaming rules",
                 other.display()
@@ -545,7 +585,9 @@ impl Lowering<'_> {
                 e => e,
             };
             let Expr::WindowFunction(wf) = inner else {
-                return Err(CompileError::msg(format!("unsupported window expression {expr}")));
+                return Err(CompileError::msg(format!(
+                    "unsupported window expression {expr}"
+                )));
             };
             let name = match &wf.fun {
                 WindowFunctionDefinition::AggregateUDF(udaf) => udaf.name().to_string(),
@@ -605,7 +647,9 @@ impl Lowering<'_> {
                 [] => Expr::Literal(ScalarValue::Int64(Some(1)), None),
                 [a] => a.clone(),
                 _ => {
-                    return Err(CompileError::msg(format!("`{name}` takes one argument over a window")));
+                    return Err(CompileError::msg(format!(
+                        "`{name}` takes one argument over a window"
+                    )));
                 }
             };
             self.note_columns(&arg);
@@ -619,7 +663,10 @@ impl Lowering<'_> {
             }
             let key = format!(
                 "{:?}|{frame:?}",
-                p.partition_by.iter().map(|e| e.to_string()).collect::<Vec<_>>()
+                p.partition_by
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
             );
             let group_index = match groups.iter().position(|g| g.key == key) {
                 Some(i) => i,
@@ -642,7 +689,11 @@ impl Lowering<'_> {
                 }
             };
             let arg_key = arg.to_string();
-            let arg_index = match groups[group_index].args.iter().position(|(k, _)| *k == arg_key) {
+            let arg_index = match groups[group_index]
+                .args
+                .iter()
+                .position(|(k, _)| *k == arg_key)
+            {
                 Some(i) => i,
                 None => {
                     let physical = self.physical(&arg, input)?;

@@ -149,10 +149,13 @@ impl Stage {
                         .map(|e| eval(e, &batch))
                         .collect::<DFResult<Vec<_>>>()
                         .map_err(df)?;
-                    let ids = interner.intern(&keys, rows).map_err(|source| ExecError::Operator {
-                        rule: rule.to_string(),
-                        source,
-                    })?;
+                    let ids =
+                        interner
+                            .intern(&keys, rows)
+                            .map_err(|source| ExecError::Operator {
+                                rule: rule.to_string(),
+                                source,
+                            })?;
                     let args = template
                         .args
                         .iter()
@@ -166,10 +169,12 @@ impl Stage {
                             Ok(a.as_primitive::<arrow::datatypes::Float64Type>().clone())
                         })
                         .collect::<Result<Vec<Float64Array>, ExecError>>()?;
-                    let outputs = op.process(&ids, &args).map_err(|source| ExecError::Operator {
-                        rule: rule.to_string(),
-                        source,
-                    })?;
+                    let outputs =
+                        op.process(&ids, &args)
+                            .map_err(|source| ExecError::Operator {
+                                rule: rule.to_string(),
+                                source,
+                            })?;
                     for (array, &pos) in outputs.into_iter().zip(&template.positions) {
                         let field = schema.field(input_columns + pos);
                         let array = if array.data_type() == field.data_type() {

@@ -28,8 +28,16 @@ SELECT ts, resource, 'cpu' AS metric, cpu_pct AS value, 1.0 AS score FROM metric
 ";
     let e = errors(sql);
     assert_eq!(e.len(), 2, "{e:#?}");
-    assert!(e[0].starts_with("rules/bad.sql:2:13: rule `grouped`: GROUP BY"), "{}", e[0]);
-    assert!(e[1].starts_with("rules/bad.sql:9:39: rule `typo`"), "{}", e[1]);
+    assert!(
+        e[0].starts_with("rules/bad.sql:2:13: rule `grouped`: GROUP BY"),
+        "{}",
+        e[0]
+    );
+    assert!(
+        e[1].starts_with("rules/bad.sql:9:39: rule `typo`"),
+        "{}",
+        e[1]
+    );
     assert!(e[1].contains("cpu_pct"), "{}", e[1]);
 }
 
@@ -39,7 +47,11 @@ fn unsupported_windows_say_what_is_supported() {
         AVG(cpu_percent) OVER (PARTITION BY resource ORDER BY ts) AS score FROM metrics;";
     let e = errors(range);
     assert_eq!(e.len(), 1);
-    assert!(e[0].contains("only ROWS BETWEEN <n> PRECEDING AND CURRENT ROW"), "{}", e[0]);
+    assert!(
+        e[0].contains("only ROWS BETWEEN <n> PRECEDING AND CURRENT ROW"),
+        "{}",
+        e[0]
+    );
 
     let unordered = "CREATE VIEW r AS SELECT ts, resource, 'cpu' AS metric, cpu_percent AS value, \
         AVG(cpu_percent) OVER (PARTITION BY resource ROWS BETWEEN 3 PRECEDING AND CURRENT ROW) AS score FROM metrics;";
@@ -51,14 +63,22 @@ fn unsupported_windows_say_what_is_supported() {
 
     let lag = "CREATE VIEW r AS SELECT ts, resource, 'cpu' AS metric, cpu_percent AS value, \
         LAG(cpu_percent) OVER (PARTITION BY resource ORDER BY ts) AS score FROM metrics;";
-    assert!(errors(lag)[0].contains("not supported"), "{}", errors(lag)[0]);
+    assert!(
+        errors(lag)[0].contains("not supported"),
+        "{}",
+        errors(lag)[0]
+    );
 }
 
 #[test]
 fn output_contract_and_statement_kinds() {
     let missing = "CREATE VIEW m AS SELECT ts, resource, cpu_percent AS value FROM metrics;";
     let e = errors(missing);
-    assert!(e[0].contains("`metric`") && e[0].contains("`score`"), "{}", e[0]);
+    assert!(
+        e[0].contains("`metric`") && e[0].contains("`score`"),
+        "{}",
+        e[0]
+    );
 
     let extra = "CREATE VIEW x AS SELECT ts, resource, 'c' AS metric, cpu_percent AS value, 1.0 AS score, 2 AS bonus FROM metrics;";
     assert!(errors(extra)[0].contains("`bonus`"));
@@ -75,5 +95,9 @@ fn output_contract_and_statement_kinds() {
     assert!(errors(join)[0].contains("JOIN"));
 
     let other = "CREATE VIEW o AS SELECT ts, resource, 'c' AS metric, 1.0 AS value, 1.0 AS score FROM elsewhere;";
-    assert!(errors(other)[0].contains("elsewhere"), "{}", errors(other)[0]);
+    assert!(
+        errors(other)[0].contains("elsewhere"),
+        "{}",
+        errors(other)[0]
+    );
 }

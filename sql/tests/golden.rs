@@ -33,7 +33,10 @@ fn parse_case(text: &str) -> Case {
     let mut current: Option<&str> = None;
     let mut buf = String::new();
     for line in text.lines() {
-        if let Some(name) = line.strip_prefix("-- ").filter(|n| ["input", "rule", "output"].contains(&n.trim())) {
+        if let Some(name) = line
+            .strip_prefix("-- ")
+            .filter(|n| ["input", "rule", "output"].contains(&n.trim()))
+        {
             if let Some(c) = current {
                 sections.insert(c.to_string(), std::mem::take(&mut buf));
             }
@@ -57,13 +60,36 @@ fn parse_case(text: &str) -> Case {
 
 fn parse_input(csv: &str) -> RecordBatch {
     let mut lines = csv.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<&str> = lines.next().expect("header").split(',').map(str::trim).collect();
-    assert_eq!(&header[..2], ["ts", "resource"], "input starts with ts,resource");
-    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').map(str::trim).collect()).collect();
-    let mut fields = vec![Field::new("ts", ts_type(), false), Field::new("resource", DataType::Utf8, false)];
+    let header: Vec<&str> = lines
+        .next()
+        .expect("header")
+        .split(',')
+        .map(str::trim)
+        .collect();
+    assert_eq!(
+        &header[..2],
+        ["ts", "resource"],
+        "input starts with ts,resource"
+    );
+    let rows: Vec<Vec<&str>> = lines
+        .map(|l| l.split(',').map(str::trim).collect())
+        .collect();
+    let mut fields = vec![
+        Field::new("ts", ts_type(), false),
+        Field::new("resource", DataType::Utf8, false),
+    ];
     let mut columns: Vec<ArrayRef> = vec![
-        Arc::new(TimestampMillisecondArray::from(rows.iter().map(|r| r[0].parse::<i64>().unwrap()).collect::<Vec<_>>()).with_timezone("UTC")),
-        Arc::new(StringArray::from(rows.iter().map(|r| r[1]).collect::<Vec<_>>())),
+        Arc::new(
+            TimestampMillisecondArray::from(
+                rows.iter()
+                    .map(|r| r[0].parse::<i64>().unwrap())
+                    .collect::<Vec<_>>(),
+            )
+            .with_timezone("UTC"),
+        ),
+        Arc::new(StringArray::from(
+            rows.iter().map(|r| r[1]).collect::<Vec<_>>(),
+        )),
     ];
     for (c, name) in header.iter().enumerate().skip(2) {
         fields.push(Field::new(*name, DataType::Float64, true));
@@ -71,7 +97,10 @@ fn parse_input(csv: &str) -> RecordBatch {
             .iter()
             .map(|r| match r[c] {
                 "" => None,
-                v => Some(v.parse::<f64>().unwrap_or_else(|_| panic!("bad number {v}"))),
+                v => Some(
+                    v.parse::<f64>()
+                        .unwrap_or_else(|_| panic!("bad number {v}")),
+                ),
             })
             .collect();
         columns.push(Arc::new(Float64Array::from(values)));
@@ -81,7 +110,9 @@ fn parse_input(csv: &str) -> RecordBatch {
 
 fn run(case: &Case, file: &Path) -> String {
     let input = parse_input(&case.input);
-    let compiler = RuleCompiler::try_new(input.schema()).unwrap().without_output_contract();
+    let compiler = RuleCompiler::try_new(input.schema())
+        .unwrap()
+        .without_output_contract();
     let rules = compiler
         .compile_str(file, &case.rule)
         .unwrap_or_else(|e| panic!("{}: rule does not compile:\n{e}", file.display()));
@@ -105,7 +136,12 @@ fn run(case: &Case, file: &Path) -> String {
         let text = pretty_format_batches(&out).unwrap().to_string();
         match &printed {
             None => printed = Some(text),
-            Some(first) => assert_eq!(first, &text, "{}: batches of {chunk} rows differ", file.display()),
+            Some(first) => assert_eq!(
+                first,
+                &text,
+                "{}: batches of {chunk} rows differ",
+                file.display()
+            ),
         }
     }
     printed.unwrap()
@@ -115,7 +151,11 @@ fn run(case: &Case, file: &Path) -> String {
 fn golden() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
     let update = std::env::var_os("HEALER_UPDATE_GOLDEN").is_some();
-    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "test")).collect();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "test"))
+        .collect();
     files.sort();
     assert!(!files.is_empty());
     let mut failures = Vec::new();
@@ -128,7 +168,11 @@ fn golden() {
                 let head = text.split("-- output").next().unwrap();
                 std::fs::write(&file, format!("{head}-- output\n{got}\n")).unwrap();
             } else {
-                failures.push(format!("{}:\n--- expected\n{}\n--- got\n{got}", file.display(), case.output.trim()));
+                failures.push(format!(
+                    "{}:\n--- expected\n{}\n--- got\n{got}",
+                    file.display(),
+                    case.output.trim()
+                ));
             }
         }
     }

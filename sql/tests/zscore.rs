@@ -4,7 +4,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow::array::{
+    Array, AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+};
 use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef, TimestampMillisecondType};
 use arrow::util::pretty::pretty_format_batches;
 use healer_operators::schema::ts_type;
@@ -15,16 +17,23 @@ use proptest::prelude::*;
 const ZSCORE: &str = include_str!("../rules/zscore.sql");
 
 fn schema(metrics: usize) -> SchemaRef {
-    let mut fields = vec![Field::new("ts", ts_type(), false), Field::new("resource", DataType::Utf8, false)];
+    let mut fields = vec![
+        Field::new("ts", ts_type(), false),
+        Field::new("resource", DataType::Utf8, false),
+    ];
     fields.extend((0..metrics).map(|m| Field::new(format!("m{m}"), DataType::Float64, true)));
     Arc::new(Schema::new(fields))
 }
 
 /// A deterministic noisy fleet with spikes, a constant stretch, NULLs and NaNs.
 fn data(resources: usize, samples: usize, metrics: usize, seed: u64) -> RecordBatch {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut next = move || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((state >> 11) as f64) / ((1u64 << 53) as f64)
     };
     let mut ts = Vec::new();
@@ -36,11 +45,19 @@ fn data(resources: usize, samples: usize, metrics: usize, seed: u64) -> RecordBa
             res.push(format!("r{r}"));
             for (m, col) in cols.iter_mut().enumerate() {
                 let u = next();
-                let mut v = 100.0 * (m as f64 + 1.0) + 10.0 * (next() - 0.5) + if u > 0.995 { 80.0 } else { 0.0 };
+                let mut v = 100.0 * (m as f64 + 1.0)
+                    + 10.0 * (next() - 0.5)
+                    + if u > 0.995 { 80.0 } else { 0.0 };
                 if r == 0 && m == 0 && (400..800).contains(&t) {
                     v = 42.0; // constant: std = 0
                 }
-                col.push(if u < 0.002 { None } else if u < 0.004 { Some(f64::NAN) } else { Some(v) });
+                col.push(if u < 0.002 {
+                    None
+                } else if u < 0.004 {
+                    Some(f64::NAN)
+                } else {
+                    Some(v)
+                });
             }
         }
     }
@@ -48,12 +65,18 @@ fn data(resources: usize, samples: usize, metrics: usize, seed: u64) -> RecordBa
         Arc::new(TimestampMillisecondArray::from(ts).with_timezone("UTC")),
         Arc::new(StringArray::from(res)),
     ];
-    columns.extend(cols.into_iter().map(|c| Arc::new(Float64Array::from(c)) as Arc<dyn Array>));
+    columns.extend(
+        cols.into_iter()
+            .map(|c| Arc::new(Float64Array::from(c)) as Arc<dyn Array>),
+    );
     RecordBatch::try_new(schema(metrics), columns).unwrap()
 }
 
 fn compile(schema: SchemaRef, sql: &str) -> Vec<Arc<CompiledRule>> {
-    RuleCompiler::try_new(schema).unwrap().compile_str(Path::new("test.sql"), sql).unwrap()
+    RuleCompiler::try_new(schema)
+        .unwrap()
+        .compile_str(Path::new("test.sql"), sql)
+        .unwrap()
 }
 
 fn run(rule: &Arc<CompiledRule>, input: &RecordBatch, splits: &[usize]) -> Vec<RecordBatch> {
@@ -63,7 +86,9 @@ fn run(rule: &Arc<CompiledRule>, input: &RecordBatch, splits: &[usize]) -> Vec<R
     let mut offset = 0;
     let mut i = 0;
     while offset < input.num_rows() {
-        let len = splits[i % splits.len()].max(1).min(input.num_rows() - offset);
+        let len = splits[i % splits.len()]
+            .max(1)
+            .min(input.num_rows() - offset);
         i += 1;
         let part = input.slice(offset, len);
         let part = match rule.table {
@@ -86,7 +111,11 @@ fn reference(input: &RecordBatch) -> Vec<(i64, String, String, f64)> {
     for i in 0..input.num_rows() {
         for m in 2..input.num_columns() {
             let col = input.column(m).as_primitive::<Float64Type>();
-            let v = if col.is_null(i) { f64::NAN } else { col.value(i) };
+            let v = if col.is_null(i) {
+                f64::NAN
+            } else {
+                col.value(i)
+            };
             let s = series.entry((res.value(i).to_string(), m)).or_default();
             s.push(v);
             if s.len() < 300 {
@@ -104,7 +133,12 @@ fn reference(input: &RecordBatch) -> Vec<(i64, String, String, f64)> {
             }
             let z = (v - mean) / std;
             if z.abs() > 3.0 {
-                out.push((ts.value(i), res.value(i).to_string(), schema.field(m).name().clone(), z));
+                out.push((
+                    ts.value(i),
+                    res.value(i).to_string(),
+                    schema.field(m).name().clone(),
+                    z,
+                ));
             }
         }
     }
@@ -118,25 +152,49 @@ fn bundled_zscore_matches_two_pass_reference() {
     let out = run(&rules[0], &input, &[997]);
     let mut got = Vec::new();
     for b in &out {
-        let ts = b.column_by_name("ts").unwrap().as_primitive::<TimestampMillisecondType>();
+        let ts = b
+            .column_by_name("ts")
+            .unwrap()
+            .as_primitive::<TimestampMillisecondType>();
         let res = b.column_by_name("resource").unwrap().as_string::<i32>();
         let met = b.column_by_name("metric").unwrap().as_string::<i32>();
-        let score = b.column_by_name("score").unwrap().as_primitive::<Float64Type>();
+        let score = b
+            .column_by_name("score")
+            .unwrap()
+            .as_primitive::<Float64Type>();
         let sev = b.column_by_name("severity").unwrap().as_string::<i32>();
-        let conf = b.column_by_name("confidence").unwrap().as_primitive::<Float64Type>();
+        let conf = b
+            .column_by_name("confidence")
+            .unwrap()
+            .as_primitive::<Float64Type>();
         for i in 0..b.num_rows() {
             let z = score.value(i);
-            assert_eq!(sev.value(i), healer_operators::severity::Severity::from_zscore(z).as_str());
+            assert_eq!(
+                sev.value(i),
+                healer_operators::severity::Severity::from_zscore(z).as_str()
+            );
             assert!((conf.value(i) - (z.abs() / 10.0).min(1.0)).abs() < 1e-12);
-            got.push((ts.value(i), res.value(i).to_string(), met.value(i).to_string(), z));
+            got.push((
+                ts.value(i),
+                res.value(i).to_string(),
+                met.value(i).to_string(),
+                z,
+            ));
         }
     }
     let want = reference(&input);
-    assert!(want.len() > 20, "the fixture must flag something: {}", want.len());
+    assert!(
+        want.len() > 20,
+        "the fixture must flag something: {}",
+        want.len()
+    );
     assert_eq!(got.len(), want.len(), "same rows flagged");
     for (g, w) in got.iter().zip(&want) {
         assert_eq!((g.0, &g.1, &g.2), (w.0, &w.1, &w.2));
-        assert!((g.3 - w.3).abs() <= 1e-9 * w.3.abs().max(1.0), "{g:?} vs {w:?}");
+        assert!(
+            (g.3 - w.3).abs() <= 1e-9 * w.3.abs().max(1.0),
+            "{g:?} vs {w:?}"
+        );
     }
 }
 
@@ -147,12 +205,21 @@ fn several_rules_over_both_streams() {
         "{ZSCORE}\nCREATE VIEW hot AS SELECT ts, resource, 'm0' AS metric, m0 AS value, m0 AS score FROM metrics WHERE m0 > 170;"
     );
     let rules = compile(input.schema(), &sql);
-    assert_eq!(rules.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["zscore_300", "hot"]);
+    assert_eq!(
+        rules.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+        ["zscore_300", "hot"]
+    );
     assert_eq!(rules[1].table, StreamTable::Metrics);
     let hot = run(&rules[1], &input, &[50]);
     let n: usize = hot.iter().map(|b| b.num_rows()).sum();
     assert!(n > 0);
-    assert!(hot.iter().all(|b| b.column_by_name("rule").unwrap().as_string::<i32>().iter().all(|r| r == Some("hot"))));
+    assert!(hot.iter().all(|b| {
+        b.column_by_name("rule")
+            .unwrap()
+            .as_string::<i32>()
+            .iter()
+            .all(|r| r == Some("hot"))
+    }));
 }
 
 proptest! {
