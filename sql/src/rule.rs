@@ -355,10 +355,11 @@ impl RuleCompiler {
         let statement = DFStatement::Statement(Box::new(Statement::Query(query)));
         let plan = futures::executor::block_on(state.statement_to_plan(statement))
             .map_err(CompileError::from_datafusion)?;
-        let plan = state
-            .analyzer()
-            .execute_and_check(plan, state.config_options(), |_, _| {})
-            .map_err(CompileError::from_datafusion)?;
+        // Analysis (type coercion) and DataFusion's logical optimizer: filters merge and
+        // move next to the window, projections shrink to what is used, common
+        // subexpressions are computed once. Every rewrite keeps SQL semantics, and the
+        // lowering below rejects any node a streaming rule cannot run.
+        let plan = state.optimize(&plan).map_err(CompileError::from_datafusion)?;
         let mut lowering = Lowering {
             state: &state,
             table: None,
