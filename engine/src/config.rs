@@ -439,6 +439,29 @@ x = 1
         assert!(problems[0].line >= 2, "{:?}", problems[0]);
     }
 
+    proptest::proptest! {
+        /// Arbitrary text never panics the config parser.
+        #[test]
+        fn parser_never_panics(text in "\\PC{0,300}") {
+            let _ = PipelineConfig::parse(Path::new("p.toml"), &text);
+        }
+
+        #[test]
+        fn parser_never_panics_on_toml_shaped_text(
+            lines in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just("[source]".to_string()),
+                    proptest::strategy::Just("[engine]".to_string()),
+                    proptest::strategy::Just("[sink]".to_string()),
+                    "[a-z_]{1,12} = (\\d{1,4}|\"[a-z0-9 ]{0,8}\"|\\[\\]|true)",
+                ],
+                0..12,
+            )
+        ) {
+            let _ = PipelineConfig::parse(Path::new("p.toml"), &lines.join("\n"));
+        }
+    }
+
     #[test]
     fn speeds_and_durations() {
         assert_eq!(parse_speed("MAX"), Ok(Speed::Max));

@@ -222,6 +222,11 @@ impl Job {
         &self.rules
     }
 
+    /// The columns the source decodes (projection pushdown from the rules).
+    pub fn input_schema(&self) -> &SchemaRef {
+        self.source.output_schema()
+    }
+
     /// Rows the source will read.
     pub fn total_rows(&self) -> u64 {
         self.source.total_rows()

@@ -338,3 +338,57 @@ async fn bad_rules_and_inputs_fail_at_prepare_with_locations() {
     );
     assert!(Job::prepare(&c).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_columns_rules_read_are_decoded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (batches, _) = fleet();
+    let input = dir.path().join("fleet.parquet");
+    write_parquet(&input, &batches[..2]).unwrap();
+    let rules = dir.path().join("cpu.sql");
+    std::fs::write(&rules, "CREATE VIEW hot_cpu AS SELECT ts, resource, 'cpu_percent' AS metric, cpu_percent AS value, \
+        cpu_percent / 10 AS score FROM metrics WHERE cpu_percent > 90;\n").unwrap();
+    let mut c = config(vec![input.display().to_string()], &dir.path().join("log"));
+    c.rules.paths = vec![rules];
+    let job = Job::prepare(&c).await.unwrap();
+    let names: Vec<&str> = job
+        .input_schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["ts", "resource", "service", "region", "cpu_percent"]
+    );
+    let s = job.run().await.unwrap();
+    assert_eq!(s.metric_columns, 1);
+    assert_eq!(s.metrics.gate_rows, 2000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paced_replay_follows_event_time() {
+    let dir = tempfile::tempdir().unwrap();
+    // 30 samples 1 s apart, 2 per batch: the last batch starts 28 s into event time, so at
+    // 20x the replay takes at least 1.4 s.
+    let (batches, _) = generate(&FleetConfig {
+        resources: 4,
+        samples: 30,
+        faults: 0,
+        interval_ms: 1000,
+        batch_rows: 8,
+        ..FleetConfig::default()
+    });
+    let input = dir.path().join("fleet.parquet");
+    write_parquet(&input, &batches).unwrap();
+    let mut c = config(vec![input.display().to_string()], &dir.path().join("log"));
+    c.source.speed = "20x".into();
+    c.source.batch_rows = 8;
+    let s = replay(&c).await;
+    assert_eq!(s.metrics.gate_rows, 120);
+    assert!(
+        s.elapsed >= std::time::Duration::from_millis(1400),
+        "{:?}",
+        s.elapsed
+    );
+}

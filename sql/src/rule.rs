@@ -359,7 +359,9 @@ impl RuleCompiler {
         // move next to the window, projections shrink to what is used, common
         // subexpressions are computed once. Every rewrite keeps SQL semantics, and the
         // lowering below rejects any node a streaming rule cannot run.
-        let plan = state.optimize(&plan).map_err(CompileError::from_datafusion)?;
+        let plan = state
+            .optimize(&plan)
+            .map_err(CompileError::from_datafusion)?;
         let mut lowering = Lowering {
             state: &state,
             table: None,

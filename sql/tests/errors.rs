@@ -101,3 +101,53 @@ fn output_contract_and_statement_kinds() {
         errors(other)[0]
     );
 }
+
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::errors;
+
+    const FRAGMENTS: [&str; 24] = [
+        "CREATE VIEW",
+        "v",
+        "AS",
+        "SELECT",
+        "ts",
+        "resource",
+        "'m' AS metric",
+        "cpu_percent AS value",
+        "1.0 AS score",
+        ",",
+        "FROM",
+        "metrics",
+        "samples",
+        "WHERE",
+        "AVG(value) OVER",
+        "(",
+        ")",
+        "PARTITION BY resource",
+        "ORDER BY ts",
+        "ROWS BETWEEN 3 PRECEDING AND CURRENT ROW",
+        ";",
+        "WITH x AS",
+        "GROUP BY",
+        "NULLIF(",
+    ];
+
+    proptest! {
+        /// Arbitrary text and near-miss SQL never panic the compiler: every input is either a
+        /// rule or located errors.
+        #[test]
+        fn compiler_never_panics_on_arbitrary_text(text in "\\PC{0,200}") {
+            let _ = errors(&text);
+        }
+
+        #[test]
+        fn compiler_never_panics_on_sql_shaped_text(parts in proptest::collection::vec(0usize..24, 0..40)) {
+            let sql: Vec<&str> = parts.iter().map(|&i| FRAGMENTS[i]).collect();
+            for e in errors(&sql.join(" ")) {
+                prop_assert!(e.starts_with("rules/bad.sql"), "{}", e);
+            }
+        }
+    }
+}

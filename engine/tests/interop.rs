@@ -1,0 +1,216 @@
+//! The incident log through real peers: S3 (a moto server on 127.0.0.1) for input and
+//! output, and pyarrow, DuckDB and Polars reading the log.
+//!
+//! `.ci/test` installs the tools and exports `HEALER_MOTO_SERVER` and `HEALER_PYTHON`; run
+//! outside it, the tests look for `moto_server` and a `python3` with the packages on `PATH`.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use healer_datasets::{FleetConfig, generate, write_parquet};
+use healer_engine::config::PipelineConfig;
+use healer_engine::job::Job;
+use healer_engine::query::query;
+use healer_engine::store::{Location, S3Config};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+/// A moto server on a free loopback port, stopped on drop.
+struct Moto {
+    child: Child,
+    port: u16,
+}
+
+impl Moto {
+    fn start() -> Self {
+        let program = std::env::var("HEALER_MOTO_SERVER").unwrap_or_else(|_| "moto_server".into());
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(&program)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start `{program}` ({e}): run the suite with .ci/test, which installs moto"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "moto did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self { child, port }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// object_store does not create buckets; an unsigned `PUT /bucket` does.
+    fn create_bucket(&self, bucket: &str) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(s, "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", self.port).unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    }
+
+    fn s3(&self) -> S3Config {
+        S3Config {
+            endpoint: Some(self.endpoint()),
+            region: Some("us-east-1".into()),
+            allow_http: true,
+            access_key_id: Some("testing".into()),
+            secret_access_key: Some("testing".into()),
+        }
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn fleet_file(dir: &Path) -> std::path::PathBuf {
+    let (batches, _) = generate(&FleetConfig {
+        resources: 8,
+        samples: 900,
+        faults: 6,
+        ..FleetConfig::default()
+    });
+    let path = dir.join("fleet.parquet");
+    write_parquet(&path, &batches).unwrap();
+    path
+}
+
+async fn list(location: &Location, prefix: &str) -> Vec<(String, Vec<u8>)> {
+    use futures::StreamExt;
+    let root = location.child(prefix);
+    let mut out = Vec::new();
+    let mut listing = location.store.list(Some(&root));
+    while let Some(meta) = listing.next().await {
+        let meta = meta.unwrap();
+        let bytes = location
+            .store
+            .get(&meta.location)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let relative = meta
+            .location
+            .as_ref()
+            .strip_prefix(location.path.as_ref())
+            .unwrap()
+            .trim_start_matches('/')
+            .to_string();
+        out.push((relative, bytes.to_vec()));
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_from_and_to_s3_matches_local() {
+    let moto = Moto::start();
+    moto.create_bucket("healer");
+    let dir = tempfile::tempdir().unwrap();
+    let file = fleet_file(dir.path());
+
+    let input =
+        Location::parse("s3://healer/history/2025/fleet.parquet", &moto.s3(), false).unwrap();
+    input
+        .store
+        .put(&input.path, PutPayload::from(std::fs::read(&file).unwrap()))
+        .await
+        .unwrap();
+
+    let mut remote = PipelineConfig::default();
+    remote.source.paths = vec!["s3://healer/history/".into()];
+    remote.source.s3 = moto.s3();
+    remote.sink.out = "s3://healer/log".into();
+    remote.sink.s3 = moto.s3();
+    let s3_summary = Job::prepare(&remote).await.unwrap().run().await.unwrap();
+
+    let mut local = PipelineConfig::default();
+    local.source.paths = vec![file.display().to_string()];
+    local.sink.out = dir.path().join("log").display().to_string();
+    let local_summary = Job::prepare(&local).await.unwrap().run().await.unwrap();
+
+    assert_eq!(s3_summary.metrics.source_rows, 8 * 900);
+    assert!(s3_summary.metrics.anomalies > 0);
+    assert_eq!(
+        s3_summary.metrics.anomalies,
+        local_summary.metrics.anomalies
+    );
+    let remote_log = Location::parse("s3://healer/log", &moto.s3(), false).unwrap();
+    let local_log = Location::parse(&local.sink.out, &S3Config::default(), false).unwrap();
+    let remote_files = list(&remote_log, "anomalies").await;
+    assert!(!remote_files.is_empty());
+    assert_eq!(
+        remote_files,
+        list(&local_log, "anomalies").await,
+        "same files, same bytes"
+    );
+
+    let batches = query(&remote_log, "SELECT count(*) AS n FROM anomalies")
+        .await
+        .unwrap();
+    let n = batches[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<arrow::array::Int64Array>()
+        .unwrap()
+        .value(0);
+    assert_eq!(n as u64, s3_summary.metrics.anomalies);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incident_log_is_readable_by_pyarrow_duckdb_and_polars() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = fleet_file(dir.path());
+    let mut c = PipelineConfig::default();
+    c.source.paths = vec![file.display().to_string()];
+    let log = dir.path().join("log");
+    c.sink.out = log.display().to_string();
+    let summary = Job::prepare(&c).await.unwrap().run().await.unwrap();
+    assert!(summary.metrics.anomalies > 0);
+
+    let python = std::env::var("HEALER_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = r#"
+import sys, duckdb, polars as pl, pyarrow.dataset as ds
+root = sys.argv[1] + "/anomalies"
+t = ds.dataset(root, format="parquet", partitioning="hive").to_table()
+assert t.schema.metadata[b"healer.schema"] == b"anomaly/v1", t.schema.metadata
+d = duckdb.sql(f"SELECT count(*), count(DISTINCT id) FROM read_parquet('{root}/**/*.parquet', hive_partitioning = true)").fetchone()
+p = pl.scan_parquet(f"{root}/**/*.parquet", hive_partitioning=True).select(pl.len()).collect().item()
+print(t.num_rows, d[0], d[1], p)
+"#;
+    let out = Command::new(&python)
+        .args(["-c", script, log.to_str().unwrap()])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `{python}` ({e}): run the suite with .ci/test"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let counts: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(
+        counts,
+        vec![summary.metrics.anomalies; 4],
+        "pyarrow, DuckDB (rows, distinct ids) and Polars agree"
+    );
+}
