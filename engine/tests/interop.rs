@@ -191,7 +191,7 @@ import sys, duckdb, polars as pl, pyarrow.dataset as ds
 root = sys.argv[1] + "/anomalies"
 t = ds.dataset(root, format="parquet", partitioning="hive").to_table()
 assert t.schema.metadata[b"healer.schema"] == b"anomaly/v1", t.schema.metadata
-d = duckdb.sql(f"SELECT count(*), count(DISTINCT id) FROM read_parquet('{root}/**/*.parquet', hive_partitioning = true)").fetchone()
+d = duckdb.sql(f"SELECT count(*), count(DISTINCT id) FROM read_parquet('{root}/**/*.parquet', hive_partitioning = true)").fetchall()[0]
 p = pl.scan_parquet(f"{root}/**/*.parquet", hive_partitioning=True).select(pl.len()).collect().item()
 print(t.num_rows, d[0], d[1], p)
 "#;
