@@ -99,6 +99,10 @@ def main() -> None:
             print(f"| {r['peer']} | {total:.2f} | {r['compute_s']:.2f} | {rate:.1f} (compute) | "
                   f"{r['compute_s'] / base['wall_s']:.1f}x vs compute, {total / base['wall_s']:.1f}x vs total | "
                   f"{(r['peak_rss_mb'] or 0):.0f} | {r['flags']} |")
+    ref = next((r for r in rows if r["peer"].startswith("numpy")), None)
+    if ref is not None:
+        bad = [r["peer"] for r in rows if r["flags"] != ref["flags"]]
+        print(f"\nflags agree with {ref['peer']}: " + ("yes" if not bad else f"NO ({', '.join(bad)})"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(R=args.R, T=args.T, rows=rows), indent=2))
     print(f"\nwritten {args.out}")

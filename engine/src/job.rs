@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, UInt32Array};
-use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take};
+use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
 use arrow::datatypes::SchemaRef;
 use healer_operators::schema::{LOG_TAGS, RESOURCE, anomaly_schema};
 use healer_operators::severity::Severity;
@@ -450,12 +450,7 @@ fn partition(batch: &RecordBatch, key: usize, parts: usize) -> Result<Vec<Record
         .into_iter()
         .map(|idx| {
             let idx = UInt32Array::from(idx);
-            let columns = batch
-                .columns()
-                .iter()
-                .map(|c| take(c, &idx, None))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(RecordBatch::try_new(batch.schema(), columns)?)
+            Ok(take_record_batch(batch, &idx)?)
         })
         .collect()
 }
@@ -660,12 +655,7 @@ pub fn canonical_order(batch: &RecordBatch) -> Result<RecordBatch, arrow::error:
         })
         .collect();
     let idx = lexsort_to_indices(&columns, None)?;
-    let columns = batch
-        .columns()
-        .iter()
-        .map(|c| take(c, &idx, None))
-        .collect::<Result<Vec<_>, _>>()?;
-    RecordBatch::try_new(batch.schema(), columns)
+    take_record_batch(batch, &idx)
 }
 
 fn run_merge(

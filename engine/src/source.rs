@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, new_null_array};
-use arrow::compute::{cast, concat_batches, take};
+use arrow::compute::{cast, concat_batches};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMillisecondType};
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -249,12 +249,7 @@ pub fn sort_by_ts(batch: RecordBatch) -> Result<RecordBatch, arrow::error::Arrow
     let mut idx: Vec<u32> = (0..ts.len() as u32).collect();
     idx.sort_by_key(|&i| ts[i as usize]);
     let idx = arrow::array::UInt32Array::from(idx);
-    let columns = batch
-        .columns()
-        .iter()
-        .map(|c| take(c, &idx, None))
-        .collect::<Result<Vec<_>, _>>()?;
-    RecordBatch::try_new(batch.schema(), columns)
+    arrow::compute::take_record_batch(&batch, &idx)
 }
 
 /// The rows of a file not emitted yet.

@@ -144,3 +144,43 @@ impl Location {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_file_urls_and_s3_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain =
+            Location::parse(dir.path().to_str().unwrap(), &S3Config::default(), false).unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let file = Location::parse(&url, &S3Config::default(), false).unwrap();
+        assert_eq!(plain.path, file.path);
+        assert_eq!(plain.url.scheme(), "file");
+        assert_eq!(
+            plain.child("a/b.parquet").as_ref(),
+            format!("{}/a/b.parquet", plain.path)
+        );
+
+        let created = dir.path().join("new/log");
+        Location::parse(created.to_str().unwrap(), &S3Config::default(), true).unwrap();
+        assert!(created.is_dir());
+
+        let s3 = S3Config {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            region: Some("us-east-1".into()),
+            allow_http: true,
+            access_key_id: Some("k".into()),
+            secret_access_key: Some("s".into()),
+        };
+        let remote = Location::parse("s3://bucket/some/prefix/", &s3, false).unwrap();
+        assert_eq!(remote.url.as_str(), "s3://bucket/");
+        assert_eq!(remote.path.as_ref(), "some/prefix");
+        assert_eq!(remote.display(), "s3://bucket/some/prefix");
+
+        for bad in ["s3:///x", "gs://bucket/x", "http://host/x"] {
+            assert!(Location::parse(bad, &s3, false).is_err(), "{bad}");
+        }
+    }
+}

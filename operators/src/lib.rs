@@ -11,8 +11,10 @@
 //! * [`severity`]: the z-score severity and confidence mapping.
 //! * [`unpivot`]: the long `samples` view of a wide metrics batch.
 //! * [`id`]: deterministic, version-stable identifiers.
+//! * [`iforest`]: isolation forest with flat trees and batch scoring.
 
 pub mod id;
+pub mod iforest;
 pub mod keys;
 pub mod schema;
 pub mod severity;
