@@ -92,6 +92,14 @@ impl ColumnInterner {
                     }
                 }));
             }
+            DataType::Dictionary(key, _) if key.as_ref() == &DataType::Int32 && array.logical_null_count() == 0 => {
+                // Fast path (the samples view): intern each dictionary value once, then map
+                // the keys.
+                let dict = array.as_dictionary::<arrow::datatypes::Int32Type>();
+                let mut value_ids = Vec::with_capacity(dict.values().len());
+                self.intern(dict.values().as_ref(), &mut value_ids)?;
+                out.extend(dict.keys().values().iter().map(|&k| value_ids[k as usize]));
+            }
             DataType::Dictionary(_, _) => {
                 let dict = array.as_any_dictionary();
                 let mut value_ids = Vec::with_capacity(dict.values().len());
@@ -140,11 +148,44 @@ impl ColumnInterner {
     }
 }
 
+/// Group ids of (first, second) id pairs: a dense table per first id while second ids are
+/// small (the common resource × metric case), a hash map beyond.
+#[derive(Debug, Default)]
+struct PairTable {
+    dense: Vec<Vec<u32>>,
+    sparse: HashMap<(u32, u32), u32>,
+}
+
+const DENSE_PAIR_LIMIT: u32 = 1 << 12;
+
+impl PairTable {
+    /// The id of `pair`, assigning `next` (and returning true) when it is new.
+    fn get_or_insert(&mut self, pair: (u32, u32), next: u32) -> (u32, bool) {
+        let (a, b) = (pair.0 as usize, pair.1 as usize);
+        if pair.1 < DENSE_PAIR_LIMIT {
+            if a >= self.dense.len() {
+                self.dense.resize_with(a + 1, Vec::new);
+            }
+            let row = &mut self.dense[a];
+            if b >= row.len() {
+                row.resize(b + 1, u32::MAX);
+            }
+            if row[b] == u32::MAX {
+                row[b] = next;
+                return (next, true);
+            }
+            return (row[b], false);
+        }
+        let id = *self.sparse.entry(pair).or_insert(next);
+        (id, id == next)
+    }
+}
+
 /// Maps rows of one or more key columns to dense, stable group ids.
 #[derive(Debug, Default)]
 pub struct KeyInterner {
     columns: Vec<ColumnInterner>,
-    pairs: HashMap<(u32, u32), u32>,
+    pairs: PairTable,
     tuples: HashMap<Box<[u32]>, u32>,
     groups: u32,
     scratch: Vec<Vec<u32>>,
@@ -206,9 +247,8 @@ impl KeyInterner {
                 if n == 2 {
                     for i in 0..rows {
                         let pair = (self.scratch[0][i], self.scratch[1][i]);
-                        let next = self.groups;
-                        let id = *self.pairs.entry(pair).or_insert(next);
-                        if id == next {
+                        let (id, new) = self.pairs.get_or_insert(pair, self.groups);
+                        if new {
                             self.groups += 1;
                         }
                         out.push(id);

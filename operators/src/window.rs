@@ -130,7 +130,11 @@ struct Series {
     evictions: usize,
     /// Rows ever pushed (sequence number of the next row).
     seq: u64,
-    /// Monotonic deques of (seq, value) for MIN / MAX, when needed.
+}
+
+/// Monotonic deques of (seq, value) for MIN / MAX of one series, kept only when needed.
+#[derive(Debug, Clone, Default)]
+struct Extrema {
     min: VecDeque<(u64, f64)>,
     max: VecDeque<(u64, f64)>,
 }
@@ -143,8 +147,10 @@ pub struct WindowOperator {
     aggregates: Vec<Aggregate>,
     /// Per argument: whether MIN/MAX deques must be maintained.
     extrema: Vec<bool>,
-    /// `series[group * n_args + arg]`.
+    /// `series[group * n_args + arg]`: one cache line each.
     series: Vec<Series>,
+    /// Parallel to `series` when any aggregate is MIN or MAX, else empty.
+    extremes: Vec<Extrema>,
     /// Ring buffers of all series, `capacity` values each, in series order.
     slab: Vec<f64>,
 }
@@ -175,6 +181,7 @@ impl WindowOperator {
             aggregates,
             extrema,
             series: Vec::new(),
+            extremes: Vec::new(),
             slab: Vec::new(),
         })
     }
@@ -193,6 +200,9 @@ impl WindowOperator {
         let needed = groups * self.n_args;
         if needed > self.series.len() {
             self.series.resize_with(needed, Series::default);
+            if self.extrema.iter().any(|e| *e) {
+                self.extremes.resize_with(needed, Extrema::default);
+            }
             self.slab.resize(needed * self.frame.capacity(), f64::NAN);
         }
     }
@@ -224,6 +234,22 @@ impl WindowOperator {
         let mut values: Vec<Vec<f64>> = self.aggregates.iter().map(|_| vec![0.0; rows]).collect();
         let mut valid: Vec<Vec<bool>> = self.aggregates.iter().map(|_| vec![true; rows]).collect();
 
+        // Bucket rows by group (a stable counting sort), so that each series' statistics and
+        // ring stay in cache while all of its rows in the batch are processed.
+        let mut starts = vec![0u32; max_group + 1];
+        for &g in groups {
+            starts[g as usize + 1] += 1;
+        }
+        for g in 1..=max_group {
+            starts[g] += starts[g - 1];
+        }
+        let mut order = vec![0u32; rows];
+        let mut fill = starts.clone();
+        for (i, &g) in groups.iter().enumerate() {
+            order[fill[g as usize] as usize] = i as u32;
+            fill[g as usize] += 1;
+        }
+
         let cap = self.frame.capacity();
         for arg in 0..self.n_args {
             let outputs: Vec<(usize, AggKind)> = self
@@ -237,24 +263,30 @@ impl WindowOperator {
             let input = &args[arg];
             let raw = input.values();
             let nulls = input.nulls();
-            for i in 0..rows {
-                let x = match nulls {
-                    Some(n) if n.is_null(i) => f64::NAN,
-                    _ => raw[i],
-                };
-                let s = groups[i] as usize * self.n_args + arg;
-                let series = &mut self.series[s];
-                match self.frame {
-                    Frame::Rows { .. } => {
-                        let ring = &mut self.slab[s * cap..(s + 1) * cap];
-                        push_bounded(series, ring, x, extrema);
-                    }
-                    Frame::Unbounded => push_unbounded(series, x, extrema),
+            for g in 0..max_group {
+                let bucket = &order[starts[g] as usize..starts[g + 1] as usize];
+                if bucket.is_empty() {
+                    continue;
                 }
-                for &(o, kind) in &outputs {
-                    match evaluate(series, self.frame, kind) {
-                        Some(v) => values[o][i] = v,
-                        None => valid[o][i] = false,
+                let s = g * self.n_args + arg;
+                let series = &mut self.series[s];
+                let mut ext = if extrema { self.extremes.get_mut(s) } else { None };
+                let ring = &mut self.slab[s * cap..(s + 1) * cap];
+                for &i in bucket {
+                    let i = i as usize;
+                    let x = match nulls {
+                        Some(n) if n.is_null(i) => f64::NAN,
+                        _ => raw[i],
+                    };
+                    match self.frame {
+                        Frame::Rows { .. } => push_bounded(series, ring, x, ext.as_deref_mut()),
+                        Frame::Unbounded => push_unbounded(series, x, ext.as_deref_mut()),
+                    }
+                    for &(o, kind) in &outputs {
+                        match evaluate(series, ext.as_deref(), self.frame, kind) {
+                            Some(v) => values[o][i] = v,
+                            None => valid[o][i] = false,
+                        }
                     }
                 }
             }
@@ -281,22 +313,21 @@ impl WindowOperator {
     }
 }
 
-fn push_extrema(series: &mut Series, x: f64) {
+fn push_extrema(e: &mut Extrema, seq: u64, x: f64) {
     if x.is_nan() {
         return;
     }
-    let seq = series.seq;
-    while series.min.back().is_some_and(|&(_, v)| v >= x) {
-        series.min.pop_back();
+    while e.min.back().is_some_and(|&(_, v)| v >= x) {
+        e.min.pop_back();
     }
-    series.min.push_back((seq, x));
-    while series.max.back().is_some_and(|&(_, v)| v <= x) {
-        series.max.pop_back();
+    e.min.push_back((seq, x));
+    while e.max.back().is_some_and(|&(_, v)| v <= x) {
+        e.max.pop_back();
     }
-    series.max.push_back((seq, x));
+    e.max.push_back((seq, x));
 }
 
-fn push_bounded(series: &mut Series, ring: &mut [f64], x: f64, extrema: bool) {
+fn push_bounded(series: &mut Series, ring: &mut [f64], x: f64, extrema: Option<&mut Extrema>) {
     let cap = ring.len();
     if series.rows == cap {
         let old = ring[series.head];
@@ -333,15 +364,15 @@ fn push_bounded(series: &mut Series, ring: &mut [f64], x: f64, extrema: bool) {
         }
         series.n += 1;
     }
-    if extrema {
-        push_extrema(series, x);
+    if let Some(e) = extrema {
+        push_extrema(e, series.seq, x);
         // The frame holds sequence numbers (seq + 1 - rows ..= seq].
         let first = series.seq + 1 - series.rows as u64;
-        while series.min.front().is_some_and(|&(s, _)| s < first) {
-            series.min.pop_front();
+        while e.min.front().is_some_and(|&(s, _)| s < first) {
+            e.min.pop_front();
         }
-        while series.max.front().is_some_and(|&(s, _)| s < first) {
-            series.max.pop_front();
+        while e.max.front().is_some_and(|&(s, _)| s < first) {
+            e.max.pop_front();
         }
     }
     series.seq += 1;
@@ -374,7 +405,7 @@ fn recompute(series: &mut Series, ring: &[f64], latest: f64) {
     series.s2 = s2;
 }
 
-fn push_unbounded(series: &mut Series, x: f64, extrema: bool) {
+fn push_unbounded(series: &mut Series, x: f64, extrema: Option<&mut Extrema>) {
     series.rows = series.rows.saturating_add(1);
     if !x.is_nan() {
         series.n += 1;
@@ -382,15 +413,15 @@ fn push_unbounded(series: &mut Series, x: f64, extrema: bool) {
         series.shift += delta / series.n as f64;
         series.s2 += delta * (x - series.shift);
         series.s1 += x;
-        if extrema {
+        if let Some(e) = extrema {
             // Unbounded frames never evict: the deques hold just the extremes.
-            if series.min.front().is_none_or(|&(_, v)| x < v) {
-                series.min.clear();
-                series.min.push_back((series.seq, x));
+            if e.min.front().is_none_or(|&(_, v)| x < v) {
+                e.min.clear();
+                e.min.push_back((series.seq, x));
             }
-            if series.max.front().is_none_or(|&(_, v)| x > v) {
-                series.max.clear();
-                series.max.push_back((series.seq, x));
+            if e.max.front().is_none_or(|&(_, v)| x > v) {
+                e.max.clear();
+                e.max.push_back((series.seq, x));
             }
         }
     }
@@ -398,7 +429,7 @@ fn push_unbounded(series: &mut Series, x: f64, extrema: bool) {
 }
 
 /// The value of `kind` over the current frame of `series`; `None` is SQL NULL.
-fn evaluate(series: &Series, frame: Frame, kind: AggKind) -> Option<f64> {
+fn evaluate(series: &Series, extrema: Option<&Extrema>, frame: Frame, kind: AggKind) -> Option<f64> {
     let n = series.n;
     if kind == AggKind::Count {
         return Some(n as f64);
@@ -425,8 +456,8 @@ fn evaluate(series: &Series, frame: Frame, kind: AggKind) -> Option<f64> {
         AggKind::StddevPop => Some((m2 / nf).sqrt()),
         AggKind::VarSamp => (n >= 2).then(|| m2 / (nf - 1.0)),
         AggKind::StddevSamp => (n >= 2).then(|| (m2 / (nf - 1.0)).sqrt()),
-        AggKind::Min => series.min.front().map(|&(_, v)| v),
-        AggKind::Max => series.max.front().map(|&(_, v)| v),
+        AggKind::Min => extrema.and_then(|e| e.min.front()).map(|&(_, v)| v),
+        AggKind::Max => extrema.and_then(|e| e.max.front()).map(|&(_, v)| v),
     }
 }
 
