@@ -92,7 +92,9 @@ impl ColumnInterner {
                     }
                 }));
             }
-            DataType::Dictionary(key, _) if key.as_ref() == &DataType::Int32 && array.logical_null_count() == 0 => {
+            DataType::Dictionary(key, _)
+                if key.as_ref() == &DataType::Int32 && array.logical_null_count() == 0 =>
+            {
                 // Fast path (the samples view): intern each dictionary value once, then map
                 // the keys.
                 let dict = array.as_dictionary::<arrow::datatypes::Int32Type>();

@@ -151,8 +151,13 @@ pub struct WindowOperator {
     series: Vec<Series>,
     /// Parallel to `series` when any aggregate is MIN or MAX, else empty.
     extremes: Vec<Extrema>,
-    /// Ring buffers of all series, `capacity` values each, in series order.
+    /// Ring buffers of all series, slot-major: slot `k` of series `s` is at
+    /// `k * stride + s`. Series advance roughly in lockstep (one sample per tick), so the
+    /// values a tick writes and evicts are contiguous across series, which streams through
+    /// memory instead of missing the cache once per cell.
     slab: Vec<f64>,
+    /// Series capacity of the slab layout.
+    stride: usize,
 }
 
 impl WindowOperator {
@@ -183,6 +188,7 @@ impl WindowOperator {
             series: Vec::new(),
             extremes: Vec::new(),
             slab: Vec::new(),
+            stride: 0,
         })
     }
 
@@ -203,7 +209,18 @@ impl WindowOperator {
             if self.extrema.iter().any(|e| *e) {
                 self.extremes.resize_with(needed, Extrema::default);
             }
-            self.slab.resize(needed * self.frame.capacity(), f64::NAN);
+        }
+        let cap = self.frame.capacity();
+        if needed > self.stride && cap > 0 {
+            // Grow geometrically and re-lay the slots: amortised O(1) per new series.
+            let stride = needed.max(self.stride * 2).max(64);
+            let mut slab = vec![f64::NAN; cap * stride];
+            for k in 0..cap {
+                let old = &self.slab[k * self.stride..k * self.stride + self.stride];
+                slab[k * stride..k * stride + self.stride].copy_from_slice(old);
+            }
+            self.slab = slab;
+            self.stride = stride;
         }
     }
 
@@ -234,22 +251,6 @@ impl WindowOperator {
         let mut values: Vec<Vec<f64>> = self.aggregates.iter().map(|_| vec![0.0; rows]).collect();
         let mut valid: Vec<Vec<bool>> = self.aggregates.iter().map(|_| vec![true; rows]).collect();
 
-        // Bucket rows by group (a stable counting sort), so that each series' statistics and
-        // ring stay in cache while all of its rows in the batch are processed.
-        let mut starts = vec![0u32; max_group + 1];
-        for &g in groups {
-            starts[g as usize + 1] += 1;
-        }
-        for g in 1..=max_group {
-            starts[g] += starts[g - 1];
-        }
-        let mut order = vec![0u32; rows];
-        let mut fill = starts.clone();
-        for (i, &g) in groups.iter().enumerate() {
-            order[fill[g as usize] as usize] = i as u32;
-            fill[g as usize] += 1;
-        }
-
         let cap = self.frame.capacity();
         for arg in 0..self.n_args {
             let outputs: Vec<(usize, AggKind)> = self
@@ -263,30 +264,39 @@ impl WindowOperator {
             let input = &args[arg];
             let raw = input.values();
             let nulls = input.nulls();
-            for g in 0..max_group {
-                let bucket = &order[starts[g] as usize..starts[g + 1] as usize];
-                if bucket.is_empty() {
-                    continue;
-                }
-                let s = g * self.n_args + arg;
+            // Rows in input order: consecutive rows belong to different series, so the reads
+            // of the input and the writes of the outputs stay sequential. (Visiting rows series
+            // by series was measured slower: it turns those into strided accesses.)
+            for i in 0..rows {
+                let x = match nulls {
+                    Some(n) if n.is_null(i) => f64::NAN,
+                    _ => raw[i],
+                };
+                let s = groups[i] as usize * self.n_args + arg;
                 let series = &mut self.series[s];
-                let mut ext = if extrema { self.extremes.get_mut(s) } else { None };
-                let ring = &mut self.slab[s * cap..(s + 1) * cap];
-                for &i in bucket {
-                    let i = i as usize;
-                    let x = match nulls {
-                        Some(n) if n.is_null(i) => f64::NAN,
-                        _ => raw[i],
-                    };
-                    match self.frame {
-                        Frame::Rows { .. } => push_bounded(series, ring, x, ext.as_deref_mut()),
-                        Frame::Unbounded => push_unbounded(series, x, ext.as_deref_mut()),
-                    }
-                    for &(o, kind) in &outputs {
-                        match evaluate(series, ext.as_deref(), self.frame, kind) {
-                            Some(v) => values[o][i] = v,
-                            None => valid[o][i] = false,
-                        }
+                let mut ext = if extrema {
+                    self.extremes.get_mut(s)
+                } else {
+                    None
+                };
+                match self.frame {
+                    Frame::Rows { .. } => push_bounded(
+                        series,
+                        Ring {
+                            slab: &mut self.slab,
+                            stride: self.stride,
+                            series: s,
+                            cap,
+                        },
+                        x,
+                        ext.as_deref_mut(),
+                    ),
+                    Frame::Unbounded => push_unbounded(series, x, ext.as_deref_mut()),
+                }
+                for &(o, kind) in &outputs {
+                    match evaluate(series, ext.as_deref(), self.frame, kind) {
+                        Some(v) => values[o][i] = v,
+                        None => valid[o][i] = false,
                     }
                 }
             }
@@ -327,10 +337,27 @@ fn push_extrema(e: &mut Extrema, seq: u64, x: f64) {
     e.max.push_back((seq, x));
 }
 
-fn push_bounded(series: &mut Series, ring: &mut [f64], x: f64, extrema: Option<&mut Extrema>) {
-    let cap = ring.len();
+/// The ring of one series inside the slot-major slab.
+struct Ring<'a> {
+    slab: &'a mut [f64],
+    stride: usize,
+    series: usize,
+    cap: usize,
+}
+
+impl Ring<'_> {
+    fn get(&self, slot: usize) -> f64 {
+        self.slab[slot * self.stride + self.series]
+    }
+    fn set(&mut self, slot: usize, v: f64) {
+        self.slab[slot * self.stride + self.series] = v;
+    }
+}
+
+fn push_bounded(series: &mut Series, mut ring: Ring<'_>, x: f64, extrema: Option<&mut Extrema>) {
+    let cap = ring.cap;
     if series.rows == cap {
-        let old = ring[series.head];
+        let old = ring.get(series.head);
         if !old.is_nan() {
             series.n -= 1;
             if series.n == 0 {
@@ -345,7 +372,7 @@ fn push_bounded(series: &mut Series, ring: &mut [f64], x: f64, extrema: Option<&
         series.rows -= 1;
         series.evictions += 1;
     }
-    ring[series.head] = x;
+    ring.set(series.head, x);
     series.head = if series.head + 1 == cap {
         0
     } else {
@@ -377,12 +404,12 @@ fn push_bounded(series: &mut Series, ring: &mut [f64], x: f64, extrema: Option<&
     }
     series.seq += 1;
     if series.evictions >= cap {
-        recompute(series, ring, x);
+        recompute(series, &ring, x);
     }
 }
 
 /// Exact recomputation of the shifted sums from the ring, re-centred on `latest` when present.
-fn recompute(series: &mut Series, ring: &[f64], latest: f64) {
+fn recompute(series: &mut Series, ring: &Ring<'_>, latest: f64) {
     series.evictions = 0;
     if series.n == 0 {
         return;
@@ -393,7 +420,8 @@ fn recompute(series: &mut Series, ring: &[f64], latest: f64) {
         latest
     };
     let (mut s1, mut s2) = (0.0, 0.0);
-    for &v in ring.iter() {
+    for slot in 0..ring.cap {
+        let v = ring.get(slot);
         if !v.is_nan() {
             let d = v - shift;
             s1 += d;
@@ -429,7 +457,12 @@ fn push_unbounded(series: &mut Series, x: f64, extrema: Option<&mut Extrema>) {
 }
 
 /// The value of `kind` over the current frame of `series`; `None` is SQL NULL.
-fn evaluate(series: &Series, extrema: Option<&Extrema>, frame: Frame, kind: AggKind) -> Option<f64> {
+fn evaluate(
+    series: &Series,
+    extrema: Option<&Extrema>,
+    frame: Frame,
+    kind: AggKind,
+) -> Option<f64> {
     let n = series.n;
     if kind == AggKind::Count {
         return Some(n as f64);
