@@ -99,7 +99,7 @@ impl IsolationForest {
     /// Trains on `rows` rows of `features` features, row-major in `data`. NaN values are not
     /// allowed (impute or drop them first).
     pub fn fit(data: &[f64], features: usize, config: &ForestConfig) -> Result<Self> {
-        if features == 0 || data.is_empty() || data.len() % features != 0 {
+        if features == 0 || data.is_empty() || !data.len().is_multiple_of(features) {
             return Err(OperatorError::InvalidInput(format!(
                 "training data of {} values is not a non-empty multiple of {features} features",
                 data.len()
