@@ -7,6 +7,21 @@
 //! between calls, so feeding a stream in one batch or in batches of any size gives identical
 //! output.
 //!
+//! ```
+//! use arrow::array::{Array, Float64Array};
+//! use healer_operators::window::{AggKind, Aggregate, Frame, WindowOperator};
+//!
+//! // AVG over the last 2 rows (1 PRECEDING and the current one) of two interleaved series.
+//! let avg = Aggregate { kind: AggKind::Avg, arg: 0 };
+//! let mut op = WindowOperator::try_new(Frame::Rows { preceding: 1 }, 1, vec![avg]).unwrap();
+//! let out = op.process(&[0, 1, 0], &[Float64Array::from(vec![1.0, 10.0, 3.0])]).unwrap();
+//! let out = out[0].as_any().downcast_ref::<Float64Array>().unwrap();
+//! assert_eq!(out.values().to_vec(), vec![1.0, 10.0, 2.0]);
+//! // State is kept: the next batch continues both series.
+//! let out = op.process(&[1], &[Float64Array::from(vec![20.0])]).unwrap();
+//! assert_eq!(out[0].as_any().downcast_ref::<Float64Array>().unwrap().value(0), 15.0);
+//! ```
+//!
 //! # Frames
 //! `ROWS BETWEEN n PRECEDING AND CURRENT ROW` (the last `n + 1` rows of the series, the
 //! current one included) and `ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW`.
