@@ -425,15 +425,6 @@ fn send_blocking<T>(tx: &mpsc::Sender<T>, msg: T, stage: &'static str) -> Result
     tx.blocking_send(msg).map_err(|_| JobError::Closed(stage))
 }
 
-/// FNV-1a of a key, for routing: stable across runs and platforms.
-fn route_hash(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
 fn partition(batch: &RecordBatch, key: usize, parts: usize) -> Result<Vec<RecordBatch>, JobError> {
     let column = arrow::compute::cast(batch.column(key), &arrow::datatypes::DataType::Utf8)?;
     let keys = column.as_string::<i32>();
@@ -442,7 +433,7 @@ fn partition(batch: &RecordBatch, key: usize, parts: usize) -> Result<Vec<Record
         let h = if keys.is_null(i) {
             0
         } else {
-            route_hash(keys.value(i).as_bytes())
+            healer_operators::id::fnv1a64(keys.value(i).as_bytes())
         };
         indices[(h % parts as u64) as usize].push(i as u32);
     }

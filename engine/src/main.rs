@@ -1,6 +1,6 @@
 //! The `healer` command line.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -414,10 +414,8 @@ fn validate(args: ValidateArgs) -> Result<ExitCode> {
         let is_toml = path.extension().is_some_and(|e| e == "toml");
         let config = if is_toml {
             match PipelineConfig::load(path) {
-                Ok(c) => {
-                    // Rule paths in a config are relative to the working directory.
-                    c
-                }
+                // Rule paths in a config are relative to the working directory.
+                Ok(c) => c,
                 Err(p) => {
                     problems.extend(p.iter().map(|p| p.to_string()));
                     continue;
@@ -431,7 +429,7 @@ fn validate(args: ValidateArgs) -> Result<ExitCode> {
         if let Err(e) = compile_rules(&config, canonical_metrics_schema()) {
             match e {
                 JobError::Rules(errors) => problems.extend(errors.0.iter().map(|e| e.to_string())),
-                other => problems.push(format!("{}: {other}", display(path))),
+                other => problems.push(format!("{}: {other}", path.display())),
             }
         }
     }
@@ -445,8 +443,4 @@ fn validate(args: ValidateArgs) -> Result<ExitCode> {
         eprintln!("{} problem(s)", problems.len());
         Ok(ExitCode::FAILURE)
     }
-}
-
-fn display(p: &Path) -> String {
-    p.display().to_string()
 }

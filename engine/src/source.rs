@@ -195,6 +195,21 @@ pub fn normalized_schema(file: &Schema) -> Result<SchemaRef, String> {
     Ok(Arc::new(Schema::new(fields)))
 }
 
+/// An event-time column (any timestamp, or epoch milliseconds as Int64) as
+/// `Timestamp(ms, UTC)`.
+fn ts_to_ms(array: &ArrayRef) -> Result<ArrayRef, arrow::error::ArrowError> {
+    match array.data_type() {
+        DataType::Int64 => cast(
+            &cast(
+                array,
+                &DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, None),
+            )?,
+            &ts_type(),
+        ),
+        _ => cast(array, &ts_type()),
+    }
+}
+
 /// Casts and reorders `batch` to `target`; missing columns become NULLs.
 pub fn conform(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch, String> {
     let columns = target
@@ -205,13 +220,8 @@ pub fn conform(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch, S
                 let c = batch.column(i);
                 if c.data_type() == f.data_type() {
                     Ok(Arc::clone(c))
-                } else if f.name() == TS && c.data_type() == &DataType::Int64 {
-                    cast(
-                        c,
-                        &DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, None),
-                    )
-                    .and_then(|c| cast(&c, f.data_type()))
-                    .map_err(|e| e.to_string())
+                } else if f.name() == TS {
+                    ts_to_ms(c).map_err(|e| format!("column `{TS}` ({}): {e}", c.data_type()))
                 } else {
                     cast(c, f.data_type())
                         .map_err(|e| format!("column `{}` ({}): {e}", f.name(), c.data_type()))
@@ -381,16 +391,7 @@ impl ParquetSource {
                         .and_then(|c| c.row_group_mins(metadata.row_groups().iter()))
                         .ok()
                         .and_then(|mins| {
-                            let mins = cast(&mins, &DataType::Int64).ok()?;
-                            let mins = cast(
-                                &cast(
-                                    &mins,
-                                    &file_schema.field_with_name(TS).ok()?.data_type().clone(),
-                                )
-                                .ok()?,
-                                &ts_type(),
-                            )
-                            .ok()?;
+                            let mins = ts_to_ms(&mins).ok()?;
                             let mins = mins.as_primitive::<TimestampMillisecondType>();
                             (0..mins.len())
                                 .filter(|&i| mins.is_valid(i))

@@ -10,6 +10,14 @@ const OFFSET_A: u64 = 0xcbf2_9ce4_8422_2325;
 /// A second, unrelated offset basis so the two halves are independent.
 const OFFSET_B: u64 = 0x6c62_272e_07bb_0142;
 
+/// 64-bit FNV-1a of `bytes`: stable across runs, platforms and releases (used to route keys
+/// to workers).
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(OFFSET_A, |h, &b| (h ^ u64::from(b)).wrapping_mul(FNV_PRIME))
+}
+
 /// Incremental builder of a deterministic 128-bit id.
 #[derive(Debug, Clone)]
 pub struct StableHasher {

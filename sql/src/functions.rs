@@ -28,48 +28,55 @@ fn unary_f64(
     })
 }
 
-/// `zscore_severity(z)`.
-pub fn zscore_severity_udf() -> ScalarUDF {
+/// A scalar UDF applying `f` to each value of one `DOUBLE` argument (NULL reads as NaN).
+fn map_f64_udf<A>(name: &str, returns: DataType, f: fn(f64) -> Option<A::Native>) -> ScalarUDF
+where
+    A: arrow::array::Array + FromIterator<Option<A::Native>> + 'static,
+    A: NativeItem,
+{
     create_udf(
-        "zscore_severity",
+        name,
         vec![DataType::Float64],
-        DataType::Utf8,
+        returns,
         Volatility::Immutable,
-        Arc::new(|args: &[ColumnarValue]| {
+        Arc::new(move |args: &[ColumnarValue]| {
             unary_f64(args, |z| {
                 Arc::new(
                     (0..z.len())
-                        .map(|i| {
-                            let v = if z.is_null(i) { f64::NAN } else { z.value(i) };
-                            Some(Severity::from_zscore(v).as_str())
-                        })
-                        .collect::<StringArray>(),
-                )
+                        .map(|i| f(if z.is_null(i) { f64::NAN } else { z.value(i) }))
+                        .collect::<A>(),
+                ) as ArrayRef
             })
         }),
     )
 }
 
+/// The item type an output array is collected from.
+trait NativeItem {
+    /// The collected item.
+    type Native;
+}
+
+impl NativeItem for StringArray {
+    type Native = &'static str;
+}
+
+impl NativeItem for Float64Array {
+    type Native = f64;
+}
+
+/// `zscore_severity(z)`.
+pub fn zscore_severity_udf() -> ScalarUDF {
+    map_f64_udf::<StringArray>("zscore_severity", DataType::Utf8, |z| {
+        Some(Severity::from_zscore(z).as_str())
+    })
+}
+
 /// `zscore_confidence(z)`.
 pub fn zscore_confidence_udf() -> ScalarUDF {
-    create_udf(
-        "zscore_confidence",
-        vec![DataType::Float64],
-        DataType::Float64,
-        Volatility::Immutable,
-        Arc::new(|args: &[ColumnarValue]| {
-            unary_f64(args, |z| {
-                Arc::new(
-                    (0..z.len())
-                        .map(|i| {
-                            let v = if z.is_null(i) { f64::NAN } else { z.value(i) };
-                            Some(zscore_confidence(v))
-                        })
-                        .collect::<Float64Array>(),
-                )
-            })
-        }),
-    )
+    map_f64_udf::<Float64Array>("zscore_confidence", DataType::Float64, |z| {
+        Some(zscore_confidence(z))
+    })
 }
 
 /// Registers every healer function on `ctx`.

@@ -63,8 +63,6 @@ pub struct CompiledRule {
     /// How the rule's output becomes anomaly rows (`None` when compiled without the output
     /// contract, see [`RuleCompiler::without_output_contract`]).
     pub output: Option<OutputMapping>,
-    /// The SQL text of the query.
-    pub sql: String,
 }
 
 impl CompiledRule {
@@ -122,11 +120,6 @@ impl RuleInstance {
                 rule: self.rule.name.clone(),
                 source,
             })
-    }
-
-    /// Keyed series holding state across all stages.
-    pub fn state_series(&self) -> usize {
-        self.stages.iter().map(Stage::state_series).sum()
     }
 }
 
@@ -317,7 +310,6 @@ impl RuleCompiler {
                 ));
                 continue;
             }
-            let sql = view.query.to_string();
             match self.compile_query(view.query) {
                 Ok(lowered) => rules.push(Arc::new(CompiledRule {
                     name,
@@ -328,7 +320,6 @@ impl RuleCompiler {
                     partition_keys: lowered.partition_keys,
                     stages: lowered.stages,
                     output: lowered.output,
-                    sql,
                 })),
                 Err(e) => {
                     let (l, c) = e.location.unwrap_or((line, column));

@@ -199,9 +199,4 @@ impl Stage {
             }
         }
     }
-
-    /// Number of keyed series this stage holds state for.
-    pub fn state_series(&self) -> usize {
-        self.windows.iter().map(|(_, op)| op.series_count()).sum()
-    }
 }
