@@ -596,25 +596,39 @@ fn run_worker(
                 if let Some(t) = tags.as_mut() {
                     t.observe(&batch);
                 }
-                let samples = unpivot
-                    .as_ref()
-                    .map(|u| u.apply(&batch))
-                    .transpose()
-                    .map_err(|e| JobError::Config(e.to_string()))?;
+                // The samples view in the form each rule can take, built at most once:
+                // one batch per metric (no copy) for rules that never mix metrics, the
+                // row-major view for the others.
+                let mut row_major: Option<RecordBatch> = None;
+                let mut per_metric: Option<Vec<RecordBatch>> = None;
                 for rule in &mut rules {
-                    let input = match rule.rule().table {
-                        StreamTable::Metrics => batch.clone(),
-                        StreamTable::Samples => samples
-                            .clone()
-                            .expect("samples view built when a rule reads it"),
+                    let inputs = match (rule.rule().table, unpivot.as_ref()) {
+                        (StreamTable::Metrics, _) => vec![batch.clone()],
+                        (StreamTable::Samples, Some(u)) if rule.rule().metric_separable => {
+                            if per_metric.is_none() {
+                                per_metric = Some(u.per_metric(&batch).map_err(view_error)?);
+                            }
+                            per_metric.clone().unwrap_or_default()
+                        }
+                        (StreamTable::Samples, Some(u)) => {
+                            if row_major.is_none() {
+                                row_major = Some(u.apply(&batch).map_err(view_error)?);
+                            }
+                            row_major.iter().cloned().collect()
+                        }
+                        (StreamTable::Samples, None) => {
+                            unreachable!("samples view built when a rule reads it")
+                        }
                     };
-                    let out = rule.anomalies(input)?;
-                    if out.num_rows() > 0 {
-                        metrics.add_anomalies(out.num_rows() as u64);
-                        pending.push(match &tags {
-                            Some(t) => t.fill(out)?,
-                            None => out,
-                        });
+                    for input in inputs {
+                        let out = rule.anomalies(input)?;
+                        if out.num_rows() > 0 {
+                            metrics.add_anomalies(out.num_rows() as u64);
+                            pending.push(match &tags {
+                                Some(t) => t.fill(out)?,
+                                None => out,
+                            });
+                        }
                     }
                 }
             }
@@ -631,6 +645,10 @@ fn run_worker(
         }
     }
     Err(JobError::Closed("router"))
+}
+
+fn view_error(e: healer_operators::OperatorError) -> JobError {
+    JobError::Config(e.to_string())
 }
 
 /// Sorts anomaly rows by (ts, resource, metric, rule).

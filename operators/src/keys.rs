@@ -7,6 +7,8 @@
 //! Dictionary-encoded columns are interned once per distinct dictionary value, not once per
 //! row, which makes the long `samples` view (see [`crate::unpivot`]) cheap to key.
 
+use std::sync::Arc;
+
 use arrow::array::{Array, ArrayRef, AsArray};
 use arrow::compute::cast;
 use arrow::datatypes::DataType;
@@ -21,6 +23,10 @@ struct ColumnInterner {
     ints: HashMap<i64, u32>,
     null: Option<u32>,
     next: u32,
+    /// The ids of the last dictionary's values. Batches cut from one wide batch share their
+    /// dictionaries, so they are interned once; holding the array keeps its address from
+    /// being reused by another one.
+    last_dictionary: Option<(ArrayRef, Vec<u32>)>,
 }
 
 impl ColumnInterner {
@@ -98,9 +104,21 @@ impl ColumnInterner {
                 // Fast path (the samples view): intern each dictionary value once, then map
                 // the keys.
                 let dict = array.as_dictionary::<arrow::datatypes::Int32Type>();
-                let mut value_ids = Vec::with_capacity(dict.values().len());
-                self.intern(dict.values().as_ref(), &mut value_ids)?;
+                let values = dict.values();
+                let cached = self
+                    .last_dictionary
+                    .take()
+                    .filter(|(v, _)| Arc::ptr_eq(v, values));
+                let value_ids = match cached {
+                    Some((_, ids)) => ids,
+                    None => {
+                        let mut ids = Vec::with_capacity(values.len());
+                        self.intern(values.as_ref(), &mut ids)?;
+                        ids
+                    }
+                };
                 out.extend(dict.keys().values().iter().map(|&k| value_ids[k as usize]));
+                self.last_dictionary = Some((Arc::clone(values), value_ids));
             }
             DataType::Dictionary(_, _) => {
                 let dict = array.as_any_dictionary();

@@ -173,6 +173,54 @@ impl Unpivot {
     }
 }
 
+impl Unpivot {
+    /// The long view of `wide` as one batch per metric column, in column order: batch `m`
+    /// holds metric `m` of every wide row, in row order.
+    ///
+    /// Together the batches hold exactly the rows of [`Unpivot::apply`], and the rows of any
+    /// one metric keep their order, so a computation that never mixes metrics (every window
+    /// partitioned by `metric`) gives the same rows from either. This form copies no values:
+    /// `ts`, the key dictionaries and, for `Float64` metrics, `value` share the wide batch's
+    /// buffers.
+    pub fn per_metric(&self, wide: &RecordBatch) -> Result<Vec<RecordBatch>> {
+        let n = wide.num_rows();
+        if n >= i32::MAX as usize {
+            return Err(OperatorError::InvalidInput(format!(
+                "batch of {n} rows is too large"
+            )));
+        }
+        let rows = Int32Array::from_iter_values(0..n as i32);
+        let mut shared: Vec<ArrayRef> = Vec::with_capacity(self.keys.len() + 1);
+        shared.push(Arc::clone(wide.column(self.ts)));
+        for &k in &self.keys {
+            let values = match wide.column(k).data_type() {
+                DataType::Utf8 => Arc::clone(wide.column(k)),
+                _ => cast(wide.column(k), &DataType::Utf8)?,
+            };
+            shared.push(Arc::new(DictionaryArray::<Int32Type>::try_new(
+                rows.clone(),
+                values,
+            )?));
+        }
+        self.metrics
+            .iter()
+            .enumerate()
+            .map(|(m, &c)| {
+                let mut columns = shared.clone();
+                columns.push(Arc::new(DictionaryArray::<Int32Type>::try_new(
+                    Int32Array::from(vec![m as i32; n]),
+                    Arc::clone(&self.metric_names),
+                )?));
+                columns.push(match wide.column(c).data_type() {
+                    DataType::Float64 => Arc::clone(wide.column(c)),
+                    _ => cast(wide.column(c), &DataType::Float64)?,
+                });
+                Ok(RecordBatch::try_new(self.schema(), columns)?)
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +259,45 @@ mod tests {
 +----------------------+----------+--------+-------+";
         assert_eq!(text, expected);
         assert_eq!(u.metric_names(), vec!["cpu", "conns"]);
+    }
+
+    #[test]
+    fn per_metric_batches_hold_the_same_rows() {
+        let wide = Schema::new(vec![
+            Field::new(TS, crate::schema::ts_type(), false),
+            Field::new(RESOURCE, DataType::Utf8, false),
+            Field::new("service", DataType::Utf8, true),
+            Field::new("cpu", DataType::Float64, true),
+            Field::new("conns", DataType::Int64, true),
+        ]);
+        let batch = RecordBatch::try_new(
+            Arc::new(wide.clone()),
+            vec![
+                Arc::new(TimestampMillisecondArray::from(vec![0, 1000, 2000]).with_timezone("UTC")),
+                Arc::new(StringArray::from(vec!["a", "b", "a"])),
+                Arc::new(StringArray::from(vec![Some("web"), None, Some("web")])),
+                Arc::new(Float64Array::from(vec![Some(1.5), None, Some(2.5)])),
+                Arc::new(arrow::array::Int64Array::from(vec![3, 4, 5])),
+            ],
+        )
+        .unwrap();
+        let u = Unpivot::try_new(&wide).unwrap();
+        let parts = u.per_metric(&batch).unwrap();
+        assert_eq!(parts.len(), 2);
+        assert!(parts.iter().all(|p| p.schema() == u.schema()));
+        // Row-major order of `apply` is metric-major order of `per_metric`, transposed.
+        let long = u.apply(&batch).unwrap();
+        let stacked = arrow::compute::concat_batches(&u.schema(), &parts).unwrap();
+        let order: Vec<u32> = (0..2)
+            .flat_map(|m| (0..3).map(move |r| r * 2 + m))
+            .collect();
+        let transposed =
+            arrow::compute::take_record_batch(&long, &arrow::array::UInt32Array::from(order))
+                .unwrap();
+        assert_eq!(
+            pretty_format_batches(&[stacked]).unwrap().to_string(),
+            pretty_format_batches(&[transposed]).unwrap().to_string()
+        );
     }
 
     #[test]

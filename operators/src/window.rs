@@ -39,9 +39,11 @@
 //! `STDDEV_SAMP` are NULL with fewer than two values. Variances never go negative.
 //!
 //! # Numerical stability
-//! Bounded frames keep sums of deviations from a shift (a recent value of the series), and
-//! recompute them exactly from the ring every `n + 1` evictions, so rounding error cannot
-//! accumulate over an unbounded stream. Unbounded frames use Welford's update.
+//! Bounded frames keep sums of deviations from a shift (a recent value of the series). They
+//! are recomputed exactly from the ring, re-centred on the latest value, as soon as the shift
+//! is far enough from the frame's mean to cost more than ~2.4 significant digits (a level
+//! shift), and at least every 16 frame lengths, so rounding error cannot accumulate over an
+//! unbounded stream. Unbounded frames use Welford's update.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -173,6 +175,8 @@ pub struct WindowOperator {
     slab: Vec<f64>,
     /// Series capacity of the slab layout.
     stride: usize,
+    /// Scratch reused by every call.
+    snapshot: Snapshot,
 }
 
 impl WindowOperator {
@@ -204,6 +208,7 @@ impl WindowOperator {
             extremes: Vec::new(),
             slab: Vec::new(),
             stride: 0,
+            snapshot: Snapshot::default(),
         })
     }
 
@@ -263,25 +268,23 @@ impl WindowOperator {
         let max_group = groups.iter().copied().max().map_or(0, |g| g as usize + 1);
         self.ensure_groups(max_group);
 
-        let mut values: Vec<Vec<f64>> = self.aggregates.iter().map(|_| vec![0.0; rows]).collect();
-        let mut valid: Vec<Vec<bool>> = self.aggregates.iter().map(|_| vec![true; rows]).collect();
-
+        self.snapshot.resize(rows);
+        let mut outputs: Vec<ArrayRef> = Vec::with_capacity(self.aggregates.len());
+        let mut out_of: Vec<Option<ArrayRef>> = vec![None; self.aggregates.len()];
         let cap = self.frame.capacity();
         for arg in 0..self.n_args {
-            let outputs: Vec<(usize, AggKind)> = self
-                .aggregates
-                .iter()
-                .enumerate()
-                .filter(|(_, a)| a.arg == arg)
-                .map(|(i, a)| (i, a.kind))
-                .collect();
+            if !self.aggregates.iter().any(|a| a.arg == arg) {
+                continue;
+            }
             let extrema = self.extrema[arg];
             let input = &args[arg];
             let raw = input.values();
             let nulls = input.nulls();
-            // Rows in input order: consecutive rows belong to different series, so the reads
-            // of the input and the writes of the outputs stay sequential. (Visiting rows series
-            // by series was measured slower: it turns those into strided accesses.)
+            let snap = &mut self.snapshot;
+            // Pass 1, the only one that touches series state: push every row in input order
+            // (consecutive rows belong to different series, so reads of the input and writes
+            // of the snapshot stay sequential; visiting rows series by series was measured
+            // slower) and record the series' sums after it.
             for i in 0..rows {
                 let x = match nulls {
                     Some(n) if n.is_null(i) => f64::NAN,
@@ -308,34 +311,100 @@ impl WindowOperator {
                     ),
                     Frame::Unbounded => push_unbounded(series, x, ext.as_deref_mut()),
                 }
-                for &(o, kind) in &outputs {
-                    match evaluate(series, ext.as_deref(), self.frame, kind) {
-                        Some(v) => values[o][i] = v,
-                        None => valid[o][i] = false,
-                    }
+                snap.n[i] = series.n as f64;
+                snap.shift[i] = series.shift;
+                snap.s1[i] = series.s1;
+                snap.s2[i] = series.s2;
+                if let Some(e) = ext {
+                    snap.min[i] = e.min.front().map_or(f64::NAN, |&(_, v)| v);
+                    snap.max[i] = e.max.front().map_or(f64::NAN, |&(_, v)| v);
+                }
+            }
+            // Pass 2: each aggregate from the snapshot, one tight loop per aggregate over
+            // plain slices (no state, no branches on the frame), which the compiler
+            // vectorises.
+            for (o, agg) in self.aggregates.iter().enumerate() {
+                if agg.arg == arg {
+                    out_of[o] = Some(finish(snap, rows, self.frame, agg.kind));
                 }
             }
         }
-
-        Ok(self
-            .aggregates
-            .iter()
-            .zip(values.into_iter().zip(valid))
-            .map(|(agg, (values, valid))| {
-                let nulls = if valid.iter().all(|v| *v) {
-                    None
-                } else {
-                    Some(NullBuffer::new(BooleanBuffer::from(valid)))
-                };
-                if agg.kind == AggKind::Count {
-                    let counts: Vec<i64> = values.into_iter().map(|v| v as i64).collect();
-                    Arc::new(Int64Array::new(counts.into(), None)) as ArrayRef
-                } else {
-                    Arc::new(Float64Array::new(values.into(), nulls)) as ArrayRef
-                }
-            })
-            .collect())
+        for o in out_of {
+            outputs.push(o.expect("every aggregate has an argument"));
+        }
+        Ok(outputs)
     }
+}
+
+/// Per-row copies of a series' running sums, taken right after the row was pushed.
+#[derive(Debug, Default)]
+struct Snapshot {
+    n: Vec<f64>,
+    shift: Vec<f64>,
+    s1: Vec<f64>,
+    s2: Vec<f64>,
+    min: Vec<f64>,
+    max: Vec<f64>,
+}
+
+impl Snapshot {
+    fn resize(&mut self, rows: usize) {
+        for v in [
+            &mut self.n,
+            &mut self.shift,
+            &mut self.s1,
+            &mut self.s2,
+            &mut self.min,
+            &mut self.max,
+        ] {
+            if v.len() < rows {
+                v.resize(rows, 0.0);
+            }
+        }
+    }
+}
+
+/// The values of `kind` for the first `rows` snapshot rows; NULL where SQL says so.
+fn finish(snap: &Snapshot, rows: usize, frame: Frame, kind: AggKind) -> ArrayRef {
+    let n = &snap.n[..rows];
+    let (shift, s1, s2) = (&snap.shift[..rows], &snap.s1[..rows], &snap.s2[..rows]);
+    let bounded = matches!(frame, Frame::Rows { .. });
+    // Σ(x − mean)² from the shifted sums (bounded) or Welford's M2 (unbounded).
+    let m2 = |i: usize| {
+        if bounded {
+            (s2[i] - s1[i] * s1[i] / n[i]).max(0.0)
+        } else {
+            s2[i].max(0.0)
+        }
+    };
+    let values: Vec<f64> = match kind {
+        AggKind::Count => {
+            let counts: Vec<i64> = n.iter().map(|&c| c as i64).collect();
+            return Arc::new(Int64Array::new(counts.into(), None));
+        }
+        AggKind::Sum if bounded => (0..rows).map(|i| s1[i] + n[i] * shift[i]).collect(),
+        AggKind::Sum => s1.to_vec(),
+        AggKind::Avg if bounded => (0..rows).map(|i| shift[i] + s1[i] / n[i]).collect(),
+        AggKind::Avg => shift.to_vec(),
+        AggKind::VarPop => (0..rows).map(|i| m2(i) / n[i]).collect(),
+        AggKind::StddevPop => (0..rows).map(|i| (m2(i) / n[i]).sqrt()).collect(),
+        AggKind::VarSamp => (0..rows).map(|i| m2(i) / (n[i] - 1.0)).collect(),
+        AggKind::StddevSamp => (0..rows).map(|i| (m2(i) / (n[i] - 1.0)).sqrt()).collect(),
+        AggKind::Min => snap.min[..rows].to_vec(),
+        AggKind::Max => snap.max[..rows].to_vec(),
+    };
+    let least = match kind {
+        AggKind::VarSamp | AggKind::StddevSamp => 2.0,
+        _ => 1.0,
+    };
+    let nulls = if n.iter().all(|&c| c >= least) {
+        None
+    } else {
+        Some(NullBuffer::new(BooleanBuffer::from_iter(
+            n.iter().map(|&c| c >= least),
+        )))
+    };
+    Arc::new(Float64Array::new(values.into(), nulls))
 }
 
 fn push_extrema(e: &mut Extrema, seq: u64, x: f64) {
@@ -418,9 +487,20 @@ fn push_bounded(series: &mut Series, mut ring: Ring<'_>, x: f64, extrema: Option
         }
     }
     series.seq += 1;
-    if series.evictions >= cap {
+    if series.evictions > 0 && (series.evictions >= REFRESH_FRAMES * cap || cancels(series)) {
         recompute(series, &ring, x);
     }
+}
+
+/// Bounded frames recompute their sums exactly at least once per this many frame lengths.
+const REFRESH_FRAMES: usize = 16;
+
+/// Whether the shift has moved so far from the frame's mean (a level shift) that
+/// `Σd² − (Σd)²/n` cancels more than `log10(256)` ≈ 2.4 of the 16 significant digits.
+fn cancels(series: &Series) -> bool {
+    let n = series.n as f64;
+    let (s1, s2) = (series.s1, series.s2);
+    s2 * n > 256.0 * (s2 * n - s1 * s1)
 }
 
 /// Exact recomputation of the shifted sums from the ring, re-centred on `latest` when present.
@@ -469,44 +549,6 @@ fn push_unbounded(series: &mut Series, x: f64, extrema: Option<&mut Extrema>) {
         }
     }
     series.seq += 1;
-}
-
-/// The value of `kind` over the current frame of `series`; `None` is SQL NULL.
-fn evaluate(
-    series: &Series,
-    extrema: Option<&Extrema>,
-    frame: Frame,
-    kind: AggKind,
-) -> Option<f64> {
-    let n = series.n;
-    if kind == AggKind::Count {
-        return Some(n as f64);
-    }
-    if n == 0 {
-        return None;
-    }
-    let nf = n as f64;
-    let (mean, m2) = match frame {
-        Frame::Rows { .. } => {
-            let m2 = (series.s2 - series.s1 * series.s1 / nf).max(0.0);
-            (series.shift + series.s1 / nf, m2)
-        }
-        Frame::Unbounded => (series.shift, series.s2.max(0.0)),
-    };
-    match kind {
-        AggKind::Count => unreachable!("handled above"),
-        AggKind::Sum => Some(match frame {
-            Frame::Rows { .. } => series.s1 + nf * series.shift,
-            Frame::Unbounded => series.s1,
-        }),
-        AggKind::Avg => Some(mean),
-        AggKind::VarPop => Some(m2 / nf),
-        AggKind::StddevPop => Some((m2 / nf).sqrt()),
-        AggKind::VarSamp => (n >= 2).then(|| m2 / (nf - 1.0)),
-        AggKind::StddevSamp => (n >= 2).then(|| (m2 / (nf - 1.0)).sqrt()),
-        AggKind::Min => extrema.and_then(|e| e.min.front()).map(|&(_, v)| v),
-        AggKind::Max => extrema.and_then(|e| e.max.front()).map(|&(_, v)| v),
-    }
 }
 
 #[cfg(test)]

@@ -60,6 +60,11 @@ pub struct CompiledRule {
     pub partition_keys: Vec<Vec<String>>,
     /// The pipeline, bottom-up.
     pub stages: Vec<Arc<StageTemplate>>,
+    /// Whether the rule gives the same rows when fed the `samples` view one metric at a
+    /// time: it reads `samples` and every window partitions by the view's own `metric`
+    /// column, so rows of different metrics never meet in a window. The engine then hands it
+    /// one batch per metric column, which needs no copy of the values.
+    pub metric_separable: bool,
     /// How the rule's output becomes anomaly rows (`None` when compiled without the output
     /// contract, see [`RuleCompiler::without_output_contract`]).
     pub output: Option<OutputMapping>,
@@ -319,6 +324,7 @@ impl RuleCompiler {
                     columns: lowered.columns,
                     partition_keys: lowered.partition_keys,
                     stages: lowered.stages,
+                    metric_separable: lowered.metric_separable,
                     output: lowered.output,
                 })),
                 Err(e) => {
@@ -359,6 +365,8 @@ impl RuleCompiler {
             columns: Vec::new(),
             partition_keys: Vec::new(),
             stages: Vec::new(),
+            metric_intact: true,
+            split_by_metric: true,
         };
         lowering.lower(&plan)?;
         let table = lowering.table.ok_or_else(|| {
@@ -376,6 +384,7 @@ impl RuleCompiler {
             table,
             columns,
             partition_keys: lowering.partition_keys,
+            metric_separable: table == StreamTable::Samples && lowering.split_by_metric,
             stages: lowering.stages.into_iter().map(Arc::new).collect(),
             output,
         })
@@ -386,6 +395,7 @@ struct Lowered {
     table: StreamTable,
     columns: Vec<String>,
     partition_keys: Vec<Vec<String>>,
+    metric_separable: bool,
     stages: Vec<Arc<StageTemplate>>,
     output: Option<OutputMapping>,
 }
@@ -441,6 +451,19 @@ struct Lowering<'a> {
     columns: Vec<String>,
     partition_keys: Vec<Vec<String>>,
     stages: Vec<StageTemplate>,
+    /// No projection so far has redefined `metric` as anything but itself.
+    metric_intact: bool,
+    /// Every window so far partitions by the intact `metric` column.
+    split_by_metric: bool,
+}
+
+/// Whether `expr` is the `metric` column itself (possibly aliased to its own name).
+fn is_metric_column(expr: &Expr) -> bool {
+    match expr {
+        Expr::Column(c) => c.name == healer_operators::unpivot::METRIC,
+        Expr::Alias(a) => is_metric_column(&a.expr),
+        _ => false,
+    }
 }
 
 impl Lowering<'_> {
@@ -504,6 +527,11 @@ impl Lowering<'_> {
             LogicalPlan::SubqueryAlias(alias) => self.lower(&alias.input),
             LogicalPlan::Projection(p) => {
                 self.lower(&p.input)?;
+                for (e, field) in p.expr.iter().zip(p.schema.fields()) {
+                    if field.name() == healer_operators::unpivot::METRIC && !is_metric_column(e) {
+                        self.metric_intact = false;
+                    }
+                }
                 let exprs = p
                     .expr
                     .iter()
@@ -647,6 +675,10 @@ impl Lowering<'_> {
                 }
             };
             self.note_columns(&arg);
+            self.split_by_metric &= self.metric_intact
+                && p.partition_by.iter().any(
+                    |e| matches!(e, Expr::Column(c) if c.name == healer_operators::unpivot::METRIC),
+                );
             let mut key_names = Vec::new();
             for e in &p.partition_by {
                 self.note_columns(e);

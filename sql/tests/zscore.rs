@@ -80,6 +80,17 @@ fn compile(schema: SchemaRef, sql: &str) -> Vec<Arc<CompiledRule>> {
 }
 
 fn run(rule: &Arc<CompiledRule>, input: &RecordBatch, splits: &[usize]) -> Vec<RecordBatch> {
+    run_as(rule, input, splits, false)
+}
+
+/// Runs `rule` over `input` cut at `splits`; `per_metric` feeds the samples view one metric
+/// at a time, as the engine does for metric-separable rules.
+fn run_as(
+    rule: &Arc<CompiledRule>,
+    input: &RecordBatch,
+    splits: &[usize],
+    per_metric: bool,
+) -> Vec<RecordBatch> {
     let unpivot = Unpivot::try_new(&input.schema()).unwrap();
     let mut instance = rule.instantiate().unwrap();
     let mut out = Vec::new();
@@ -91,11 +102,14 @@ fn run(rule: &Arc<CompiledRule>, input: &RecordBatch, splits: &[usize]) -> Vec<R
             .min(input.num_rows() - offset);
         i += 1;
         let part = input.slice(offset, len);
-        let part = match rule.table {
-            StreamTable::Metrics => part,
-            StreamTable::Samples => unpivot.apply(&part).unwrap(),
+        let parts = match rule.table {
+            StreamTable::Metrics => vec![part],
+            StreamTable::Samples if per_metric => unpivot.per_metric(&part).unwrap(),
+            StreamTable::Samples => vec![unpivot.apply(&part).unwrap()],
         };
-        out.push(instance.anomalies(part).unwrap());
+        for part in parts {
+            out.push(instance.anomalies(part).unwrap());
+        }
         offset += len;
     }
     out
@@ -235,4 +249,55 @@ proptest! {
         let split = pretty_format_batches(&run(&rules[0], &input, &splits)).unwrap().to_string();
         prop_assert_eq!(whole, split);
     }
+}
+
+/// The rows of `batches` sorted by (ts, resource, metric), pretty-printed.
+fn sorted(batches: &[RecordBatch]) -> String {
+    let all = arrow::compute::concat_batches(&batches[0].schema(), batches).unwrap();
+    let keys: Vec<arrow::compute::SortColumn> = ["ts", "resource", "metric"]
+        .iter()
+        .map(|c| arrow::compute::SortColumn {
+            values: Arc::clone(all.column_by_name(c).unwrap()),
+            options: None,
+        })
+        .collect();
+    let idx = arrow::compute::lexsort_to_indices(&keys, None).unwrap();
+    let all = arrow::compute::take_record_batch(&all, &idx).unwrap();
+    pretty_format_batches(&[all]).unwrap().to_string()
+}
+
+#[test]
+fn metric_separable_rules_give_the_same_rows_one_metric_at_a_time() {
+    let input = data(4, 900, 3, 11);
+    let rules = compile(input.schema(), ZSCORE);
+    assert!(rules[0].metric_separable);
+    let row_major = run_as(&rules[0], &input, &[333], false);
+    let per_metric = run_as(&rules[0], &input, &[333], true);
+    let n: usize = row_major.iter().map(|b| b.num_rows()).sum();
+    assert!(n > 20, "the fixture must flag something: {n}");
+    assert_eq!(sorted(&row_major), sorted(&per_metric));
+}
+
+#[test]
+fn rules_that_mix_metrics_are_not_separable() {
+    let input = data(1, 10, 2, 1);
+    let window = |partition: &str, metric: &str| {
+        format!(
+            "CREATE VIEW r AS SELECT ts, resource, {metric} AS metric, value, \
+             AVG(value) OVER (PARTITION BY {partition} ORDER BY ts ROWS BETWEEN 9 PRECEDING AND CURRENT ROW) AS score \
+             FROM samples;"
+        )
+    };
+    let separable = |sql: &str| compile(input.schema(), sql)[0].metric_separable;
+    assert!(separable(&window("resource, metric", "metric")));
+    // One window over every metric of a resource.
+    assert!(!separable(&window("resource", "metric")));
+    // A derived column that merely has the name.
+    let derived = "CREATE VIEW r AS WITH x AS (SELECT ts, resource, CASE WHEN metric = 'm0' THEN 'a' ELSE 'b' END AS metric, value FROM samples) \
+        SELECT ts, resource, metric, value, \
+        AVG(value) OVER (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 9 PRECEDING AND CURRENT ROW) AS score FROM x;";
+    assert!(!separable(derived));
+    // The wide stream.
+    let wide = "CREATE VIEW r AS SELECT ts, resource, 'm0' AS metric, m0 AS value, m0 AS score FROM metrics;";
+    assert!(!separable(wide));
 }
