@@ -7,6 +7,7 @@
 //! * [`sink`]: the parquet incident log and the dead-letter output.
 //! * [`query`]: SQL over the incident log.
 //! * [`config`]: the pipeline configuration and its validation.
+//! * [`train`]: training data for models (parquet or CSV).
 
 pub mod config;
 pub mod demo;
@@ -18,3 +19,4 @@ pub mod query;
 pub mod sink;
 pub mod source;
 pub mod store;
+pub mod train;

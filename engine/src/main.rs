@@ -35,6 +35,44 @@ enum Command {
     Incidents(IncidentsArgs),
     /// Check pipeline configs and rule files; prints every problem with file, line and key.
     Validate(ValidateArgs),
+    /// Train a model on historical metrics.
+    #[command(subcommand)]
+    Train(TrainCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TrainCommand {
+    /// An isolation forest over a metric vector, for `iforest_score(...)` in rules.
+    Iforest(IforestArgs),
+}
+
+#[derive(Debug, Args)]
+struct IforestArgs {
+    /// Parquet files or directories (local, file://, s3://) or CSV files (.csv, .txt).
+    #[arg(long, num_args = 1.., required = true)]
+    input: Vec<String>,
+    /// Feature columns, comma-separated, in the order rules pass them (default: every
+    /// numeric column but `ts`).
+    #[arg(long, value_delimiter = ',')]
+    features: Vec<String>,
+    /// Model file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Trees.
+    #[arg(long, default_value_t = 100)]
+    trees: usize,
+    /// Rows per tree.
+    #[arg(long, default_value_t = 256)]
+    sample_size: usize,
+    /// Expected share of anomalies in the training data (sets the threshold).
+    #[arg(long, default_value_t = 0.01)]
+    contamination: f64,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// S3 endpoint for s3:// inputs.
+    #[arg(long)]
+    s3_endpoint: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -127,6 +165,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo(args).await,
             Command::Incidents(args) => incidents(args).await,
             Command::Validate(args) => validate(args),
+            Command::Train(TrainCommand::Iforest(args)) => train_iforest(args).await,
         }
     });
     match result {
@@ -443,4 +482,62 @@ fn validate(args: ValidateArgs) -> Result<ExitCode> {
         eprintln!("{} problem(s)", problems.len());
         Ok(ExitCode::FAILURE)
     }
+}
+
+async fn train_iforest(args: IforestArgs) -> Result<ExitCode> {
+    use healer_operators::iforest::ForestConfig;
+    use healer_operators::iforest_model::IforestModel;
+    let s3 = S3Config {
+        endpoint: args.s3_endpoint.clone(),
+        allow_http: args
+            .s3_endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("http://")),
+        ..S3Config::default()
+    };
+    let table = healer_engine::train::load(&args.input, &s3)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let features = if args.features.is_empty() {
+        table.names.clone()
+    } else {
+        args.features.clone()
+    };
+    let columns = table.select(&features).map_err(|e| anyhow::anyhow!(e))?;
+    let config = ForestConfig {
+        trees: args.trees,
+        sample_size: args.sample_size,
+        contamination: args.contamination,
+        seed: args.seed,
+    };
+    let started = std::time::Instant::now();
+    let model = IforestModel::train(features, &columns, &config, table.sources.clone())
+        .context("training failed")?;
+    let took = started.elapsed();
+    // Write next to the target and rename: a rule reloading the model never reads half a file.
+    let tmp = args.out.with_extension("json.tmp");
+    std::fs::write(&tmp, model.to_json())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &args.out)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    println!("isolation forest written to {}", args.out.display());
+    println!(
+        "  training rows {} ({} dropped for missing values) from {} source(s)",
+        fmt_int(model.training.rows),
+        fmt_int(model.training.dropped_rows),
+        model.training.sources.len()
+    );
+    println!(
+        "  features      {} ({})",
+        model.features.len(),
+        model.features.join(", ")
+    );
+    println!(
+        "  trees         {} × {} samples, contamination {}, seed {}",
+        config.trees, config.sample_size, config.contamination, config.seed
+    );
+    println!("  threshold     {:.6}", model.threshold());
+    println!("  fingerprint   {}", model.training.fingerprint);
+    println!("  fit time      {:.3} s", took.as_secs_f64());
+    Ok(ExitCode::SUCCESS)
 }

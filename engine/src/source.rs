@@ -323,7 +323,8 @@ pub struct ParquetSource {
     speed: Speed,
 }
 
-async fn list_files(location: &Location) -> Result<Vec<(Path, u64)>, SourceError> {
+/// The parquet objects at `location` (one object, or every `.parquet` below a prefix).
+pub(crate) async fn list_files(location: &Location) -> Result<Vec<(Path, u64)>, SourceError> {
     let store = &location.store;
     // A single object?
     if let Ok(meta) = store.head(&location.path).await {

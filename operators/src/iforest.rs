@@ -9,9 +9,16 @@
 //! a binary search tree. Scores are in (0, 1]; higher is more anomalous, and they rank rows as
 //! scikit-learn's `-score_samples` does.
 //!
-//! Trees are stored as flat node arrays and scored tree by tree over a whole batch, so a tree
-//! stays in cache while every row of the batch walks it. Training is deterministic for a
-//! seed.
+//! Trees are stored as flat node arrays in which a leaf is its own child, so every walk takes
+//! exactly `max_depth` steps with no branch on the data: each step loads child
+//! `[x >= threshold]`, an indexed load instead of a jump the data would mispredict.
+//! Rows are scored in blocks that stay in cache while all trees walk them, several walks
+//! interleaved to hide load latency, and blocks are spread over threads. Training is
+//! deterministic for a seed.
+//!
+//! The forest is invariant to per-feature affine scaling (a split threshold is uniform
+//! between the feature's minimum and maximum, which scaling maps onto each other), so no
+//! scaler is applied. A missing (NaN) feature goes left at every split on it.
 
 use crate::{OperatorError, Result};
 
@@ -54,26 +61,89 @@ impl Default for ForestConfig {
     }
 }
 
-/// One node of a flat tree. A leaf has `feature == LEAF` and stores its path-length
-/// contribution (depth + c(n)) in `value`.
+/// One node of a flat tree, in pre-order (the left child of node `i` is `i + 1`): rows with
+/// `x[feature] >= threshold` go to `children[1]`, the others (and NaN) to `children[0]`. A
+/// leaf has `threshold = +inf` and both children pointing to itself, so walks stay on it, and
+/// its path length (depth + c(n)) is in the tree's `leaf_value`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Node {
+    threshold: f64,
     feature: u32,
-    value: f64,
-    left: u32,
-    right: u32,
+    children: [u32; 2],
 }
 
-const LEAF: u32 = u32::MAX;
+impl Node {
+    fn is_leaf(&self, index: usize) -> bool {
+        self.children == [index as u32; 2]
+    }
+}
+
+/// The `feature` of a leaf in [`ForestParts`].
+pub const LEAF: u32 = u32::MAX;
+
+/// A flat tree.
+#[derive(Debug, Clone, PartialEq)]
+struct Tree {
+    nodes: Vec<Node>,
+    /// Path length of each node when it is a leaf, 0 for inner nodes.
+    leaf_value: Vec<f64>,
+}
 
 /// A trained forest.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IsolationForest {
     features: usize,
     sample_size: usize,
-    trees: Vec<Vec<Node>>,
+    max_depth: usize,
+    trees: Vec<Tree>,
     /// Score at the (1 − contamination) quantile of the training rows.
     threshold: f64,
+}
+
+impl Tree {
+    /// Depth of the deepest leaf (children always come after their parent).
+    fn depth(&self) -> usize {
+        let mut depth = vec![0usize; self.nodes.len()];
+        let mut deepest = 0;
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.is_leaf(i) {
+                deepest = deepest.max(depth[i]);
+            } else {
+                for c in n.children {
+                    depth[c as usize] = depth[i] + 1;
+                }
+            }
+        }
+        deepest
+    }
+}
+
+/// One node of [`ForestParts`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PartNode {
+    /// Split feature, or [`LEAF`].
+    pub feature: u32,
+    /// Split threshold (rows with a smaller value go left); ignored for leaves.
+    pub threshold: f64,
+    /// Left child (always the next node); 0 for leaves.
+    pub left: u32,
+    /// Right child; 0 for leaves.
+    pub right: u32,
+    /// Path length of a leaf (depth + c(n)); 0 for inner nodes.
+    pub leaf_value: f64,
+}
+
+/// The parts of a forest, for (de)serialisation: per tree, its nodes in pre-order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForestParts {
+    /// Number of features.
+    pub features: usize,
+    /// Rows per tree the forest was grown on (ψ).
+    pub sample_size: usize,
+    /// Score threshold.
+    pub threshold: f64,
+    /// The trees.
+    pub trees: Vec<Vec<PartNode>>,
 }
 
 /// SplitMix64: small, seedable and stable across releases.
@@ -131,7 +201,10 @@ impl IsolationForest {
                 all.swap(i, j);
             }
             let mut sample = all[..psi].to_vec();
-            let mut nodes = Vec::with_capacity(2 * psi);
+            let mut tree = Tree {
+                nodes: Vec::with_capacity(2 * psi),
+                leaf_value: Vec::with_capacity(2 * psi),
+            };
             grow(
                 data,
                 features,
@@ -139,13 +212,16 @@ impl IsolationForest {
                 0,
                 max_depth,
                 &mut rng,
-                &mut nodes,
+                &mut tree,
             );
-            trees.push(nodes);
+            trees.push(tree);
         }
+        // Walks take as many steps as the deepest leaf of any tree.
+        let max_depth = trees.iter().map(Tree::depth).max().unwrap_or(0);
         let mut forest = Self {
             features,
             sample_size: psi,
+            max_depth,
             trees,
             threshold: 1.0,
         };
@@ -190,47 +266,238 @@ impl IsolationForest {
         self.score_columns(&refs, out)
     }
 
-    /// Scores column-major input (`columns[f][row]`) into `out`. NaN features take the left
-    /// branch, so a row with missing values still gets a finite score.
+    /// Scores column-major input (`columns[f][row]`) into `out` on the calling thread. NaN
+    /// features take the left branch, so a row with missing values still gets a finite score.
     pub fn score_columns(&self, columns: &[&[f64]], out: &mut [f64]) -> Result<()> {
-        if columns.len() != self.features || columns.iter().any(|c| c.len() != out.len()) {
-            return Err(OperatorError::InvalidInput(format!(
-                "expected {} feature columns of {} rows",
-                self.features,
-                out.len()
-            )));
+        self.check_columns(columns, out.len())?;
+        self.score_range(columns, 0, out);
+        Ok(())
+    }
+
+    /// As [`IsolationForest::score_columns`], with the rows spread over `threads` threads.
+    pub fn score_columns_parallel(
+        &self,
+        columns: &[&[f64]],
+        out: &mut [f64],
+        threads: usize,
+    ) -> Result<()> {
+        self.check_columns(columns, out.len())?;
+        let threads = threads.clamp(1, out.len().div_ceil(BLOCK).max(1));
+        if threads == 1 {
+            self.score_range(columns, 0, out);
+            return Ok(());
         }
-        out.iter_mut().for_each(|o| *o = 0.0);
-        for tree in &self.trees {
-            for (row, acc) in out.iter_mut().enumerate() {
-                let mut node = &tree[0];
-                while node.feature != LEAF {
-                    let x = columns[node.feature as usize][row];
-                    node = &tree[if x < node.value || x.is_nan() {
-                        node.left
-                    } else {
-                        node.right
-                    } as usize];
-                }
-                *acc += node.value;
+        let per = out.len().div_ceil(threads).next_multiple_of(BLOCK);
+        std::thread::scope(|scope| {
+            for (i, chunk) in out.chunks_mut(per).enumerate() {
+                scope.spawn(move || self.score_range(columns, i * per, chunk));
             }
-        }
-        let norm = self.trees.len() as f64 * average_path_length(self.sample_size);
-        for o in out.iter_mut() {
-            *o = (-(*o) / norm).exp2();
+        });
+        Ok(())
+    }
+
+    fn check_columns(&self, columns: &[&[f64]], rows: usize) -> Result<()> {
+        if columns.len() != self.features || columns.iter().any(|c| c.len() != rows) {
+            return Err(OperatorError::InvalidInput(format!(
+                "expected {} feature columns of {rows} rows",
+                self.features,
+            )));
         }
         Ok(())
     }
+
+    /// Scores rows `first..first + out.len()`.
+    fn score_range(&self, columns: &[&[f64]], first: usize, out: &mut [f64]) {
+        let norm = self.trees.len() as f64 * average_path_length(self.sample_size);
+        let f = self.features;
+        // The block's rows, row-major: a walk reads `rows[row * f + feature]`, one address
+        // computation from values that stay in L1/L2 while every tree walks the block.
+        let mut rows = vec![0.0; BLOCK * f];
+        for (b, block) in out.chunks_mut(BLOCK).enumerate() {
+            let start = first + b * BLOCK;
+            let n = block.len();
+            for (c, column) in columns.iter().enumerate() {
+                for (r, &x) in column[start..start + n].iter().enumerate() {
+                    rows[r * f + c] = x;
+                }
+            }
+            block.iter_mut().for_each(|o| *o = 0.0);
+            for tree in &self.trees {
+                let nodes = tree.nodes.as_slice();
+                let mut lanes = block.chunks_exact_mut(LANES);
+                let mut base = 0;
+                for acc in lanes.by_ref() {
+                    // LANES independent walks in lockstep: their loads overlap.
+                    let mut at = [0u32; LANES];
+                    for _ in 0..self.max_depth {
+                        for (k, node) in at.iter_mut().enumerate() {
+                            let n = &nodes[*node as usize];
+                            let x = rows[(base + k) * f + n.feature as usize];
+                            *node = step(n, x);
+                        }
+                    }
+                    for (a, node) in acc.iter_mut().zip(at) {
+                        *a += tree.leaf_value[node as usize];
+                    }
+                    base += LANES;
+                }
+                for a in lanes.into_remainder() {
+                    let mut node = 0u32;
+                    for _ in 0..self.max_depth {
+                        let n = &nodes[node as usize];
+                        let x = rows[base * f + n.feature as usize];
+                        node = step(n, x);
+                    }
+                    *a += tree.leaf_value[node as usize];
+                    base += 1;
+                }
+            }
+            for o in block.iter_mut() {
+                *o = (-(*o) / norm).exp2();
+            }
+        }
+    }
+
+    /// The forest's parts, for writing a model file.
+    pub fn to_parts(&self) -> ForestParts {
+        ForestParts {
+            features: self.features,
+            sample_size: self.sample_size,
+            threshold: self.threshold,
+            trees: self
+                .trees
+                .iter()
+                .map(|t| {
+                    t.nodes
+                        .iter()
+                        .zip(&t.leaf_value)
+                        .enumerate()
+                        .map(|(i, (n, &v))| {
+                            if n.is_leaf(i) {
+                                PartNode {
+                                    feature: LEAF,
+                                    threshold: f64::INFINITY,
+                                    left: 0,
+                                    right: 0,
+                                    leaf_value: v,
+                                }
+                            } else {
+                                PartNode {
+                                    feature: n.feature,
+                                    threshold: n.threshold,
+                                    left: n.children[0],
+                                    right: n.children[1],
+                                    leaf_value: 0.0,
+                                }
+                            }
+                        })
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+
+    /// A forest from its parts, checked: every child index in range and pointing forward,
+    /// features in range, finite values.
+    pub fn from_parts(parts: ForestParts) -> Result<Self> {
+        let bad = |m: String| Err(OperatorError::InvalidInput(m));
+        if parts.features == 0 || parts.sample_size < 2 || parts.trees.is_empty() {
+            return bad(format!(
+                "a forest needs features, a sample size of at least 2 and trees \
+                 (got {} features, sample size {}, {} trees)",
+                parts.features,
+                parts.sample_size,
+                parts.trees.len()
+            ));
+        }
+        if !parts.threshold.is_finite() {
+            return bad("the score threshold is not a finite number".into());
+        }
+        let mut max_depth = 0;
+        let mut trees = Vec::with_capacity(parts.trees.len());
+        for (t, nodes) in parts.trees.iter().enumerate() {
+            if nodes.is_empty() {
+                return bad(format!("tree {t} has no nodes"));
+            }
+            let mut tree = Tree {
+                nodes: Vec::with_capacity(nodes.len()),
+                leaf_value: Vec::with_capacity(nodes.len()),
+            };
+            let mut depth = vec![0usize; nodes.len()];
+            for (i, node) in nodes.iter().enumerate() {
+                let PartNode {
+                    feature,
+                    threshold,
+                    left,
+                    right,
+                    leaf_value: value,
+                } = *node;
+                if feature == LEAF {
+                    if !value.is_finite() || value < 0.0 {
+                        return bad(format!("tree {t} node {i}: leaf value {value}"));
+                    }
+                    tree.nodes.push(Node {
+                        threshold: f64::INFINITY,
+                        feature: 0,
+                        children: [i as u32; 2],
+                    });
+                    tree.leaf_value.push(value);
+                    max_depth = max_depth.max(depth[i]);
+                    continue;
+                }
+                // Pre-order: the left subtree starts right after its parent.
+                if feature as usize >= parts.features
+                    || !threshold.is_finite()
+                    || left as usize != i + 1
+                    || (right as usize) <= i + 1
+                    || (right as usize) >= nodes.len()
+                {
+                    return bad(format!(
+                        "tree {t} node {i}: split ({feature}, {threshold}, {left}, {right}) is out of range"
+                    ));
+                }
+                depth[left as usize] = depth[i] + 1;
+                depth[right as usize] = depth[i] + 1;
+                tree.nodes.push(Node {
+                    threshold,
+                    feature,
+                    children: [left, right],
+                });
+                tree.leaf_value.push(0.0);
+            }
+            trees.push(tree);
+        }
+        Ok(Self {
+            features: parts.features,
+            sample_size: parts.sample_size,
+            max_depth,
+            trees,
+            threshold: parts.threshold,
+        })
+    }
 }
 
-fn leaf(depth: usize, n: usize, nodes: &mut Vec<Node>) -> u32 {
-    nodes.push(Node {
-        feature: LEAF,
-        value: depth as f64 + average_path_length(n),
-        left: 0,
-        right: 0,
+/// The child of `node` for value `x`, by indexing with the comparison: a load, never a jump
+/// (measured: a conditional move or a jump here is 1.3–1.9× slower).
+#[inline(always)]
+fn step(node: &Node, x: f64) -> u32 {
+    node.children[usize::from(x >= node.threshold)]
+}
+
+/// Rows scored together by all trees (256 rows × 38 features × 8 bytes = 76 KiB stays in L2).
+const BLOCK: usize = 256;
+/// Walks interleaved per tree.
+const LANES: usize = 16;
+
+fn leaf(depth: usize, n: usize, tree: &mut Tree) -> u32 {
+    let index = tree.nodes.len() as u32;
+    tree.nodes.push(Node {
+        threshold: f64::INFINITY,
+        feature: 0,
+        children: [index; 2],
     });
-    (nodes.len() - 1) as u32
+    tree.leaf_value.push(depth as f64 + average_path_length(n));
+    index
 }
 
 fn grow(
@@ -240,10 +507,10 @@ fn grow(
     depth: usize,
     max_depth: usize,
     rng: &mut Rng,
-    nodes: &mut Vec<Node>,
+    tree: &mut Tree,
 ) -> u32 {
     if depth >= max_depth || rows.len() <= 1 {
-        return leaf(depth, rows.len(), nodes);
+        return leaf(depth, rows.len(), tree);
     }
     // Draw features without replacement until one is not constant in this node.
     let mut candidates: Vec<u32> = (0..features as u32).collect();
@@ -262,7 +529,7 @@ fn grow(
         }
     }
     let Some((feature, mut threshold, lo)) = split else {
-        return leaf(depth, rows.len(), nodes);
+        return leaf(depth, rows.len(), tree);
     };
     if threshold <= lo {
         // uniform() can return 0: keep at least one row on the left.
@@ -275,18 +542,18 @@ fn grow(
             cut += 1;
         }
     }
-    let index = nodes.len();
-    nodes.push(Node {
+    let index = tree.nodes.len();
+    tree.nodes.push(Node {
+        threshold,
         feature: feature as u32,
-        value: threshold,
-        left: 0,
-        right: 0,
+        children: [0, 0],
     });
+    tree.leaf_value.push(0.0);
     let (left_rows, right_rows) = rows.split_at_mut(cut);
-    let left = grow(data, features, left_rows, depth + 1, max_depth, rng, nodes);
-    let right = grow(data, features, right_rows, depth + 1, max_depth, rng, nodes);
-    nodes[index].left = left;
-    nodes[index].right = right;
+    let left = grow(data, features, left_rows, depth + 1, max_depth, rng, tree);
+    debug_assert_eq!(left as usize, index + 1, "pre-order");
+    let right = grow(data, features, right_rows, depth + 1, max_depth, rng, tree);
+    tree.nodes[index].children = [left, right];
     index as u32
 }
 
@@ -299,24 +566,8 @@ mod tests {
         (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * rng.uniform()).cos()
     }
 
-    /// AUROC of scores against labels (ties count half).
     fn auroc(scores: &[f64], labels: &[bool]) -> f64 {
-        let (mut pairs, mut wins) = (0.0, 0.0);
-        for (i, &si) in scores.iter().enumerate() {
-            for (j, &sj) in scores.iter().enumerate() {
-                if labels[i] && !labels[j] {
-                    pairs += 1.0;
-                    wins += if si > sj {
-                        1.0
-                    } else if si == sj {
-                        0.5
-                    } else {
-                        0.0
-                    };
-                }
-            }
-        }
-        wins / pairs
+        crate::scoring::auroc(scores, labels).unwrap()
     }
 
     #[test]
@@ -360,6 +611,33 @@ mod tests {
             flagged <= n / 100 + 1,
             "contamination 1%: {flagged} flagged"
         );
+    }
+
+    #[test]
+    fn parts_round_trip_and_threads_agree() {
+        let mut rng = Rng(11);
+        let (n, d) = (5000, 3);
+        let data: Vec<f64> = (0..n * d).map(|_| normal(&mut rng)).collect();
+        let forest = IsolationForest::fit(&data, d, &ForestConfig::default()).unwrap();
+        let back = IsolationForest::from_parts(forest.to_parts()).unwrap();
+        assert_eq!(back, forest);
+        let mut one = vec![0.0; n];
+        let mut two = vec![0.0; n];
+        forest.score_rows(&data, &mut one).unwrap();
+        let columns: Vec<Vec<f64>> = (0..d)
+            .map(|f| data.iter().skip(f).step_by(d).copied().collect())
+            .collect();
+        let refs: Vec<&[f64]> = columns.iter().map(Vec::as_slice).collect();
+        back.score_columns_parallel(&refs, &mut two, 3).unwrap();
+        assert_eq!(one, two);
+        // A corrupted child index is refused, not followed.
+        let mut parts = forest.to_parts();
+        let inner = parts.trees[0]
+            .iter()
+            .position(|n| n.feature != LEAF)
+            .unwrap();
+        parts.trees[0][inner].left = 0;
+        assert!(IsolationForest::from_parts(parts).is_err());
     }
 
     #[test]

@@ -11,12 +11,17 @@
 //! * [`severity`]: the z-score severity and confidence mapping.
 //! * [`unpivot`]: the long `samples` view of a wide metrics batch.
 //! * [`id`]: deterministic, version-stable identifiers.
+//! * [`scoring`]: detector scores against labels (AUROC).
 //! * [`iforest`]: isolation forest with flat trees and batch scoring.
+//! * [`iforest_model`]: versioned isolation-forest model files with feature names,
+//!   training fingerprint and score calibration.
 
 pub mod id;
 pub mod iforest;
+pub mod iforest_model;
 pub mod keys;
 pub mod schema;
+pub mod scoring;
 pub mod severity;
 pub mod unpivot;
 pub mod window;

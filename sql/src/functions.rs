@@ -4,6 +4,9 @@
 //! |---|---|
 //! | `zscore_severity(z DOUBLE)` | `'LOW'`, `'MEDIUM'`, `'HIGH'` or `'CRITICAL'` ([`Severity::from_zscore`]) |
 //! | `zscore_confidence(z DOUBLE)` | min(\|z\| / 10, 1), 0 for NaN or NULL |
+//!
+//! and the model functions of [`crate::models`] (`iforest_score`, `iforest_threshold`,
+//! `iforest_confidence`, `iforest_severity`).
 
 use std::sync::Arc;
 
@@ -79,8 +82,11 @@ pub fn zscore_confidence_udf() -> ScalarUDF {
     })
 }
 
-/// Registers every healer function on `ctx`.
-pub fn register_all(ctx: &SessionContext) {
+/// Registers every healer function on `ctx`; model functions load through `models`.
+pub fn register_all(ctx: &SessionContext, models: &Arc<crate::models::ModelRegistry>) {
     ctx.register_udf(zscore_severity_udf());
     ctx.register_udf(zscore_confidence_udf());
+    for udf in crate::models::iforest_udfs(models) {
+        ctx.register_udf(udf);
+    }
 }

@@ -153,7 +153,7 @@ impl RuleCompiler {
         let mut config = SessionConfig::new();
         config.options_mut().sql_parser.collect_spans = true;
         let ctx = SessionContext::new_with_config(config);
-        crate::functions::register_all(&ctx);
+        crate::functions::register_all(&ctx, &Arc::new(crate::models::ModelRegistry::new()));
         for (name, schema) in [("metrics", &metrics), ("samples", &samples)] {
             let table =
                 MemTable::try_new(Arc::clone(schema), vec![vec![]]).map_err(|e| e.to_string())?;
