@@ -2,7 +2,7 @@
 //! by `healer train iforest` from the raw file, scored through the model file, compared on
 //! AUROC against the test labels and on rank correlation of the scores.
 //!
-//! Needs `../shared/datasets/smd` beside the clone and a Python with scikit-learn and scipy
+//! Needs `../shared/datasets/smd` beside the clone (or `HEALER_SHARED_DIR`) and a Python with scikit-learn and scipy
 //! (`.ci/test` installs it and exports `HEALER_PYTHON`).
 
 use std::path::{Path, PathBuf};
@@ -12,11 +12,15 @@ use healer_engine::train::parse_csv;
 use healer_operators::iforest_model::IforestModel;
 use healer_operators::scoring::auroc;
 
+/// `$HEALER_SHARED_DIR/datasets/smd`, by default the `shared/` folder beside the clone.
 fn smd() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/datasets/smd");
+    let shared = std::env::var_os("HEALER_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    let dir = shared.join("datasets/smd");
     assert!(
         dir.is_dir(),
-        "{} is missing: the shared datasets sit beside the clone",
+        "{} is missing: the shared datasets sit beside the clone (or set HEALER_SHARED_DIR)",
         dir.display()
     );
     dir
