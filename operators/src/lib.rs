@@ -12,17 +12,23 @@
 //! * [`unpivot`]: the long `samples` view of a wide metrics batch.
 //! * [`id`]: deterministic, version-stable identifiers.
 //! * [`scoring`]: detector scores against labels (AUROC).
+//! * [`topology`]: the service dependency graph.
+//! * [`rca`]: anomalies correlated over the graph into incidents with ranked root causes.
+//! * [`decision`]: auto-heal, request approval or escalate, with the reasons.
 //! * [`iforest`]: isolation forest with flat trees and batch scoring.
 //! * [`iforest_model`]: versioned isolation-forest model files with feature names,
 //!   training fingerprint and score calibration.
 
+pub mod decision;
 pub mod id;
 pub mod iforest;
 pub mod iforest_model;
 pub mod keys;
+pub mod rca;
 pub mod schema;
 pub mod scoring;
 pub mod severity;
+pub mod topology;
 pub mod unpivot;
 pub mod window;
 
