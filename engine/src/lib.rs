@@ -6,11 +6,13 @@
 //! * [`job`]: the replay job: gate, keyed workers running the rules, merge, sinks.
 //! * [`sink`]: the parquet incident log and the dead-letter output.
 //! * [`query`]: SQL over the incident log.
+//! * [`diagnose`]: incidents with root cause and decision from the logged anomalies.
 //! * [`config`]: the pipeline configuration and its validation.
 //! * [`train`]: training data for models (parquet or CSV).
 
 pub mod config;
 pub mod demo;
+pub mod diagnose;
 pub mod gate;
 pub mod job;
 pub mod message;

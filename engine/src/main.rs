@@ -38,6 +38,30 @@ enum Command {
     /// Train a model on historical metrics.
     #[command(subcommand)]
     Train(TrainCommand),
+    /// Correlate the log's anomalies into incidents, rank root causes over a topology and
+    /// decide; writes `incidents/` into the log.
+    Diagnose(DiagnoseArgs),
+}
+
+#[derive(Debug, Args)]
+struct DiagnoseArgs {
+    /// Incident-log directory or URL.
+    log: String,
+    /// Topology file (TOML or JSON).
+    #[arg(long)]
+    topology: PathBuf,
+    /// Change feed (CSV: resource,ts,kind,description).
+    #[arg(long)]
+    changes: Option<PathBuf>,
+    /// Correlation window.
+    #[arg(long, default_value = "5m")]
+    window: String,
+    /// Least root-cause confidence to act on.
+    #[arg(long, default_value_t = 0.8)]
+    min_confidence: f64,
+    /// S3 endpoint for s3:// logs.
+    #[arg(long)]
+    s3_endpoint: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -166,6 +190,7 @@ fn main() -> ExitCode {
             Command::Incidents(args) => incidents(args).await,
             Command::Validate(args) => validate(args),
             Command::Train(TrainCommand::Iforest(args)) => train_iforest(args).await,
+            Command::Diagnose(args) => diagnose(args).await,
         }
     });
     match result {
@@ -539,5 +564,77 @@ async fn train_iforest(args: IforestArgs) -> Result<ExitCode> {
     println!("  threshold     {:.6}", model.threshold());
     println!("  fingerprint   {}", model.training.fingerprint);
     println!("  fit time      {:.3} s", took.as_secs_f64());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn diagnose(args: DiagnoseArgs) -> Result<ExitCode> {
+    use healer_engine::diagnose;
+    use healer_operators::decision::Policy;
+    use healer_operators::rca::RcaConfig;
+    use healer_operators::topology::Topology;
+    let text = std::fs::read_to_string(&args.topology)
+        .with_context(|| format!("cannot read {}", args.topology.display()))?;
+    let topology = Topology::parse(&args.topology.display().to_string(), &text)
+        .map_err(|e| anyhow::anyhow!("topology rejected:\n{e}"))?;
+    let changes = match &args.changes {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            diagnose::parse_changes(&path.display().to_string(), &text)
+                .map_err(|e| anyhow::anyhow!(e))?
+        }
+        None => Vec::new(),
+    };
+    let window = humantime::parse_duration(&args.window)
+        .with_context(|| format!("--window `{}`", args.window))?;
+    let s3 = S3Config {
+        endpoint: args.s3_endpoint.clone(),
+        allow_http: args
+            .s3_endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("http://")),
+        ..S3Config::default()
+    };
+    let log = Location::parse(&args.log, &s3, false)?;
+    let anomalies = diagnose::read_anomalies(&log)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let config = RcaConfig {
+        window_ms: window.as_millis() as i64,
+        ..RcaConfig::default()
+    };
+    let policy = Policy {
+        min_confidence: args.min_confidence,
+        ..Policy::default()
+    };
+    let diagnosed = diagnose::run(&topology, &anomalies, &changes, &config, &policy);
+    let paths = diagnose::write(&log, &diagnosed)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    println!(
+        "{} anomalies, {} incident(s) over {} resources; written to {} file(s) under {}/incidents",
+        fmt_int(anomalies.len() as u64),
+        diagnosed.len(),
+        topology.len(),
+        paths.len(),
+        log.display()
+    );
+    println!(
+        "{:<19}  {:>9}  {:<24} {:>5}  {:<16} {:<18} reason",
+        "start", "resources", "root cause", "conf", "decision", "action"
+    );
+    for d in &diagnosed {
+        let rc = d.incident.root_cause();
+        println!(
+            "{:<19}  {:>9}  {:<24} {:>5}  {:<16} {:<18} {}",
+            fmt_ts(d.incident.start_ms),
+            d.incident.resources.len(),
+            rc.map_or("(unable to determine)".to_string(), |r| r.resource.clone()),
+            rc.map_or("-".to_string(), |r| format!("{:.2}", r.confidence)),
+            d.decision.outcome.as_str(),
+            d.decision.action.as_deref().unwrap_or("-"),
+            d.decision.reasons.last().map_or("", String::as_str)
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,7 +1,8 @@
 //! SQL over the incident log (`healer incidents`).
 //!
 //! Registers `<out>/anomalies/` as the table `anomalies` (with the `date` partition column)
-//! and, when present, `<out>/dead_letter/` as `dead_letter`, then runs a query with
+//! and, when present, `<out>/dead_letter/` as `dead_letter` and `<out>/incidents/` (written
+//! by `healer diagnose`) as `incidents`, then runs a query with
 //! DataFusion. The log is deduplicated by construction (deterministic ids and file names),
 //! so `anomalies` is a plain view of the files.
 
@@ -54,7 +55,7 @@ pub async fn context(location: &Location) -> Result<SessionContext> {
     let store: Arc<dyn ObjectStore> = Arc::clone(&location.store);
     ctx.runtime_env()
         .register_object_store(&location.url, store);
-    for table in ["anomalies", "dead_letter"] {
+    for table in ["anomalies", "dead_letter", "incidents"] {
         if has_files(location, table).await {
             register(&ctx, location, table).await?;
         }

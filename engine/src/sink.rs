@@ -85,7 +85,7 @@ fn encode(batch: &RecordBatch, path: &str) -> Result<Bytes, SinkError> {
     Ok(Bytes::from(buffer))
 }
 
-async fn put(
+pub(crate) async fn put(
     location: &Location,
     relative: &str,
     batch: &RecordBatch,
@@ -106,13 +106,13 @@ async fn put(
     })
 }
 
-fn date_of(ms: i64) -> String {
+pub(crate) fn date_of(ms: i64) -> String {
     arrow::temporal_conversions::timestamp_ms_to_datetime(ms)
         .map(|d| d.format("%Y-%m-%d").to_string())
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn digest_of_ids(batch: &RecordBatch) -> String {
+pub(crate) fn digest_of_ids(batch: &RecordBatch) -> String {
     let mut h = StableHasher::new();
     if let Some(ids) = batch.column_by_name("id") {
         for id in ids.as_string::<i32>().iter().flatten() {

@@ -135,3 +135,164 @@ fn replay_flags_and_summary_json() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("error:"));
 }
+
+/// A database spike that reaches two applications a few samples later, replayed, then
+/// diagnosed over a topology: one incident, the database as root cause and, its anomaly
+/// being CPU, a scale-up decided automatically; with a deploy on the database an hour
+/// before, the decision needs the LLM, which is not configured, so it escalates.
+#[test]
+fn replay_then_diagnose() {
+    use std::sync::Arc;
+
+    use arrow::array::{Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ts, mut res, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
+    let mut state = 9u64;
+    for t in 0..600i64 {
+        for (k, r) in ["db", "app1", "app2"].iter().enumerate() {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let noise = (state >> 11) as f64 / (1u64 << 53) as f64;
+            let spike = (k == 0 && t == 400) || (k > 0 && t == 403);
+            ts.push(1_735_689_600_000 + t * 10_000);
+            res.push(r.to_string());
+            cpu.push(40.0 + noise + if spike { 50.0 } else { 0.0 });
+        }
+    }
+    let schema = Arc::new(Schema::new(vec![
+        Field::new(
+            "ts",
+            DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, Some("UTC".into())),
+            false,
+        ),
+        Field::new("resource", DataType::Utf8, false),
+        Field::new("cpu_percent", DataType::Float64, true),
+    ]));
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![
+            Arc::new(TimestampMillisecondArray::from(ts).with_timezone("UTC")),
+            Arc::new(StringArray::from(res)),
+            Arc::new(Float64Array::from(cpu)),
+        ],
+    )
+    .unwrap();
+    let input = dir.path().join("metrics.parquet");
+    let mut w =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&input).unwrap(), schema, None)
+            .unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let log = dir.path().join("log");
+    let run = healer()
+        .args([
+            "replay",
+            "--quiet",
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            log.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    let topology = dir.path().join("topology.toml");
+    std::fs::write(
+        &topology,
+        "[[resource]]\nid = \"db\"\ntype = \"database\"\n\
+         [[resource]]\nid = \"app1\"\ntype = \"application\"\n\
+         [[resource]]\nid = \"app2\"\ntype = \"application\"\n\
+         [[edge]]\nfrom = \"db\"\nto = \"app1\"\n[[edge]]\nfrom = \"db\"\nto = \"app2\"\n",
+    )
+    .unwrap();
+    let run = healer()
+        .args([
+            "diagnose",
+            log.to_str().unwrap(),
+            "--topology",
+            topology.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.contains("3 anomalies, 1 incident(s)"), "{stdout}");
+
+    let q = healer()
+        .args([
+            "incidents",
+            log.to_str().unwrap(),
+            "--sql",
+            "SELECT root_cause, decision, action, confidence >= 0.8 AS sure, resources FROM incidents",
+        ])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&q.stdout);
+    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+    assert!(
+        table.contains("| db         | auto_heal | scale_up | true | app1|app2|db |"),
+        "{table}"
+    );
+
+    let changes = dir.path().join("changes.csv");
+    std::fs::write(
+        &changes,
+        "resource,ts,kind,description\ndb,2025-01-01T00:05:00Z,deploy,v2.3.1\n",
+    )
+    .unwrap();
+    let run = healer()
+        .args([
+            "diagnose",
+            log.to_str().unwrap(),
+            "--topology",
+            topology.to_str().unwrap(),
+        ])
+        .arg("--changes")
+        .arg(&changes)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        stdout.contains("escalate") && stdout.contains("consult failed: no LLM client configured"),
+        "{stdout}"
+    );
+
+    // A topology naming an unknown resource is rejected with its location.
+    std::fs::write(
+        &topology,
+        "[[resource]]\nid = \"db\"\ntype = \"database\"\n[[edge]]\nfrom = \"db\"\nto = \"nope\"\n",
+    )
+    .unwrap();
+    let run = healer()
+        .args([
+            "diagnose",
+            log.to_str().unwrap(),
+            "--topology",
+            topology.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("edge 1 (db → nope): unknown resource `nope`"),
+        "{err}"
+    );
+}

@@ -1,0 +1,327 @@
+//! `healer diagnose`: anomalies of an incident log become incidents with a ranked root
+//! cause and a recorded decision, written back to the log.
+//!
+//! Reads `<log>/anomalies`, correlates and ranks with [`healer_operators::rca`] over a
+//! topology file, decides with [`healer_operators::decision`] at each incident's event time
+//! (so a replay decides as the live job would have), and writes
+//! `<log>/incidents/date=YYYY-MM-DD/part-<digest>.parquet` (schema `incident/v1`, one atomic
+//! put per date; the digest of the incident ids names the file, so re-running rewrites the
+//! same files).
+//!
+//! Without an LLM client configured, rule 4 (a recent change) gets no answer and escalates:
+//! the engine never proceeds on a consult it could not make.
+//!
+//! The change feed is CSV with a header: `resource,ts,kind,description`, `ts` in RFC 3339 or
+//! epoch milliseconds.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, Float64Array, Int64Array, RecordBatch, StringArray,
+    TimestampMillisecondArray,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMillisecondType};
+use healer_operators::decision::{Change, ConsultRequest, Decision, Policy, Verdict, decide};
+use healer_operators::id::StableHasher;
+use healer_operators::rca::{Incident, Observation, RcaConfig, analyse};
+use healer_operators::schema::ts_type;
+use healer_operators::severity::Severity;
+use healer_operators::topology::Topology;
+
+use crate::store::Location;
+
+/// Name of the incident schema, in the parquet metadata `healer.schema`.
+pub const INCIDENT_SCHEMA: &str = "incident/v1";
+
+/// The `incident/v1` schema.
+pub fn incident_schema() -> SchemaRef {
+    let ts = || ts_type();
+    let s = |n: &str, null: bool| Field::new(n, DataType::Utf8, null);
+    Arc::new(
+        Schema::new(vec![
+            s("id", false),
+            Field::new("start", ts(), false),
+            Field::new("end", ts(), false),
+            s("resources", false),
+            Field::new("anomalies", DataType::Int64, false),
+            s("root_cause", true),
+            s("root_cause_type", true),
+            Field::new("confidence", DataType::Float64, true),
+            s("ranked", false),
+            s("evidence", true),
+            s("recommended_actions", false),
+            s("decision", false),
+            s("action", true),
+            s("blast_radius", true),
+            s("reasons", false),
+            Field::new("detected_at", ts(), false),
+            Field::new("diagnosed_at", ts(), false),
+            Field::new("decided_at", ts(), false),
+        ])
+        .with_metadata([("healer.schema".to_string(), INCIDENT_SCHEMA.to_string())].into()),
+    )
+}
+
+/// Parses a change feed (see the [module docs](self)).
+pub fn parse_changes(file: &str, text: &str) -> Result<Vec<Change>, String> {
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
+    let header = lines.next().map(|(_, l)| l.trim().to_string());
+    if header.as_deref() != Some("resource,ts,kind,description") {
+        return Err(format!(
+            "{file}:1: expected the header `resource,ts,kind,description`"
+        ));
+    }
+    lines
+        .map(|(i, line)| {
+            let mut f = line.splitn(4, ',');
+            let (Some(resource), Some(ts), Some(kind)) = (f.next(), f.next(), f.next()) else {
+                return Err(format!("{file}:{}: expected 4 fields", i + 1));
+            };
+            let ts = ts.trim();
+            let ts_ms = ts
+                .parse::<i64>()
+                .ok()
+                .or_else(|| {
+                    chrono::DateTime::parse_from_rfc3339(ts)
+                        .ok()
+                        .map(|d| d.timestamp_millis())
+                })
+                .ok_or_else(|| format!("{file}:{}: `{ts}` is not a time", i + 1))?;
+            Ok(Change {
+                resource: resource.trim().to_string(),
+                ts_ms,
+                kind: kind.trim().to_string(),
+                description: f.next().unwrap_or("").trim().to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Reads the anomalies of the log at `log`, in event-time order.
+pub async fn read_anomalies(log: &Location) -> Result<Vec<Observation>, String> {
+    let batches = crate::query::query(
+        log,
+        "SELECT resource, metric, ts, confidence, severity FROM anomalies ORDER BY ts, resource, metric",
+    )
+    .await
+    .map_err(|e| format!("cannot read the anomalies of {}: {e}", log.display()))?;
+    let mut out = Vec::new();
+    for b in batches {
+        let text = |i: usize| arrow::compute::cast(b.column(i), &DataType::Utf8);
+        let (res, met, sev) = (text(0), text(1), text(4));
+        let (res, met, sev) = (
+            res.map_err(|e| e.to_string())?,
+            met.map_err(|e| e.to_string())?,
+            sev.map_err(|e| e.to_string())?,
+        );
+        let ts = arrow::compute::cast(b.column(2), &ts_type()).map_err(|e| e.to_string())?;
+        let ts = ts.as_primitive::<TimestampMillisecondType>();
+        let conf =
+            arrow::compute::cast(b.column(3), &DataType::Float64).map_err(|e| e.to_string())?;
+        let conf = conf.as_primitive::<arrow::datatypes::Float64Type>();
+        let (res, met, sev) = (
+            res.as_string::<i32>(),
+            met.as_string::<i32>(),
+            sev.as_string::<i32>(),
+        );
+        for i in 0..b.num_rows() {
+            if res.is_null(i) || ts.is_null(i) {
+                continue;
+            }
+            out.push(Observation {
+                resource: res.value(i).to_string(),
+                metric: if met.is_null(i) {
+                    String::new()
+                } else {
+                    met.value(i).to_string()
+                },
+                ts_ms: ts.value(i),
+                confidence: if conf.is_null(i) { 0.0 } else { conf.value(i) },
+                severity: Severity::parse(if sev.is_null(i) { "" } else { sev.value(i) })
+                    .unwrap_or(Severity::Low),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// One diagnosed incident and what was decided, with wall-clock timings.
+#[derive(Debug, Clone)]
+pub struct Diagnosed {
+    /// The incident.
+    pub incident: Incident,
+    /// The decision.
+    pub decision: Decision,
+    /// Deterministic id: hash of the first anomaly time and the resources.
+    pub id: String,
+    /// When RCA finished (wall clock, ms).
+    pub diagnosed_at_ms: i64,
+    /// When the decision was made (wall clock, ms).
+    pub decided_at_ms: i64,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Diagnoses and decides every incident of `anomalies`.
+pub fn run(
+    topology: &Topology,
+    anomalies: &[Observation],
+    changes: &[Change],
+    config: &RcaConfig,
+    policy: &Policy,
+) -> Vec<Diagnosed> {
+    let incidents = analyse(topology, anomalies, config);
+    let diagnosed_at = now_ms();
+    incidents
+        .into_iter()
+        .map(|incident| {
+            // No LLM client here: a consult cannot be made, which is a no-go.
+            let mut no_llm = |_: &ConsultRequest| -> Result<Verdict, String> {
+                Err("no LLM client configured".into())
+            };
+            let decision = decide(
+                &incident,
+                topology,
+                changes,
+                incident.end_ms,
+                policy,
+                &mut no_llm,
+            );
+            let mut h = StableHasher::new();
+            h.str("incident/v1").i64(incident.start_ms);
+            for r in &incident.resources {
+                h.str(r);
+            }
+            Diagnosed {
+                id: h.hex(),
+                incident,
+                decision,
+                diagnosed_at_ms: diagnosed_at,
+                decided_at_ms: now_ms(),
+            }
+        })
+        .collect()
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+/// The `incident/v1` rows of `diagnosed`.
+pub fn to_batch(diagnosed: &[Diagnosed]) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let ts = |f: &dyn Fn(&Diagnosed) -> i64| -> ArrayRef {
+        Arc::new(
+            TimestampMillisecondArray::from(diagnosed.iter().map(f).collect::<Vec<_>>())
+                .with_timezone("UTC"),
+        )
+    };
+    let text = |f: &dyn Fn(&Diagnosed) -> Option<String>| -> ArrayRef {
+        Arc::new(diagnosed.iter().map(f).collect::<StringArray>())
+    };
+    let columns: Vec<ArrayRef> = vec![
+        text(&|d| Some(d.id.clone())),
+        ts(&|d| d.incident.start_ms),
+        ts(&|d| d.incident.end_ms),
+        text(&|d| Some(d.incident.resources.join("|"))),
+        Arc::new(Int64Array::from(
+            diagnosed
+                .iter()
+                .map(|d| d.incident.anomalies.len() as i64)
+                .collect::<Vec<_>>(),
+        )),
+        text(&|d| d.incident.root_cause().map(|r| r.resource.clone())),
+        text(&|d| d.incident.root_cause().map(|r| r.kind.clone())),
+        Arc::new(
+            diagnosed
+                .iter()
+                .map(|d| d.incident.root_cause().map(|r| r.confidence))
+                .collect::<Float64Array>(),
+        ),
+        text(&|d| {
+            Some(
+                d.incident
+                    .root_causes
+                    .iter()
+                    .map(|r| r.resource.as_str())
+                    .collect::<Vec<_>>()
+                    .join("|"),
+            )
+        }),
+        text(&|d| {
+            d.incident.root_cause().map(|r| {
+                let paths: Vec<String> = r
+                    .evidence
+                    .paths
+                    .iter()
+                    .map(|p| json_str(&p.join(" → ")))
+                    .collect();
+                format!(
+                    "{{\"impact\":{},\"precedence\":{},\"strength\":{},\"anomalous\":{},\"first_seen_ms\":{},\"paths\":[{}]}}",
+                    r.evidence.impact,
+                    r.evidence.precedence,
+                    r.evidence.strength,
+                    r.evidence.anomalous,
+                    r.evidence.first_seen_ms.map_or("null".into(), |t| t.to_string()),
+                    paths.join(",")
+                )
+            })
+        }),
+        text(&|d| {
+            Some(
+                d.incident
+                    .root_cause()
+                    .map(|r| r.recommended_actions.join("|"))
+                    .unwrap_or_default(),
+            )
+        }),
+        text(&|d| Some(d.decision.outcome.as_str().to_string())),
+        text(&|d| d.decision.action.clone()),
+        text(&|d| {
+            d.decision
+                .blast_radius
+                .map(|b| format!("{b:?}").to_lowercase())
+        }),
+        text(&|d| {
+            Some(format!(
+                "[{}]",
+                d.decision
+                    .reasons
+                    .iter()
+                    .map(|r| json_str(r))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ))
+        }),
+        ts(&|d| d.incident.start_ms),
+        ts(&|d| d.diagnosed_at_ms),
+        ts(&|d| d.decided_at_ms),
+    ];
+    RecordBatch::try_new(incident_schema(), columns)
+}
+
+/// Writes `diagnosed` under `<log>/incidents/`, one file per event date; returns the paths.
+pub async fn write(log: &Location, diagnosed: &[Diagnosed]) -> Result<Vec<String>, String> {
+    let mut by_date: std::collections::BTreeMap<String, Vec<Diagnosed>> = Default::default();
+    for d in diagnosed {
+        by_date
+            .entry(crate::sink::date_of(d.incident.start_ms))
+            .or_default()
+            .push(d.clone());
+    }
+    let mut paths = Vec::new();
+    for (date, group) in by_date {
+        let batch = to_batch(&group).map_err(|e| e.to_string())?;
+        let digest = crate::sink::digest_of_ids(&batch);
+        let relative = format!("incidents/date={date}/part-{digest}.parquet");
+        let written = crate::sink::put(log, &relative, &batch)
+            .await
+            .map_err(|e| e.to_string())?;
+        paths.push(written.path);
+    }
+    Ok(paths)
+}
