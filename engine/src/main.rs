@@ -239,6 +239,16 @@ fn replay_config(args: &ReplayArgs) -> Result<PipelineConfig> {
     Ok(config)
 }
 
+/// S3 settings from the environment, with `--s3-endpoint` (plain HTTP allowed for an
+/// `http://` endpoint) when given.
+fn s3_with_endpoint(endpoint: Option<&str>) -> S3Config {
+    S3Config {
+        endpoint: endpoint.map(str::to_owned),
+        allow_http: endpoint.is_some_and(|e| e.starts_with("http://")),
+        ..S3Config::default()
+    }
+}
+
 fn fmt_int(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
@@ -450,14 +460,7 @@ async fn demo(args: DemoArgs) -> Result<ExitCode> {
 }
 
 async fn incidents(args: IncidentsArgs) -> Result<ExitCode> {
-    let s3 = S3Config {
-        endpoint: args.s3_endpoint.clone(),
-        allow_http: args
-            .s3_endpoint
-            .as_deref()
-            .is_some_and(|e| e.starts_with("http://")),
-        ..S3Config::default()
-    };
+    let s3 = s3_with_endpoint(args.s3_endpoint.as_deref());
     let location = Location::parse(&args.log, &s3, false)?;
     let sql = args
         .sql
@@ -512,14 +515,7 @@ fn validate(args: ValidateArgs) -> Result<ExitCode> {
 async fn train_iforest(args: IforestArgs) -> Result<ExitCode> {
     use healer_operators::iforest::ForestConfig;
     use healer_operators::iforest_model::IforestModel;
-    let s3 = S3Config {
-        endpoint: args.s3_endpoint.clone(),
-        allow_http: args
-            .s3_endpoint
-            .as_deref()
-            .is_some_and(|e| e.starts_with("http://")),
-        ..S3Config::default()
-    };
+    let s3 = s3_with_endpoint(args.s3_endpoint.as_deref());
     let table = healer_engine::train::load(&args.input, &s3)
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
@@ -587,14 +583,7 @@ async fn diagnose(args: DiagnoseArgs) -> Result<ExitCode> {
     };
     let window = humantime::parse_duration(&args.window)
         .with_context(|| format!("--window `{}`", args.window))?;
-    let s3 = S3Config {
-        endpoint: args.s3_endpoint.clone(),
-        allow_http: args
-            .s3_endpoint
-            .as_deref()
-            .is_some_and(|e| e.starts_with("http://")),
-        ..S3Config::default()
-    };
+    let s3 = s3_with_endpoint(args.s3_endpoint.as_deref());
     let log = Location::parse(&args.log, &s3, false)?;
     let anomalies = diagnose::read_anomalies(&log)
         .await

@@ -6,6 +6,17 @@ fn healer() -> Command {
     Command::new(env!("CARGO_BIN_EXE_healer"))
 }
 
+/// Stdout of a run that must have succeeded (its output in the failure message otherwise).
+fn succeeded(run: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    stdout
+}
+
 #[test]
 fn demo_then_incidents_then_validate() {
     let dir = tempfile::tempdir().unwrap();
@@ -213,21 +224,18 @@ fn replay_then_diagnose() {
          [[edge]]\nfrom = \"db\"\nto = \"app1\"\n[[edge]]\nfrom = \"db\"\nto = \"app2\"\n",
     )
     .unwrap();
-    let run = healer()
-        .args([
-            "diagnose",
-            log.to_str().unwrap(),
-            "--topology",
-            topology.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let diagnose = |extra: &[&std::path::Path]| {
+        let mut cmd = healer();
+        cmd.arg("diagnose")
+            .arg(&log)
+            .arg("--topology")
+            .arg(&topology);
+        for path in extra {
+            cmd.arg("--changes").arg(path);
+        }
+        cmd.output().unwrap()
+    };
+    let stdout = succeeded(&diagnose(&[]));
     assert!(stdout.contains("3 anomalies, 1 incident(s)"), "{stdout}");
 
     let q = healer()
@@ -239,8 +247,7 @@ fn replay_then_diagnose() {
         ])
         .output()
         .unwrap();
-    let table = String::from_utf8_lossy(&q.stdout);
-    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+    let table = succeeded(&q);
     assert!(
         table.contains("| db         | auto_heal | scale_up | true | app1|app2|db |"),
         "{table}"
@@ -252,23 +259,7 @@ fn replay_then_diagnose() {
         "resource,ts,kind,description\ndb,2025-01-01T00:05:00Z,deploy,v2.3.1\n",
     )
     .unwrap();
-    let run = healer()
-        .args([
-            "diagnose",
-            log.to_str().unwrap(),
-            "--topology",
-            topology.to_str().unwrap(),
-        ])
-        .arg("--changes")
-        .arg(&changes)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let stdout = succeeded(&diagnose(&[&changes]));
     assert!(
         stdout.contains("escalate") && stdout.contains("consult failed: no LLM client configured"),
         "{stdout}"
@@ -280,15 +271,7 @@ fn replay_then_diagnose() {
         "[[resource]]\nid = \"db\"\ntype = \"database\"\n[[edge]]\nfrom = \"db\"\nto = \"nope\"\n",
     )
     .unwrap();
-    let run = healer()
-        .args([
-            "diagnose",
-            log.to_str().unwrap(),
-            "--topology",
-            topology.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let run = diagnose(&[]);
     assert!(!run.status.success());
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(

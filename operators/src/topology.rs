@@ -166,32 +166,50 @@ impl Topology {
         self.graph.node_count() == 0
     }
 
-    /// Resources reachable from `id` along edges in at most `max_hops` hops (not `id`
-    /// itself), with their distance and the path from `id` (inclusive at both ends).
-    /// Intermediate resources need not be anomalous.
-    pub fn downstream(&self, id: &str, max_hops: usize) -> Vec<(String, usize, Vec<String>)> {
+    /// Breadth-first search from `id` along (`Outgoing`) or against (`Incoming`) the edges,
+    /// at most `max_hops` deep: every node reached (not `id`) in visiting order, and each
+    /// node's predecessor on its shortest path. Neighbours are visited in id order, so ties
+    /// resolve the same way on every run.
+    fn bfs(
+        &self,
+        id: &str,
+        max_hops: usize,
+        direction: petgraph::Direction,
+    ) -> (Vec<(NodeIndex, usize)>, HashMap<NodeIndex, NodeIndex>) {
+        let mut parent = HashMap::new();
+        let mut reached = Vec::new();
         let Some(&start) = self.index.get(id) else {
-            return Vec::new();
+            return (reached, parent);
         };
-        let mut parent: HashMap<NodeIndex, NodeIndex> = HashMap::new();
         let mut dist: HashMap<NodeIndex, usize> = HashMap::from([(start, 0)]);
         let mut queue = VecDeque::from([start]);
-        let mut out = Vec::new();
         while let Some(n) = queue.pop_front() {
             let d = dist[&n];
             if d == max_hops {
                 continue;
             }
-            // Sorted neighbours: ties in BFS resolve the same way on every run.
-            let mut next: Vec<NodeIndex> = self.graph.neighbors(n).collect();
+            let mut next: Vec<NodeIndex> = self.graph.neighbors_directed(n, direction).collect();
             next.sort_by(|a, b| self.graph[*a].id.cmp(&self.graph[*b].id));
             for m in next {
-                if dist.contains_key(&m) {
-                    continue;
+                if let std::collections::hash_map::Entry::Vacant(e) = dist.entry(m) {
+                    e.insert(d + 1);
+                    parent.insert(m, n);
+                    queue.push_back(m);
+                    reached.push((m, d + 1));
                 }
-                dist.insert(m, d + 1);
-                parent.insert(m, n);
-                queue.push_back(m);
+            }
+        }
+        (reached, parent)
+    }
+
+    /// Resources reachable from `id` along edges in at most `max_hops` hops (not `id`
+    /// itself), with their distance and the path from `id` (inclusive at both ends).
+    /// Intermediate resources need not be anomalous.
+    pub fn downstream(&self, id: &str, max_hops: usize) -> Vec<(String, usize, Vec<String>)> {
+        let (reached, parent) = self.bfs(id, max_hops, petgraph::Direction::Outgoing);
+        reached
+            .into_iter()
+            .map(|(m, d)| {
                 let mut path = vec![self.graph[m].id.clone()];
                 let mut at = m;
                 while let Some(&p) = parent.get(&at) {
@@ -199,43 +217,28 @@ impl Topology {
                     at = p;
                 }
                 path.reverse();
-                out.push((self.graph[m].id.clone(), d + 1, path));
-            }
-        }
-        out
+                (self.graph[m].id.clone(), d, path)
+            })
+            .collect()
     }
 
-    /// Resources from which `id` is reachable in at most `max_hops` hops (not `id` itself).
+    /// Resources from which `id` is reachable in at most `max_hops` hops (not `id` itself),
+    /// sorted.
     pub fn upstream(&self, id: &str, max_hops: usize) -> Vec<String> {
-        let Some(&start) = self.index.get(id) else {
-            return Vec::new();
-        };
-        let mut dist: HashMap<NodeIndex, usize> = HashMap::from([(start, 0)]);
-        let mut queue = VecDeque::from([start]);
-        let mut out = Vec::new();
-        while let Some(n) = queue.pop_front() {
-            let d = dist[&n];
-            if d == max_hops {
-                continue;
-            }
-            for m in self
-                .graph
-                .neighbors_directed(n, petgraph::Direction::Incoming)
-            {
-                if let std::collections::hash_map::Entry::Vacant(e) = dist.entry(m) {
-                    e.insert(d + 1);
-                    queue.push_back(m);
-                    out.push(self.graph[m].id.clone());
-                }
-            }
-        }
+        let (reached, _) = self.bfs(id, max_hops, petgraph::Direction::Incoming);
+        let mut out: Vec<String> = reached
+            .into_iter()
+            .map(|(m, _)| self.graph[m].id.clone())
+            .collect();
         out.sort();
         out
     }
 
     /// Number of resources downstream of `id` (any distance): the reach of an action on it.
     pub fn downstream_count(&self, id: &str) -> usize {
-        self.downstream(id, usize::MAX).len()
+        self.bfs(id, usize::MAX, petgraph::Direction::Outgoing)
+            .0
+            .len()
     }
 
     /// Every resource id, sorted.
