@@ -8,8 +8,9 @@
 //! put per date; the digest of the incident ids names the file, so re-running rewrites the
 //! same files).
 //!
-//! Without an LLM client configured, rule 4 (a recent change) gets no answer and escalates:
-//! the engine never proceeds on a consult it could not make.
+//! Rule 4 (a recent change) consults Bedrock through [`crate::llm`] when a client is given;
+//! without one the consult fails and the incident escalates: the engine never proceeds on a
+//! consult it could not make.
 //!
 //! The change feed is CSV with a header: `resource,ts,kind,description`, `ts` in RFC 3339 or
 //! epoch milliseconds.
@@ -21,13 +22,14 @@ use arrow::array::{
     TimestampMillisecondArray,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMillisecondType};
-use healer_operators::decision::{Change, ConsultRequest, Decision, Policy, Verdict, decide};
+use healer_operators::decision::{Change, Decision, Policy, Step, begin, conclude};
 use healer_operators::id::StableHasher;
 use healer_operators::rca::{Incident, Observation, RcaConfig, analyse};
 use healer_operators::schema::ts_type;
 use healer_operators::severity::Severity;
 use healer_operators::topology::Topology;
 
+use crate::llm::BedrockConsultant;
 use crate::store::Location;
 
 /// Name of the incident schema, in the parquet metadata `healer.schema`.
@@ -167,45 +169,44 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// Diagnoses and decides every incident of `anomalies`.
-pub fn run(
+/// Diagnoses and decides every incident of `anomalies`, consulting `llm` under rule 4 (no
+/// client: the consult fails, which escalates).
+pub async fn run(
     topology: &Topology,
     anomalies: &[Observation],
     changes: &[Change],
     config: &RcaConfig,
     policy: &Policy,
+    llm: Option<&BedrockConsultant>,
 ) -> Vec<Diagnosed> {
     let incidents = analyse(topology, anomalies, config);
     let diagnosed_at = now_ms();
-    incidents
-        .into_iter()
-        .map(|incident| {
-            // No LLM client here: a consult cannot be made, which is a no-go.
-            let mut no_llm = |_: &ConsultRequest| -> Result<Verdict, String> {
-                Err("no LLM client configured".into())
-            };
-            let decision = decide(
-                &incident,
-                topology,
-                changes,
-                incident.end_ms,
-                policy,
-                &mut no_llm,
-            );
-            let mut h = StableHasher::new();
-            h.str("incident/v1").i64(incident.start_ms);
-            for r in &incident.resources {
-                h.str(r);
+    let mut out = Vec::with_capacity(incidents.len());
+    for incident in incidents {
+        let decision = match begin(&incident, topology, changes, incident.end_ms, policy) {
+            Step::Done(d) => d,
+            Step::Consult { request, pending } => {
+                let answer = match llm {
+                    Some(client) => client.consult(&request).await,
+                    None => Err("no LLM client configured".into()),
+                };
+                conclude(pending, policy, answer)
             }
-            Diagnosed {
-                id: h.hex(),
-                incident,
-                decision,
-                diagnosed_at_ms: diagnosed_at,
-                decided_at_ms: now_ms(),
-            }
-        })
-        .collect()
+        };
+        let mut h = StableHasher::new();
+        h.str("incident/v1").i64(incident.start_ms);
+        for r in &incident.resources {
+            h.str(r);
+        }
+        out.push(Diagnosed {
+            id: h.hex(),
+            incident,
+            decision,
+            diagnosed_at_ms: diagnosed_at,
+            decided_at_ms: now_ms(),
+        });
+    }
+    out
 }
 
 fn json_str(s: &str) -> String {

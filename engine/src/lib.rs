@@ -7,6 +7,7 @@
 //! * [`sink`]: the parquet incident log and the dead-letter output.
 //! * [`query`]: SQL over the incident log.
 //! * [`diagnose`]: incidents with root cause and decision from the logged anomalies.
+//! * [`llm`]: the Bedrock consult of the decision engine.
 //! * [`config`]: the pipeline configuration and its validation.
 //! * [`train`]: training data for models (parquet or CSV).
 
@@ -15,6 +16,7 @@ pub mod demo;
 pub mod diagnose;
 pub mod gate;
 pub mod job;
+pub mod llm;
 pub mod message;
 pub mod metrics;
 pub mod query;

@@ -59,6 +59,19 @@ struct DiagnoseArgs {
     /// Least root-cause confidence to act on.
     #[arg(long, default_value_t = 0.8)]
     min_confidence: f64,
+    /// Bedrock model id for the consult of rule 4 (a recent change); without it such
+    /// incidents escalate.
+    #[arg(long)]
+    llm_model: Option<String>,
+    /// Bedrock endpoint override.
+    #[arg(long)]
+    llm_endpoint: Option<String>,
+    /// Bedrock region.
+    #[arg(long, default_value = "us-east-1")]
+    llm_region: String,
+    /// Deadline of one consult attempt.
+    #[arg(long, default_value = "10s")]
+    llm_timeout: String,
     /// S3 endpoint for s3:// logs.
     #[arg(long)]
     s3_endpoint: Option<String>,
@@ -596,7 +609,29 @@ async fn diagnose(args: DiagnoseArgs) -> Result<ExitCode> {
         min_confidence: args.min_confidence,
         ..Policy::default()
     };
-    let diagnosed = diagnose::run(&topology, &anomalies, &changes, &config, &policy);
+    let llm = match &args.llm_model {
+        Some(model) => Some(
+            healer_engine::llm::BedrockConsultant::new(healer_engine::llm::LlmConfig {
+                model_id: model.clone(),
+                region: args.llm_region.clone(),
+                endpoint: args.llm_endpoint.clone(),
+                timeout: humantime::parse_duration(&args.llm_timeout)
+                    .with_context(|| format!("--llm-timeout `{}`", args.llm_timeout))?,
+                ..healer_engine::llm::LlmConfig::default()
+            })
+            .await,
+        ),
+        None => None,
+    };
+    let diagnosed = diagnose::run(
+        &topology,
+        &anomalies,
+        &changes,
+        &config,
+        &policy,
+        llm.as_ref(),
+    )
+    .await;
     let paths = diagnose::write(&log, &diagnosed)
         .await
         .map_err(|e| anyhow::anyhow!(e))?;

@@ -145,16 +145,29 @@ pub struct Decision {
     pub consult: Option<Result<Verdict, String>>,
 }
 
-/// Decides about `incident` at `now_ms`. `changes` is the change feed; `consult` asks the
-/// LLM (only called under rule 4).
-pub fn decide(
+/// The first part of a decision: either final, or waiting for the LLM (rule 4).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Decided without a consult.
+    Done(Decision),
+    /// Ask `request`, then [`conclude`] `pending` with the answer.
+    Consult {
+        /// What to ask.
+        request: ConsultRequest,
+        /// The decision so far.
+        pending: Decision,
+    },
+}
+
+/// Rules 1–4 for `incident` at `now_ms`; `changes` is the change feed. Callers that can
+/// consult synchronously use [`decide`].
+pub fn begin(
     incident: &Incident,
     topology: &Topology,
     changes: &[Change],
     now_ms: i64,
     policy: &Policy,
-    consult: &mut dyn FnMut(&ConsultRequest) -> Result<Verdict, String>,
-) -> Decision {
+) -> Step {
     let mut d = Decision {
         outcome: Outcome::Escalate,
         action: None,
@@ -165,7 +178,7 @@ pub fn decide(
     };
     let Some(rc) = incident.root_cause() else {
         d.reasons.push("unable to determine a root cause".into());
-        return d;
+        return Step::Done(d);
     };
     d.target = Some(rc.resource.clone());
     if rc.confidence < policy.min_confidence {
@@ -173,12 +186,12 @@ pub fn decide(
             "root cause {} at confidence {:.2} < {:.2}",
             rc.resource, rc.confidence, policy.min_confidence
         ));
-        return d;
+        return Step::Done(d);
     }
     let Some(action) = rc.recommended_actions.first() else {
         d.reasons
             .push(format!("no remediation for {} ({})", rc.resource, rc.kind));
-        return d;
+        return Step::Done(d);
     };
     d.action = Some(action.clone());
     let downstream = topology.downstream_count(&rc.resource);
@@ -197,7 +210,7 @@ pub fn decide(
             "{action} on {} has a high blast radius ({downstream} resources downstream)",
             rc.resource
         ));
-        return d;
+        return Step::Done(d);
     }
     let recent = changes
         .iter()
@@ -208,6 +221,12 @@ pub fn decide(
         })
         .max_by_key(|c| c.ts_ms);
     if let Some(change) = recent {
+        d.reasons.push(format!(
+            "{} changed {} min before ({}): consulted",
+            rc.resource,
+            (now_ms - change.ts_ms) / 60_000,
+            change.kind
+        ));
         let request = ConsultRequest {
             action: action.clone(),
             target: rc.resource.clone(),
@@ -219,37 +238,68 @@ pub fn decide(
                 .map(|o| format!("{} {} at {}", o.resource, o.metric, o.ts_ms))
                 .collect(),
         };
-        let answer = consult(&request);
-        d.reasons.push(format!(
-            "{} changed {} min ago ({}): consulted",
-            rc.resource,
-            (now_ms - change.ts_ms) / 60_000,
-            change.kind
-        ));
-        let go = matches!(&answer, Ok(v) if v.should_proceed
-            && v.confidence.is_finite()
-            && v.confidence > policy.llm_min_confidence);
-        match &answer {
-            Ok(v) if go => d
-                .reasons
-                .push(format!("consult approves at {:.2}", v.confidence)),
-            Ok(v) => d.reasons.push(format!(
-                "consult does not approve (proceed = {}, confidence {:.2})",
-                v.should_proceed, v.confidence
-            )),
-            Err(e) => d.reasons.push(format!("consult failed: {e}")),
-        }
-        d.consult = Some(answer);
-        if !go {
-            return d;
-        }
+        return Step::Consult {
+            request,
+            pending: d,
+        };
     }
+    heal(d)
+}
+
+fn heal(mut d: Decision) -> Step {
     d.outcome = Outcome::AutoHeal;
     d.reasons.push(format!(
-        "{action} on {} at confidence {:.2}",
-        rc.resource, rc.confidence
+        "{} on {}",
+        d.action.as_deref().unwrap_or("-"),
+        d.target.as_deref().unwrap_or("-")
     ));
-    d
+    Step::Done(d)
+}
+
+/// Rule 4's outcome: proceed only on a yes above `policy.llm_min_confidence`; a no, a low or
+/// invalid confidence, or any error escalates.
+pub fn conclude(
+    mut pending: Decision,
+    policy: &Policy,
+    answer: Result<Verdict, String>,
+) -> Decision {
+    let go = matches!(&answer, Ok(v) if v.should_proceed
+        && v.confidence.is_finite()
+        && v.confidence > policy.llm_min_confidence);
+    match &answer {
+        Ok(v) if go => pending
+            .reasons
+            .push(format!("consult approves at {:.2}", v.confidence)),
+        Ok(v) => pending.reasons.push(format!(
+            "consult does not approve (proceed = {}, confidence {:.2})",
+            v.should_proceed, v.confidence
+        )),
+        Err(e) => pending.reasons.push(format!("consult failed: {e}")),
+    }
+    pending.consult = Some(answer);
+    if !go {
+        return pending;
+    }
+    match heal(pending) {
+        Step::Done(d) => d,
+        Step::Consult { pending, .. } => pending,
+    }
+}
+
+/// Decides about `incident` at `now_ms`: [`begin`], then, when rule 4 applies, `consult`
+/// and [`conclude`].
+pub fn decide(
+    incident: &Incident,
+    topology: &Topology,
+    changes: &[Change],
+    now_ms: i64,
+    policy: &Policy,
+    consult: &mut dyn FnMut(&ConsultRequest) -> Result<Verdict, String>,
+) -> Decision {
+    match begin(incident, topology, changes, now_ms, policy) {
+        Step::Done(d) => d,
+        Step::Consult { request, pending } => conclude(pending, policy, consult(&request)),
+    }
 }
 
 #[cfg(test)]
