@@ -8,6 +8,7 @@
 //! * [`query`]: SQL over the incident log.
 //! * [`diagnose`]: incidents with root cause and decision from the logged anomalies.
 //! * [`llm`]: the Bedrock consult of the decision engine.
+//! * [`petshop`]: root-cause evaluation on the PetShop data set.
 //! * [`config`]: the pipeline configuration and its validation.
 //! * [`train`]: training data for models (parquet or CSV).
 
@@ -19,6 +20,7 @@ pub mod job;
 pub mod llm;
 pub mod message;
 pub mod metrics;
+pub mod petshop;
 pub mod query;
 pub mod sink;
 pub mod source;

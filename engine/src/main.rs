@@ -38,9 +38,28 @@ enum Command {
     /// Train a model on historical metrics.
     #[command(subcommand)]
     Train(TrainCommand),
+    /// Measure detection and root-cause quality on labelled data.
+    #[command(subcommand)]
+    Eval(EvalCommand),
     /// Correlate the log's anomalies into incidents, rank root causes over a topology and
     /// decide; writes `incidents/` into the log.
     Diagnose(DiagnoseArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum EvalCommand {
+    /// Root-cause ranking on the PetShop data set, next to the published baseline.
+    Rca(EvalRcaArgs),
+}
+
+#[derive(Debug, Args)]
+struct EvalRcaArgs {
+    /// The PetShop folder (holding `dataset/` and the baseline table).
+    #[arg(long)]
+    dataset: PathBuf,
+    /// Where to write `predictions.csv`.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -204,6 +223,7 @@ fn main() -> ExitCode {
             Command::Validate(args) => validate(args),
             Command::Train(TrainCommand::Iforest(args)) => train_iforest(args).await,
             Command::Diagnose(args) => diagnose(args).await,
+            Command::Eval(EvalCommand::Rca(args)) => eval_rca(args),
         }
     });
     match result {
@@ -659,6 +679,89 @@ async fn diagnose(args: DiagnoseArgs) -> Result<ExitCode> {
             d.decision.action.as_deref().unwrap_or("-"),
             d.decision.reasons.last().map_or("", String::as_str)
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn eval_rca(args: EvalRcaArgs) -> Result<ExitCode> {
+    use healer_engine::petshop;
+    let scenarios = if args.dataset.join("dataset").is_dir() {
+        args.dataset.join("dataset")
+    } else {
+        args.dataset.clone()
+    };
+    let eval = petshop::evaluate(&scenarios).map_err(|e| anyhow::anyhow!(e))?;
+    // The published traversal baseline, when the folder has it.
+    let mut baseline = std::collections::HashMap::new();
+    if let Ok(text) =
+        std::fs::read_to_string(args.dataset.join("baseline_anomaly_traversal_notebook.csv"))
+    {
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.starts_with("scenario"))
+        {
+            let f: Vec<&str> = line.split(',').collect();
+            if f.len() >= 7 {
+                baseline.insert(
+                    (f[0].to_string(), f[1].to_string()),
+                    (f[4].to_string(), f[5].to_string(), f[6].to_string()),
+                );
+            }
+        }
+    }
+    for p in &eval.predictions {
+        println!(
+            "{:<18} {:<5} {:<9} {:<12} truth={:<28} ranked={}",
+            p.scenario,
+            p.split,
+            p.issue,
+            p.metric,
+            p.truth.as_deref().unwrap_or("-"),
+            p.ranked
+                .iter()
+                .take(3)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
+    println!();
+    println!(
+        "{:<17} {:<12} {:>8} {:>6} {:>6} {:>6} {:>11} | baseline top1 top3 specificity",
+        "scenario", "metric", "labelled", "empty", "top1", "top3", "specificity"
+    );
+    let ratio = |a: usize, b: usize| {
+        if b == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.3}", a as f64 / b as f64)
+        }
+    };
+    for ((scenario, metric), s) in &eval.scores {
+        let (b1, b3, bs) = baseline
+            .get(&(scenario.clone(), metric.clone()))
+            .cloned()
+            .unwrap_or_else(|| ("-".into(), "-".into(), "-".into()));
+        println!(
+            "{:<17} {:<12} {:>8} {:>6} {:>6} {:>6} {:>11} | {:>13} {:>4} {:>11}",
+            scenario,
+            metric,
+            s.labelled,
+            s.empty,
+            ratio(s.top1, s.labelled),
+            ratio(s.top3, s.labelled),
+            ratio(s.quiet_windows, s.windows),
+            b1,
+            b3,
+            bs
+        );
+    }
+    if let Some(out) = &args.out {
+        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+        let path = out.join("predictions.csv");
+        std::fs::write(&path, petshop::predictions_csv(&eval))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("predictions written to {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
 }

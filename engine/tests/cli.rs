@@ -279,3 +279,41 @@ fn replay_then_diagnose() {
         "{err}"
     );
 }
+
+/// `healer eval rca` over the shared PetShop data: every issue predicted and written, every
+/// scenario group and metric scored next to the baseline.
+#[test]
+fn eval_rca_on_petshop() {
+    let shared = std::env::var_os("HEALER_SHARED_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    let petshop = shared.join("datasets/petshop");
+    assert!(petshop.is_dir(), "{} is missing", petshop.display());
+    let dir = tempfile::tempdir().unwrap();
+    let run = healer()
+        .args(["eval", "rca", "--dataset"])
+        .arg(&petshop)
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = succeeded(&run);
+    for group in ["low_traffic", "high_traffic", "temporal_traffic"] {
+        for metric in ["latency", "availability"] {
+            assert!(
+                stdout
+                    .lines()
+                    .any(|l| l.starts_with(group) && l.contains(metric) && l.contains('|')),
+                "{group} {metric}:\n{stdout}"
+            );
+        }
+    }
+    let csv = std::fs::read_to_string(dir.path().join("predictions.csv")).unwrap();
+    let index = std::fs::read_to_string(petshop.join("issues_index.csv")).unwrap();
+    assert_eq!(
+        csv.lines().count(),
+        index.lines().count(),
+        "one row per issue plus the header"
+    );
+    assert!(csv.starts_with("scenario,split,issue,metric,ranked\n"));
+}

@@ -2,7 +2,8 @@
 //!
 //! # Correlation
 //! Anomalies are taken in event-time order. The earliest one not yet assigned opens a window
-//! of [`RcaConfig::window_ms`] (default 5 minutes); the anomalous resources inside it are
+//! of [`RcaConfig::window_ms`] (default 5 minutes, both ends included, so that metrics
+//! sampled every 5 minutes correlate with the next sample); the anomalous resources inside it are
 //! split into incidents by linkage: two resources are linked when one reaches the other along
 //! dependency edges within [`RcaConfig::max_hops`] hops, whatever the resources in between
 //! (a silent intermediate resource does not break the chain). Two faults that share no
@@ -187,12 +188,35 @@ pub fn analyse(
         let open = sorted[start].ts_ms;
         let end = sorted[start..]
             .iter()
-            .position(|o| o.ts_ms >= open + config.window_ms)
+            .position(|o| o.ts_ms > open + config.window_ms)
             .map_or(sorted.len(), |p| start + p);
         incidents.extend(window(topology, &sorted[start..end], config));
         start = end;
     }
     incidents
+}
+
+/// The incident of a known symptom: only anomalies on `symptom` or on resources that can
+/// reach it within `max_hops` are correlated (anything else cannot explain it), and the
+/// incident that holds `symptom` is returned, `None` when the symptom shows no anomaly.
+pub fn explain(
+    topology: &Topology,
+    anomalies: &[Observation],
+    symptom: &str,
+    config: &RcaConfig,
+) -> Option<Incident> {
+    let ancestors: BTreeSet<String> = topology
+        .upstream(symptom, config.max_hops)
+        .into_iter()
+        .collect();
+    let relevant: Vec<Observation> = anomalies
+        .iter()
+        .filter(|o| o.resource == symptom || ancestors.contains(&o.resource))
+        .cloned()
+        .collect();
+    analyse(topology, &relevant, config)
+        .into_iter()
+        .find(|i| i.resources.iter().any(|r| r == symptom))
 }
 
 /// The incidents of one correlation window.
@@ -530,6 +554,25 @@ mod tests {
         let rc = incidents[0].root_cause().unwrap();
         assert_eq!(rc.resource, "db");
         assert_eq!(rc.evidence.paths[1], ["db", "api", "web"]);
+    }
+
+    #[test]
+    fn explaining_a_symptom_ignores_what_cannot_reach_it() {
+        let t = fleet();
+        // The cache (upstream of app4 only) misbehaves too; app1's symptom is the db's.
+        let a = vec![
+            obs("cache", "cache_hit_rate", 0, 0.9),
+            obs("db", "db_connections", 5, 0.8),
+            obs("app1", "response_time_ms", 20, 0.6),
+            obs("app4", "response_time_ms", 25, 0.6),
+        ];
+        let i = explain(&t, &a, "app1", &RcaConfig::default()).unwrap();
+        assert_eq!(i.resources, ["app1", "db"]);
+        assert_eq!(i.root_cause().unwrap().resource, "db");
+        assert!(
+            explain(&t, &a, "app2", &RcaConfig::default()).is_none(),
+            "app2 shows nothing"
+        );
     }
 
     #[test]
