@@ -12,6 +12,20 @@
 //! region = "us-east-1"
 //! allow_http = true
 //!
+//! [source.kinesis]          # only for kind = "kinesis" (`healer run`)
+//! stream = "metrics"         # stream name or ARN
+//! region = "us-east-1"       # unset: the standard AWS chain (AWS_REGION, profile, …)
+//! endpoint = "http://127.0.0.1:4567"   # unset: the AWS endpoint
+//! start = "trim_horizon"     # or "latest", "at_timestamp" (with start_timestamp)
+//! poll_interval = "200ms"    # GetRecords per shard at most this often (5/s is AWS's limit)
+//! max_poll_interval = "2s"   # back-off ceiling while a shard is empty
+//! idle_timeout = "5s"        # an empty shard at its tip stops holding the watermark
+//! batch_max_rows = 8192      # micro-batches: at most this many rows …
+//! batch_max_delay = "200ms"  # … or this old
+//!
+//! [source.schema]            # columns of JSON records beyond ts and resource; default: the
+//! cpu_percent = "double"     # canonical schema (service, region and the 16 metrics)
+//!
 //! [rules]
 //! paths = []                 # rule files or directories; empty = the bundled rules
 //!
@@ -25,6 +39,11 @@
 //! [sink]
 //! out = "healer-out"          # directory or URL of the incident log
 //! max_rows_per_file = 1000000
+//! flush_interval = "1s"      # streaming: buffered anomalies are written at least this often
+//!
+//! [checkpoint]                # streaming (`healer run`) only
+//! location = ""               # default: <sink.out>/checkpoints
+//! interval = "10s"
 //! ```
 //!
 //! Every section and key is optional; the defaults are the ones shown. Unknown keys are
@@ -42,7 +61,7 @@ use crate::store::S3Config;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SourceConfig {
-    /// Source kind; `parquet` is the only one in this build.
+    /// Source kind: `parquet` (replay) or `kinesis` (`healer run`).
     pub kind: String,
     /// Inputs: files, directories (every `*.parquet` below), `file://` or `s3://` URLs.
     pub paths: Vec<String>,
@@ -52,6 +71,11 @@ pub struct SourceConfig {
     pub batch_rows: usize,
     /// S3 settings for `s3://` inputs.
     pub s3: S3Config,
+    /// Kinesis settings, for `kind = "kinesis"`.
+    pub kinesis: KinesisConfig,
+    /// Columns of decoded records (name → `double`, `int` or `string`) besides `ts` and
+    /// `resource`; empty means the canonical schema.
+    pub schema: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for SourceConfig {
@@ -62,6 +86,91 @@ impl Default for SourceConfig {
             speed: "max".into(),
             batch_rows: 8192,
             s3: S3Config::default(),
+            kinesis: KinesisConfig::default(),
+            schema: Default::default(),
+        }
+    }
+}
+
+/// Kinesis source settings (`[source.kinesis]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KinesisConfig {
+    /// Stream name or ARN.
+    pub stream: String,
+    /// Region; unset means the standard AWS chain.
+    pub region: Option<String>,
+    /// Endpoint override (an emulator, a VPC endpoint).
+    pub endpoint: Option<String>,
+    /// Access key id; unset means the standard AWS credential chain.
+    pub access_key_id: Option<String>,
+    /// Secret access key.
+    pub secret_access_key: Option<String>,
+    /// Where shards without a checkpoint start: `trim_horizon`, `latest` or `at_timestamp`.
+    pub start: String,
+    /// RFC 3339 time for `start = "at_timestamp"`.
+    pub start_timestamp: Option<String>,
+    /// Record format: `json` (one sample object, or an array of them, per record).
+    pub format: String,
+    /// Records larger than this many bytes are dead-lettered.
+    pub max_record_bytes: usize,
+    /// Shortest interval between two GetRecords calls on one shard.
+    pub poll_interval: String,
+    /// Longest interval, reached by backing off while a shard returns nothing.
+    pub max_poll_interval: String,
+    /// Records asked for per GetRecords call (at most 10,000).
+    pub records_per_get: i32,
+    /// How often the shard list is refreshed (new shards after a reshard).
+    pub list_shards_interval: String,
+    /// A shard read to its tip that stays empty this long stops holding the watermark.
+    pub idle_timeout: String,
+    /// A micro-batch is sent when it holds this many rows …
+    pub batch_max_rows: usize,
+    /// … or when its oldest row has waited this long.
+    pub batch_max_delay: String,
+}
+
+impl Default for KinesisConfig {
+    fn default() -> Self {
+        Self {
+            stream: String::new(),
+            region: None,
+            endpoint: None,
+            access_key_id: None,
+            secret_access_key: None,
+            start: "trim_horizon".into(),
+            start_timestamp: None,
+            format: "json".into(),
+            max_record_bytes: 1 << 20,
+            poll_interval: "200ms".into(),
+            max_poll_interval: "2s".into(),
+            records_per_get: 10_000,
+            list_shards_interval: "10s".into(),
+            idle_timeout: "5s".into(),
+            batch_max_rows: 8192,
+            batch_max_delay: "200ms".into(),
+        }
+    }
+}
+
+/// Checkpoint settings (`[checkpoint]`), for the streaming job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Directory or URL; empty means `<sink.out>/checkpoints`.
+    pub location: String,
+    /// Time between two checkpoints.
+    pub interval: String,
+    /// Completed checkpoints kept (older ones are deleted).
+    pub retain: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            location: String::new(),
+            interval: "10s".into(),
+            retain: 3,
         }
     }
 }
@@ -127,6 +236,8 @@ pub struct SinkConfig {
     pub max_rows_per_file: usize,
     /// S3 settings for an `s3://` output.
     pub s3: S3Config,
+    /// Streaming: buffered anomalies are written at least this often.
+    pub flush_interval: String,
 }
 
 impl Default for SinkConfig {
@@ -135,6 +246,7 @@ impl Default for SinkConfig {
             out: "healer-out".into(),
             max_rows_per_file: 1_000_000,
             s3: S3Config::default(),
+            flush_interval: "1s".into(),
         }
     }
 }
@@ -153,6 +265,8 @@ pub struct PipelineConfig {
     pub engine: EngineConfig,
     /// Incident log.
     pub sink: SinkConfig,
+    /// Checkpoints of the streaming job.
+    pub checkpoint: CheckpointConfig,
 }
 
 /// Replay pace.
@@ -288,11 +402,13 @@ impl PipelineConfig {
                 "event_time" => value.clone().try_into().map(|v| config.event_time = v),
                 "engine" => value.clone().try_into().map(|v| config.engine = v),
                 "sink" => value.clone().try_into().map(|v| config.sink = v),
+                "checkpoint" => value.clone().try_into().map(|v| config.checkpoint = v),
                 other => {
                     problems.push(problem(
                         locate(text, other, ""),
                         other,
-                        "unknown section (expected source, rules, event_time, engine, sink)".into(),
+                        "unknown section (expected source, rules, event_time, engine, sink, checkpoint)"
+                            .into(),
                     ));
                     continue;
                 }
@@ -310,7 +426,7 @@ impl PipelineConfig {
             }
         }
         for (key, message) in config.validate() {
-            let (section, leaf) = key.split_once('.').unwrap_or((key.as_str(), ""));
+            let (section, leaf) = key.rsplit_once('.').unwrap_or((key.as_str(), ""));
             problems.push(problem(locate(text, section, leaf), &key, message));
         }
         if problems.is_empty() {
@@ -324,14 +440,40 @@ impl PipelineConfig {
     /// Semantic checks; every problem as (key path, message).
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
-        if self.source.kind != "parquet" {
-            problems.push((
+        match self.source.kind.as_str() {
+            "parquet" => {}
+            "kinesis" => self.validate_kinesis(&mut problems),
+            other => problems.push((
                 "source.kind".into(),
-                format!(
-                    "unknown source kind `{}` (this build has: parquet)",
-                    self.source.kind
-                ),
-            ));
+                format!("unknown source kind `{other}` (this build has: parquet, kinesis)"),
+            )),
+        }
+        for (name, ty) in &self.source.schema {
+            if crate::kinesis::decode::column_type(ty).is_none() {
+                problems.push((
+                    "source.schema".into(),
+                    format!("column `{name}`: unknown type `{ty}` (double, int or string)"),
+                ));
+            }
+            if name == "ts" || name == "resource" {
+                problems.push((
+                    "source.schema".into(),
+                    format!("`{name}` is always present and cannot be redeclared"),
+                ));
+            }
+        }
+        for (key, value) in [
+            ("sink.flush_interval", &self.sink.flush_interval),
+            ("checkpoint.interval", &self.checkpoint.interval),
+        ] {
+            match parse_duration(value) {
+                Ok(d) if d.is_zero() => problems.push((key.into(), "must be positive".into())),
+                Ok(_) => {}
+                Err(e) => problems.push((key.into(), e)),
+            }
+        }
+        if self.checkpoint.retain == 0 {
+            problems.push(("checkpoint.retain".into(), "must be at least 1".into()));
         }
         if let Err(e) = parse_speed(&self.source.speed) {
             problems.push(("source.speed".into(), e));
@@ -358,6 +500,59 @@ impl PipelineConfig {
             problems.push(("sink.out".into(), "must name a directory or URL".into()));
         }
         problems
+    }
+
+    fn validate_kinesis(&self, problems: &mut Vec<(String, String)>) {
+        let k = &self.source.kinesis;
+        let mut bad = |key: &str, message: String| {
+            problems.push((format!("source.kinesis.{key}"), message));
+        };
+        if k.stream.trim().is_empty() {
+            bad("stream", "name the stream (its name or ARN)".into());
+        }
+        match k.start.as_str() {
+            "trim_horizon" | "latest" => {}
+            "at_timestamp" => match &k.start_timestamp {
+                Some(t) if chrono::DateTime::parse_from_rfc3339(t).is_ok() => {}
+                Some(t) => bad("start_timestamp", format!("`{t}` is not an RFC 3339 time")),
+                None => bad(
+                    "start_timestamp",
+                    "required with start = \"at_timestamp\"".into(),
+                ),
+            },
+            other => bad(
+                "start",
+                format!("`{other}`: expected trim_horizon, latest or at_timestamp"),
+            ),
+        }
+        if k.format != "json" {
+            bad("format", format!("`{}`: this build decodes json", k.format));
+        }
+        if !(1..=10_000).contains(&k.records_per_get) {
+            bad("records_per_get", "between 1 and 10000".into());
+        }
+        if k.batch_max_rows == 0 {
+            bad("batch_max_rows", "must be at least 1".into());
+        }
+        if k.max_record_bytes == 0 {
+            bad("max_record_bytes", "must be at least 1".into());
+        }
+        for (key, value) in [
+            ("poll_interval", &k.poll_interval),
+            ("max_poll_interval", &k.max_poll_interval),
+            ("list_shards_interval", &k.list_shards_interval),
+            ("idle_timeout", &k.idle_timeout),
+            ("batch_max_delay", &k.batch_max_delay),
+        ] {
+            if let Err(e) = parse_duration(value) {
+                bad(key, e);
+            }
+        }
+    }
+
+    /// A duration setting that [`PipelineConfig::validate`] accepted.
+    pub fn duration(value: &str) -> Duration {
+        parse_duration(value).unwrap_or(Duration::from_secs(1))
     }
 
     /// The out-of-orderness bound in milliseconds.

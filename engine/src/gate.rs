@@ -11,6 +11,11 @@
 //! returned as rejected, with the reason, for the dead-letter output. Which rows are late is
 //! thus a function of the arrival order alone, never of batch boundaries. So are rows without a
 //! timestamp or a resource.
+//!
+//! A gate *with external watermarks* ([`EventTimeGate::with_external_watermarks`]) does not
+//! derive the watermark from the rows: the source sets it with [`EventTimeGate::advance`].
+//! A stream of many shards does so because only the source knows how far each shard has
+//! been read (the watermark is the minimum over the shards, not over the rows seen).
 
 use std::sync::Arc;
 
@@ -45,6 +50,17 @@ pub struct EventTimeGate {
     watermark: i64,
     /// Sorted batches with their timestamps, all rows `>= watermark`.
     pending: Vec<(RecordBatch, Vec<i64>)>,
+    /// Whether the watermark is set by [`EventTimeGate::advance`] only.
+    external: bool,
+}
+
+/// The saved state of an [`EventTimeGate`], for checkpoints.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GateState {
+    max_ts: i64,
+    watermark: i64,
+    /// The rows not released yet, as an Arrow IPC stream.
+    pending: Vec<u8>,
 }
 
 impl EventTimeGate {
@@ -59,7 +75,74 @@ impl EventTimeGate {
             max_ts: i64::MIN,
             watermark: i64::MIN,
             pending: Vec::new(),
+            external: false,
         }
+    }
+
+    /// The same gate, with its watermark set by [`EventTimeGate::advance`] instead of the
+    /// rows. Late rows are still those behind the watermark when they arrive.
+    pub fn with_external_watermarks(mut self) -> Self {
+        self.external = true;
+        self
+    }
+
+    /// Moves the watermark to `w` (if that is ahead) and releases the rows before it.
+    pub fn advance(&mut self, w: i64) -> Result<GateOutput, ArrowError> {
+        let mut out = GateOutput::default();
+        if w > self.watermark {
+            out.released = self.release(w)?;
+            self.watermark = w;
+            out.watermark = Some(w);
+        }
+        Ok(out)
+    }
+
+    /// A watermark from the source: taken by a gate with external watermarks, ignored by
+    /// one that derives its own.
+    pub fn advance_external(&mut self, w: i64) -> Result<GateOutput, ArrowError> {
+        if self.external {
+            self.advance(w)
+        } else {
+            Ok(GateOutput::default())
+        }
+    }
+
+    /// The gate's state: its clocks and the rows it holds.
+    pub fn save(&self) -> Result<GateState, ArrowError> {
+        let mut pending = Vec::new();
+        {
+            let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut pending, &self.schema)?;
+            for (batch, _) in &self.pending {
+                writer.write(batch)?;
+            }
+            writer.finish()?;
+        }
+        Ok(GateState {
+            max_ts: self.max_ts,
+            watermark: self.watermark,
+            pending,
+        })
+    }
+
+    /// Replaces the gate's state with a saved one (of a gate over the same schema).
+    pub fn restore(&mut self, state: &GateState) -> Result<(), ArrowError> {
+        let reader =
+            arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(&state.pending), None)?;
+        if reader.schema().fields() != self.schema.fields() {
+            return Err(ArrowError::SchemaError(
+                "the saved gate holds rows of another schema".into(),
+            ));
+        }
+        self.pending.clear();
+        for batch in reader {
+            let batch = batch?;
+            let batch = RecordBatch::try_new(Arc::clone(&self.schema), batch.columns().to_vec())?;
+            let ts = ts_values(&batch);
+            self.pending.push((batch, ts));
+        }
+        self.max_ts = state.max_ts;
+        self.watermark = state.watermark;
+        Ok(())
     }
 
     /// The current watermark.
@@ -83,7 +166,11 @@ impl EventTimeGate {
         let mut max_ts = self.max_ts;
         let mut reasons: Vec<Option<&'static str>> = Vec::with_capacity(ts.len());
         for (i, &t) in ts.iter().enumerate() {
-            let watermark = self.watermark.max(max_ts.saturating_sub(self.delay_ms));
+            let watermark = if self.external {
+                self.watermark
+            } else {
+                self.watermark.max(max_ts.saturating_sub(self.delay_ms))
+            };
             reasons.push(if t == i64::MIN {
                 Some("missing ts")
             } else if resource
@@ -123,6 +210,9 @@ impl EventTimeGate {
             let ts = ts_values(&accepted);
             self.max_ts = self.max_ts.max(*ts.last().expect("non-empty"));
             self.pending.push((accepted, ts));
+        }
+        if self.external {
+            return Ok(out);
         }
         let w = self.max_ts.saturating_sub(self.delay_ms);
         if w > self.watermark {
@@ -254,5 +344,34 @@ mod tests {
             .unwrap();
         assert_eq!(released_ts(&out), vec![2, 2, 2]);
         assert_eq!(out.watermark, Some(3));
+    }
+
+    #[test]
+    fn external_watermarks_and_saved_state() {
+        let mut gate = EventTimeGate::new(schema(), 5).with_external_watermarks();
+        let out = gate
+            .push(batch(&[Some(10), Some(3), Some(12)], &[Some("a"); 3]))
+            .unwrap();
+        // Nothing moves until the source says so; 3 is not late (the watermark is MIN).
+        assert!(out.rejected.is_none());
+        assert_eq!(out.watermark, None);
+        let out = gate.advance(10).unwrap();
+        assert_eq!(released_ts(&out), vec![3]);
+        assert_eq!(out.watermark, Some(10));
+        assert!(
+            gate.advance(9).unwrap().watermark.is_none(),
+            "never backwards"
+        );
+
+        let saved = gate.save().unwrap();
+        let mut restored = EventTimeGate::new(schema(), 5).with_external_watermarks();
+        restored.restore(&saved).unwrap();
+        assert_eq!(restored.watermark(), 10);
+        let out = restored
+            .push(batch(&[Some(9), Some(11)], &[Some("a"); 2]))
+            .unwrap();
+        assert_eq!(out.late, 1, "9 is behind the restored watermark");
+        let out = restored.finish().unwrap();
+        assert_eq!(released_ts(&out), vec![10, 11, 12]);
     }
 }

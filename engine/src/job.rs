@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, UInt32Array};
 use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
 use arrow::datatypes::SchemaRef;
+use healer_operators::keys::KeyValue;
 use healer_operators::schema::{LOG_TAGS, RESOURCE, anomaly_schema};
 use healer_operators::severity::Severity;
 use healer_operators::unpivot::Unpivot;
@@ -26,6 +27,7 @@ use healer_sql::rule::required_columns;
 use healer_sql::{CompiledRule, RuleCompiler, RuleErrors, RuleInstance, StreamTable};
 use tokio::sync::mpsc;
 
+use crate::checkpoint::{Ack, Checkpoint, Part, WorkerState};
 use crate::config::{PipelineConfig, parse_speed};
 use crate::gate::EventTimeGate;
 use crate::message::{MAX_WATERMARK, Message};
@@ -65,6 +67,9 @@ pub enum JobError {
     /// A pipeline task stopped because another one failed.
     #[error("pipeline stage `{0}` stopped early")]
     Closed(&'static str),
+    /// A checkpoint could not be read, written or restored.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
     /// A task panicked.
     #[error("internal error: task panicked: {0}")]
     Panic(String),
@@ -242,6 +247,113 @@ impl Job {
         let started = Instant::now();
         let capacity = self.config.engine.channel_capacity.max(1);
         let schema = Arc::clone(self.source.output_schema());
+        let input_files = self.source.file_count();
+        let (source_tx, source_rx) = mpsc::channel::<Message>(capacity);
+        let source = self.source;
+        let m = Arc::clone(&self.metrics);
+        let source_task =
+            tokio::spawn(async move { source.run(source_tx, m).await.map_err(JobError::from) });
+        let pipeline = Pipeline {
+            schema,
+            rules: self.rules,
+            partitions: self.partitions,
+            partition_by: self.partition_by,
+            out: self.out,
+            config: self.config,
+            metrics: self.metrics,
+        };
+        let output = pipeline.run(source_rx, None).await;
+        let source = source_task
+            .await
+            .map_err(|e| JobError::Panic(e.to_string()))?;
+        let output = first_error(output, source)?;
+        Ok(output.into_summary(started, input_files))
+    }
+}
+
+/// The result of the pipeline and of its source: the pipeline's first error that is not a
+/// consequence of another stage stopping wins.
+pub(crate) fn first_error(
+    output: Result<PipelineOutput, JobError>,
+    source: Result<(), JobError>,
+) -> Result<PipelineOutput, JobError> {
+    match (output, source) {
+        (Ok(o), Ok(())) => Ok(o),
+        (Err(e), Ok(())) => Err(e),
+        (Ok(_), Err(e)) => Err(e),
+        (Err(p), Err(s)) => Err(if is_consequence(&p) { s } else { p }),
+    }
+}
+
+fn is_consequence(e: &JobError) -> bool {
+    matches!(
+        e,
+        JobError::Closed(_) | JobError::Source(SourceError::Closed)
+    )
+}
+
+/// What the pipeline produced.
+#[derive(Debug)]
+pub(crate) struct PipelineOutput {
+    pub files: Vec<WrittenFile>,
+    pub dead_letter_files: Vec<WrittenFile>,
+    pub counts: Vec<RuleCounts>,
+    pub metric_columns: usize,
+    pub partitions: usize,
+    pub metrics: Arc<PipelineMetrics>,
+    pub out: String,
+}
+
+impl PipelineOutput {
+    pub(crate) fn into_summary(self, started: Instant, input_files: usize) -> Summary {
+        Summary {
+            elapsed: started.elapsed(),
+            metrics: self.metrics.snapshot(),
+            metric_columns: self.metric_columns,
+            partitions: self.partitions,
+            input_files,
+            rules: self.counts,
+            files: self.files,
+            dead_letter_files: self.dead_letter_files,
+            out: self.out,
+        }
+    }
+}
+
+/// Streaming settings of a pipeline: checkpoints and the state to start from.
+#[derive(Debug)]
+pub(crate) struct Streaming {
+    /// Where stages report their checkpoint parts.
+    pub acks: mpsc::Sender<Ack>,
+    /// The checkpoint to restore, if any.
+    pub restore: Option<Checkpoint>,
+    /// The epoch rows written now belong to.
+    pub open_epoch: u64,
+    /// The sinks write buffered rows at least this often.
+    pub flush_interval: Duration,
+}
+
+/// The dataflow after the source: gate and router, keyed workers, merge, sinks.
+#[derive(Debug)]
+pub(crate) struct Pipeline {
+    pub schema: SchemaRef,
+    pub rules: Vec<Arc<CompiledRule>>,
+    pub partitions: usize,
+    pub partition_by: Option<usize>,
+    pub out: Location,
+    pub config: PipelineConfig,
+    pub metrics: Arc<PipelineMetrics>,
+}
+
+impl Pipeline {
+    /// Runs until the source ends (or suspends, when streaming).
+    pub(crate) async fn run(
+        self,
+        source_rx: mpsc::Receiver<Message>,
+        streaming: Option<Streaming>,
+    ) -> Result<PipelineOutput, JobError> {
+        let capacity = self.config.engine.channel_capacity.max(1);
+        let schema = Arc::clone(&self.schema);
         let metric_columns = schema
             .fields()
             .iter()
@@ -249,19 +361,23 @@ impl Job {
             .count();
         let metrics = Arc::clone(&self.metrics);
         let partitions = self.partitions;
-        let input_files = self.source.file_count();
+        let acks = streaming.as_ref().map(|s| s.acks.clone());
+        let restore = streaming.as_ref().and_then(|s| s.restore.as_ref());
+        let routing = self
+            .partition_by
+            .map(|i| schema.field(i).name().clone())
+            .filter(|_| partitions > 1);
 
-        let (source_tx, source_rx) = mpsc::channel::<Message>(capacity);
-        let (dead_tx, mut dead_rx) = mpsc::channel::<Message>(capacity);
+        let (dead_tx, dead_rx) = mpsc::channel::<Message>(capacity);
         let (merge_tx, merge_rx) = mpsc::channel::<(usize, Step)>(capacity * partitions);
-        let (sink_tx, mut sink_rx) = mpsc::channel::<Message>(capacity);
+        let (sink_tx, sink_rx) = mpsc::channel::<Message>(capacity);
         let mut worker_txs = Vec::new();
         let mut tasks = tokio::task::JoinSet::new();
 
         for worker in 0..partitions {
             let (tx, rx) = mpsc::channel::<Message>(capacity);
             worker_txs.push(tx);
-            let instances = self
+            let mut instances = self
                 .rules
                 .iter()
                 .map(|r| r.instantiate())
@@ -272,62 +388,53 @@ impl Job {
             } else {
                 None
             };
-            let tags = TagFiller::new(&schema);
+            let mut tags = TagFiller::new(&schema);
+            if let Some(checkpoint) = restore {
+                let owner = Owner {
+                    routing: routing.clone(),
+                    worker,
+                    partitions,
+                };
+                restore_worker(&mut instances, tags.as_mut(), &checkpoint.workers, &owner)?;
+            }
             let merge_tx = merge_tx.clone();
             let metrics = Arc::clone(&metrics);
-            tasks.spawn_blocking(move || {
-                run_worker(worker, rx, merge_tx, instances, unpivot, tags, &metrics)
-            });
+            let parts = WorkerParts {
+                worker,
+                rules: instances,
+                unpivot,
+                tags,
+                acks: acks.clone(),
+            };
+            tasks.spawn_blocking(move || run_worker(parts, rx, merge_tx, &metrics));
         }
         drop(merge_tx);
 
-        let source = self.source;
-        let m = Arc::clone(&metrics);
-        tasks.spawn(async move { source.run(source_tx, m).await.map_err(JobError::from) });
-
-        let gate = EventTimeGate::new(Arc::clone(&schema), self.config.out_of_orderness_ms());
+        let mut gate = EventTimeGate::new(Arc::clone(&schema), self.config.out_of_orderness_ms());
+        if streaming.is_some() {
+            gate = gate.with_external_watermarks();
+        }
+        if let Some(checkpoint) = restore {
+            gate.restore(&checkpoint.gate)?;
+        }
         let key = self.partition_by;
         let m = Arc::clone(&metrics);
-        tasks.spawn_blocking(move || run_router(source_rx, gate, key, worker_txs, dead_tx, &m));
+        let router_acks = acks.clone();
+        tasks.spawn_blocking(move || {
+            run_router(source_rx, gate, key, worker_txs, dead_tx, &m, router_acks)
+        });
 
         tasks.spawn_blocking(move || run_merge(merge_rx, partitions, sink_tx));
 
-        let out = self.out.clone();
-        let max_rows = self.config.sink.max_rows_per_file;
-        let sink = tokio::spawn(async move {
-            let mut log = IncidentLog::new(out, anomaly_schema(), max_rows);
-            let mut counts: Vec<RuleCounts> = Vec::new();
-            while let Some(msg) = sink_rx.recv().await {
-                match msg {
-                    Message::Data(batch) => {
-                        count(&mut counts, &batch);
-                        log.push(batch).await?;
-                    }
-                    Message::Watermark(w) => log.advance(w).await?,
-                    Message::Barrier(_) => {}
-                    Message::End => {
-                        log.advance(MAX_WATERMARK).await?;
-                        return Ok::<_, JobError>((log.written().to_vec(), counts));
-                    }
-                }
-            }
-            Err(JobError::Closed("merge"))
-        });
-        let out = self.out.clone();
-        let dead = tokio::spawn(async move {
-            let mut dl = DeadLetter::new(out, max_rows);
-            while let Some(msg) = dead_rx.recv().await {
-                match msg {
-                    Message::Data(batch) => dl.push(batch).await?,
-                    Message::End => {
-                        dl.flush().await?;
-                        return Ok::<_, JobError>(dl.written().to_vec());
-                    }
-                    _ => {}
-                }
-            }
-            Err(JobError::Closed("router"))
-        });
+        let sink_options = SinkOptions {
+            out: self.out.clone(),
+            max_rows: self.config.sink.max_rows_per_file,
+            streaming: streaming
+                .as_ref()
+                .map(|s| (s.open_epoch, s.flush_interval, s.acks.clone())),
+        };
+        let sink = tokio::spawn(run_anomaly_sink(sink_rx, sink_options.clone()));
+        let dead = tokio::spawn(run_dead_letter(dead_rx, "dead_letter", sink_options));
 
         let mut errors = Vec::new();
         while let Some(joined) = tasks.join_next().await {
@@ -354,12 +461,7 @@ impl Job {
             }
         };
         // The root cause is the first error that is not a consequence of another.
-        if let Some(i) = errors.iter().position(|e| {
-            !matches!(
-                e,
-                JobError::Closed(_) | JobError::Source(SourceError::Closed)
-            )
-        }) {
+        if let Some(i) = errors.iter().position(|e| !is_consequence(e)) {
             return Err(errors.swap_remove(i));
         }
         if let Some(e) = errors.pop() {
@@ -374,18 +476,185 @@ impl Job {
             }
         }
         counts.sort_by(|a, b| a.rule.cmp(&b.rule));
-        Ok(Summary {
-            elapsed: started.elapsed(),
-            metrics: metrics.snapshot(),
-            metric_columns,
-            partitions,
-            input_files,
-            rules: counts,
+        Ok(PipelineOutput {
             files,
             dead_letter_files,
+            counts,
+            metric_columns,
+            partitions,
+            metrics,
             out: self.out.display(),
         })
     }
+}
+
+/// Where and how the sinks write.
+#[derive(Debug, Clone)]
+pub(crate) struct SinkOptions {
+    pub out: Location,
+    pub max_rows: usize,
+    /// Streaming: open epoch, flush interval, checkpoint parts.
+    pub streaming: Option<(u64, Duration, mpsc::Sender<Ack>)>,
+}
+
+async fn run_anomaly_sink(
+    mut rx: mpsc::Receiver<Message>,
+    options: SinkOptions,
+) -> Result<(Vec<WrittenFile>, Vec<RuleCounts>), JobError> {
+    let mut log = IncidentLog::new(options.out, anomaly_schema(), options.max_rows);
+    let mut tick = None;
+    let mut acks = None;
+    if let Some((epoch, every, a)) = options.streaming {
+        log = log.streaming(epoch);
+        let mut t = tokio::time::interval(every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick = Some(t);
+        acks = Some(a);
+    }
+    let mut counts: Vec<RuleCounts> = Vec::new();
+    loop {
+        let msg = match tick.as_mut() {
+            Some(t) => tokio::select! {
+                m = rx.recv() => m,
+                _ = t.tick() => {
+                    log.flush_open().await?;
+                    continue;
+                }
+            },
+            None => rx.recv().await,
+        };
+        let Some(msg) = msg else {
+            return Err(JobError::Closed("merge"));
+        };
+        match msg {
+            Message::Data(batch) => {
+                count(&mut counts, &batch);
+                log.push(batch).await?;
+            }
+            Message::Watermark(w) => log.advance(w).await?,
+            Message::Barrier(epoch) => {
+                if let Some(acks) = &acks {
+                    log.commit(epoch).await?;
+                    acks.send((epoch, Part::Committed("anomalies")))
+                        .await
+                        .map_err(|_| JobError::Closed("checkpoints"))?;
+                }
+            }
+            Message::End => {
+                log.advance(MAX_WATERMARK).await?;
+                return Ok((log.written().to_vec(), counts));
+            }
+            Message::Suspend => return Ok((log.written().to_vec(), counts)),
+        }
+    }
+}
+
+/// The dead-letter writer task (`prefix` names its folder and its checkpoint part).
+pub(crate) async fn run_dead_letter(
+    mut rx: mpsc::Receiver<Message>,
+    prefix: &'static str,
+    options: SinkOptions,
+) -> Result<Vec<WrittenFile>, JobError> {
+    let mut dl = DeadLetter::with_prefix(options.out, prefix, options.max_rows);
+    let mut tick = None;
+    let mut acks = None;
+    if let Some((epoch, every, a)) = options.streaming {
+        dl = dl.streaming(epoch);
+        let mut t = tokio::time::interval(every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick = Some(t);
+        acks = Some(a);
+    }
+    loop {
+        let msg = match tick.as_mut() {
+            Some(t) => tokio::select! {
+                m = rx.recv() => m,
+                _ = t.tick() => {
+                    dl.flush().await?;
+                    continue;
+                }
+            },
+            None => rx.recv().await,
+        };
+        let Some(msg) = msg else {
+            return Err(JobError::Closed("router"));
+        };
+        match msg {
+            Message::Data(batch) => dl.push(batch).await?,
+            Message::Barrier(epoch) => {
+                if let Some(acks) = &acks {
+                    dl.commit(epoch).await?;
+                    acks.send((epoch, Part::Committed(prefix)))
+                        .await
+                        .map_err(|_| JobError::Closed("checkpoints"))?;
+                }
+            }
+            Message::End => {
+                dl.flush().await?;
+                return Ok(dl.written().to_vec());
+            }
+            Message::Suspend => return Ok(dl.written().to_vec()),
+            Message::Watermark(_) => {}
+        }
+    }
+}
+
+/// Which worker owns a saved key: the one the router sends its rows to.
+#[derive(Debug, Clone)]
+struct Owner {
+    /// The routing column (`None`: one worker owns everything).
+    routing: Option<String>,
+    worker: usize,
+    partitions: usize,
+}
+
+impl Owner {
+    fn owns_value(&self, value: Option<&str>) -> bool {
+        let h = value.map_or(0, |v| healer_operators::id::fnv1a64(v.as_bytes()));
+        (h % self.partitions as u64) as usize == self.worker
+    }
+
+    fn owns(&self, key_names: &[String], key: &[KeyValue]) -> bool {
+        let Some(routing) = &self.routing else {
+            return true;
+        };
+        match key_names.iter().position(|n| n == routing) {
+            Some(i) => self.owns_value(key[i].as_text().as_deref()),
+            None => self.worker == 0,
+        }
+    }
+}
+
+fn restore_worker(
+    rules: &mut [RuleInstance],
+    tags: Option<&mut TagFiller>,
+    saved: &[WorkerState],
+    owner: &Owner,
+) -> Result<(), JobError> {
+    let keep = |names: &[String], key: &[KeyValue]| owner.owns(names, key);
+    for state in saved {
+        for rule_state in &state.rules {
+            let Some(rule) = rules.iter_mut().find(|r| r.rule().name == rule_state.rule) else {
+                return Err(JobError::Config(format!(
+                    "the checkpoint holds state of rule `{}`, which is not loaded: restore with the \
+                     same rules, or start without the checkpoint",
+                    rule_state.rule
+                )));
+            };
+            rule.restore(rule_state, &keep)?;
+        }
+    }
+    if let Some(tags) = tags {
+        for state in saved {
+            for (resource, values) in &state.tags {
+                let routed = owner.routing.is_none() || owner.owns_value(Some(resource));
+                if routed {
+                    tags.latest.insert(resource.clone(), values.clone());
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn count(counts: &mut Vec<RuleCounts>, batch: &RecordBatch) {
@@ -414,11 +683,13 @@ fn count(counts: &mut Vec<RuleCounts>, batch: &RecordBatch) {
     }
 }
 
-/// A worker's output at one watermark.
+/// A worker's output at one watermark, or at a barrier.
 #[derive(Debug)]
 enum Step {
     At(Vec<RecordBatch>, i64),
+    Barrier(Vec<RecordBatch>, u64),
     End,
+    Suspend,
 }
 
 fn send_blocking<T>(tx: &mpsc::Sender<T>, msg: T, stage: &'static str) -> Result<(), JobError> {
@@ -453,6 +724,7 @@ fn run_router(
     workers: Vec<mpsc::Sender<Message>>,
     dead: mpsc::Sender<Message>,
     metrics: &PipelineMetrics,
+    acks: Option<mpsc::Sender<Ack>>,
 ) -> Result<(), JobError> {
     let forward = |out: crate::gate::GateOutput| -> Result<(), JobError> {
         if let Some(rejected) = out.rejected {
@@ -484,7 +756,25 @@ fn run_router(
     while let Some(msg) = rx.blocking_recv() {
         match msg {
             Message::Data(batch) => forward(gate.push(batch)?)?,
-            Message::Watermark(_) | Message::Barrier(_) => {}
+            // Only a gate with external watermarks listens to the source's.
+            Message::Watermark(w) => forward(gate.advance_external(w)?)?,
+            Message::Barrier(epoch) => {
+                if let Some(acks) = &acks {
+                    acks.blocking_send((epoch, Part::Gate(gate.save()?)))
+                        .map_err(|_| JobError::Closed("checkpoints"))?;
+                }
+                for tx in &workers {
+                    send_blocking(tx, Message::Barrier(epoch), "worker")?;
+                }
+                send_blocking(&dead, Message::Barrier(epoch), "dead letter")?;
+            }
+            Message::Suspend => {
+                for tx in &workers {
+                    send_blocking(tx, Message::Suspend, "worker")?;
+                }
+                send_blocking(&dead, Message::Suspend, "dead letter")?;
+                return Ok(());
+            }
             Message::End => {
                 let out = gate.finish()?;
                 forward(out)?;
@@ -523,6 +813,16 @@ impl TagFiller {
             tags,
             latest: Default::default(),
         })
+    }
+
+    fn save(&self) -> Vec<(String, Vec<Option<String>>)> {
+        let mut tags: Vec<(String, Vec<Option<String>>)> = self
+            .latest
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        tags.sort();
+        tags
     }
 
     fn observe(&mut self, batch: &RecordBatch) {
@@ -580,15 +880,29 @@ impl TagFiller {
     }
 }
 
-fn run_worker(
+/// What one keyed worker owns: its rules' state, the samples view, the tags it fills.
+struct WorkerParts {
     worker: usize,
+    rules: Vec<RuleInstance>,
+    unpivot: Option<Unpivot>,
+    tags: Option<TagFiller>,
+    /// Streaming: where to report the state at each barrier.
+    acks: Option<mpsc::Sender<Ack>>,
+}
+
+fn run_worker(
+    parts: WorkerParts,
     mut rx: mpsc::Receiver<Message>,
     tx: mpsc::Sender<(usize, Step)>,
-    mut rules: Vec<RuleInstance>,
-    unpivot: Option<Unpivot>,
-    mut tags: Option<TagFiller>,
     metrics: &PipelineMetrics,
 ) -> Result<(), JobError> {
+    let WorkerParts {
+        worker,
+        mut rules,
+        unpivot,
+        mut tags,
+        acks,
+    } = parts;
     let mut pending: Vec<RecordBatch> = Vec::new();
     while let Some(msg) = rx.blocking_recv() {
         match msg {
@@ -637,9 +951,27 @@ fn run_worker(
                 (worker, Step::At(std::mem::take(&mut pending), w)),
                 "merge",
             )?,
-            Message::Barrier(_) => {}
+            Message::Barrier(epoch) => {
+                if let Some(acks) = &acks {
+                    let state = WorkerState {
+                        rules: rules.iter().map(RuleInstance::save).collect(),
+                        tags: tags.as_ref().map(TagFiller::save).unwrap_or_default(),
+                    };
+                    acks.blocking_send((epoch, Part::Worker(worker, state)))
+                        .map_err(|_| JobError::Closed("checkpoints"))?;
+                }
+                send_blocking(
+                    &tx,
+                    (worker, Step::Barrier(std::mem::take(&mut pending), epoch)),
+                    "merge",
+                )?;
+            }
             Message::End => {
                 send_blocking(&tx, (worker, Step::End), "merge")?;
+                return Ok(());
+            }
+            Message::Suspend => {
+                send_blocking(&tx, (worker, Step::Suspend), "merge")?;
                 return Ok(());
             }
         }
@@ -672,32 +1004,54 @@ fn run_merge(
     workers: usize,
     tx: mpsc::Sender<Message>,
 ) -> Result<(), JobError> {
-    let mut queues: Vec<std::collections::VecDeque<(Vec<RecordBatch>, i64)>> =
+    // Every worker sees the same sequence of watermarks and barriers (the router sends each
+    // to all), so the queues' heads are always of one kind and can be taken in lockstep.
+    let mut queues: Vec<std::collections::VecDeque<Step>> =
         (0..workers).map(|_| Default::default()).collect();
-    let mut ended = 0;
     let schema = anomaly_schema();
     while let Some((worker, step)) = rx.blocking_recv() {
-        match step {
-            Step::At(batches, w) => queues[worker].push_back((batches, w)),
-            Step::End => ended += 1,
-        }
+        queues[worker].push_back(step);
         while queues.iter().all(|q| !q.is_empty()) {
+            let heads: Vec<Step> = queues
+                .iter_mut()
+                .map(|q| q.pop_front().expect("non-empty"))
+                .collect();
             let mut batches = Vec::new();
-            let mut watermark = i64::MIN;
-            for q in queues.iter_mut() {
-                let (mut b, w) = q.pop_front().expect("non-empty");
-                batches.append(&mut b);
-                watermark = w;
+            let mut watermark = None;
+            let mut barrier = None;
+            let (mut ends, mut suspends) = (0, 0);
+            for step in heads {
+                match step {
+                    Step::At(mut b, w) => {
+                        batches.append(&mut b);
+                        watermark = Some(w);
+                    }
+                    Step::Barrier(mut b, e) => {
+                        batches.append(&mut b);
+                        barrier = Some(e);
+                    }
+                    Step::End => ends += 1,
+                    Step::Suspend => suspends += 1,
+                }
             }
             if !batches.is_empty() {
                 let merged = concat_batches(&schema, &batches)?;
                 send_blocking(&tx, Message::Data(canonical_order(&merged)?), "sink")?;
             }
-            send_blocking(&tx, Message::Watermark(watermark), "sink")?;
-        }
-        if ended == workers {
-            send_blocking(&tx, Message::End, "sink")?;
-            return Ok(());
+            if let Some(w) = watermark {
+                send_blocking(&tx, Message::Watermark(w), "sink")?;
+            }
+            if let Some(e) = barrier {
+                send_blocking(&tx, Message::Barrier(e), "sink")?;
+            }
+            if ends == workers {
+                send_blocking(&tx, Message::End, "sink")?;
+                return Ok(());
+            }
+            if suspends == workers {
+                send_blocking(&tx, Message::Suspend, "sink")?;
+                return Ok(());
+            }
         }
     }
     Err(JobError::Closed("workers"))

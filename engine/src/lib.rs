@@ -4,6 +4,9 @@
 //! * [`source`]: `ParquetSource`, event-time-ordered replay of parquet over object_store.
 //! * [`gate`]: watermarks, bounded out-of-orderness and late data.
 //! * [`job`]: the replay job: gate, keyed workers running the rules, merge, sinks.
+//! * [`stream`]: the streaming job (`healer run`) over the same pipeline, with checkpoints.
+//! * [`kinesis`]: the Kinesis source (shards, resharding, decoding) and producer.
+//! * [`checkpoint`]: aligned checkpoints, their store, and restore.
 //! * [`sink`]: the parquet incident log and the dead-letter output.
 //! * [`query`]: SQL over the incident log.
 //! * [`diagnose`]: incidents with root cause and decision from the logged anomalies.
@@ -12,11 +15,13 @@
 //! * [`config`]: the pipeline configuration and its validation.
 //! * [`train`]: training data for models (parquet or CSV).
 
+pub mod checkpoint;
 pub mod config;
 pub mod demo;
 pub mod diagnose;
 pub mod gate;
 pub mod job;
+pub mod kinesis;
 pub mod llm;
 pub mod message;
 pub mod metrics;
@@ -25,4 +30,5 @@ pub mod query;
 pub mod sink;
 pub mod source;
 pub mod store;
+pub mod stream;
 pub mod train;

@@ -29,6 +29,10 @@ struct Cli {
 enum Command {
     /// Replay historical metrics (parquet) through the detection rules into the incident log.
     Replay(ReplayArgs),
+    /// Run the detection rules on a Kinesis stream until SIGINT/SIGTERM, with checkpoints.
+    Run(RunArgs),
+    /// Write metrics (parquet files or the fleet generator) into a Kinesis stream.
+    Produce(ProduceArgs),
     /// Generate a sample fleet, replay it through the bundled rules and show what was found.
     Demo(DemoArgs),
     /// Query an incident log with SQL.
@@ -166,6 +170,81 @@ struct ReplayArgs {
 }
 
 #[derive(Debug, Args)]
+struct RunArgs {
+    /// Pipeline config (TOML) with `source.kind = "kinesis"`; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Stream name or ARN.
+    #[arg(long)]
+    stream: Option<String>,
+    /// Kinesis endpoint override (an emulator).
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Region.
+    #[arg(long)]
+    region: Option<String>,
+    /// Where shards without a checkpoint start: trim_horizon, latest, at_timestamp.
+    #[arg(long)]
+    start: Option<String>,
+    /// Rule files or directories (default: the bundled rules).
+    #[arg(long, num_args = 1..)]
+    rules: Vec<PathBuf>,
+    /// Incident-log directory or URL.
+    #[arg(long)]
+    out: Option<String>,
+    /// Keyed workers (0 = one per core).
+    #[arg(long)]
+    partitions: Option<usize>,
+    /// Bounded out-of-orderness, e.g. `5s`.
+    #[arg(long)]
+    max_out_of_orderness: Option<String>,
+    /// Time between checkpoints, e.g. `10s`.
+    #[arg(long)]
+    checkpoint_interval: Option<String>,
+    /// Also write the summary as JSON to this file when stopping.
+    #[arg(long)]
+    summary_json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ProduceArgs {
+    /// Stream name or ARN.
+    #[arg(long)]
+    stream: String,
+    /// Kinesis endpoint override (an emulator).
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Region.
+    #[arg(long, default_value = "us-east-1")]
+    region: String,
+    /// Parquet files or directories (local, file://, s3://), or `generator` for a seeded
+    /// simulated fleet.
+    #[arg(long, num_args = 1.., required = true)]
+    input: Vec<String>,
+    /// Records per second at most (default: as fast as the stream takes them).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Rows of one resource per record (a JSON array when more than 1).
+    #[arg(long, default_value_t = 1)]
+    pack: usize,
+    /// Generator: resources.
+    #[arg(long, default_value_t = 24)]
+    resources: usize,
+    /// Generator: hours of 10-second samples.
+    #[arg(long, default_value_t = 1)]
+    hours: usize,
+    /// Generator: faults to inject.
+    #[arg(long, default_value_t = 4)]
+    faults: usize,
+    /// Generator: seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// S3 endpoint for s3:// inputs.
+    #[arg(long)]
+    s3_endpoint: Option<String>,
+}
+
+#[derive(Debug, Args)]
 struct DemoArgs {
     /// Where to write the generated data and the incident log.
     #[arg(long, default_value = "healer-demo")]
@@ -218,6 +297,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Replay(args) => replay(args).await,
+            Command::Run(args) => run(args).await,
+            Command::Produce(args) => produce(args).await,
             Command::Demo(args) => demo(args).await,
             Command::Incidents(args) => incidents(args).await,
             Command::Validate(args) => validate(args),
@@ -235,8 +316,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn replay_config(args: &ReplayArgs) -> Result<PipelineConfig> {
-    let mut config = match &args.config {
+fn load_config(path: Option<&PathBuf>) -> Result<PipelineConfig> {
+    Ok(match path {
         Some(path) => PipelineConfig::load(path).map_err(|problems| {
             anyhow::anyhow!(
                 problems
@@ -247,7 +328,11 @@ fn replay_config(args: &ReplayArgs) -> Result<PipelineConfig> {
             )
         })?,
         None => PipelineConfig::default(),
-    };
+    })
+}
+
+fn replay_config(args: &ReplayArgs) -> Result<PipelineConfig> {
+    let mut config = load_config(args.config.as_ref())?;
     if !args.input.is_empty() {
         config.source.paths = args.input.clone();
     }
@@ -415,6 +500,154 @@ async fn replay(args: ReplayArgs) -> Result<ExitCode> {
         std::fs::write(path, serde_json::to_vec_pretty(&summary_json(&summary))?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_config(args: &RunArgs) -> Result<PipelineConfig> {
+    let mut config = load_config(args.config.as_ref())?;
+    config.source.kind = "kinesis".into();
+    let k = &mut config.source.kinesis;
+    if let Some(s) = &args.stream {
+        k.stream = s.clone();
+    }
+    if let Some(e) = &args.endpoint {
+        k.endpoint = Some(e.clone());
+    }
+    if let Some(r) = &args.region {
+        k.region = Some(r.clone());
+    }
+    if let Some(s) = &args.start {
+        k.start = s.clone();
+    }
+    if !args.rules.is_empty() {
+        config.rules.paths = args.rules.clone();
+    }
+    if let Some(out) = &args.out {
+        config.sink.out = out.clone();
+    }
+    if let Some(p) = args.partitions {
+        config.engine.partitions = p;
+    }
+    if let Some(d) = &args.max_out_of_orderness {
+        config.event_time.max_out_of_orderness = d.clone();
+    }
+    if let Some(d) = &args.checkpoint_interval {
+        config.checkpoint.interval = d.clone();
+    }
+    Ok(config)
+}
+
+/// A watch that turns true on SIGINT or SIGTERM.
+fn shutdown_signal() -> Result<tokio::sync::watch::Receiver<bool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => eprintln!("SIGTERM: draining and checkpointing"),
+            _ = int.recv() => eprintln!("SIGINT: draining and checkpointing"),
+        }
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+async fn run(args: RunArgs) -> Result<ExitCode> {
+    let config = run_config(&args)?;
+    let shutdown = shutdown_signal()?;
+    let job = match healer_engine::stream::StreamJob::prepare(&config).await {
+        Ok(job) => job,
+        Err(JobError::Rules(errors)) => bail!("rules rejected:\n{errors}"),
+        Err(e) => return Err(e.into()),
+    };
+    eprintln!(
+        "reading stream `{}`; incident log {}; SIGINT or SIGTERM to stop",
+        config.source.kinesis.stream, config.sink.out
+    );
+    let s = job.run(shutdown).await?;
+    print_summary(&s.summary);
+    println!(
+        "  checkpoints  restored from {}, last completed {}, {} file(s) of an interrupted run replaced",
+        s.restored_epoch
+            .map_or("none".to_string(), |e| e.to_string()),
+        s.last_checkpoint,
+        s.discarded_files
+    );
+    println!(
+        "  records      {} could not be decoded (dead_letter_records/)",
+        fmt_int(s.summary.metrics.rejected_records)
+    );
+    if let Some(path) = &args.summary_json {
+        let mut json = summary_json(&s.summary);
+        json["rejected_records"] = s.summary.metrics.rejected_records.into();
+        json["last_checkpoint"] = s.last_checkpoint.into();
+        std::fs::write(path, serde_json::to_vec_pretty(&json)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn produce(args: ProduceArgs) -> Result<ExitCode> {
+    use healer_engine::kinesis::producer::{ProduceOptions, Producer};
+    let kinesis = healer_engine::config::KinesisConfig {
+        stream: args.stream.clone(),
+        region: Some(args.region.clone()),
+        endpoint: args.endpoint.clone(),
+        ..Default::default()
+    };
+    let client = healer_engine::kinesis::client(&kinesis).await;
+    let mut producer = Producer::new(
+        client,
+        &args.stream,
+        ProduceOptions {
+            rate: args.rate,
+            pack: args.pack,
+            ..ProduceOptions::default()
+        },
+    );
+    if args.input == ["generator"] {
+        let fleet = FleetConfig {
+            seed: args.seed,
+            resources: args.resources,
+            samples: args.hours * 360,
+            faults: args.faults,
+            ..FleetConfig::default()
+        };
+        let (batches, _) = healer_datasets::generate(&fleet);
+        for b in &batches {
+            producer.push(b).await?;
+        }
+    } else {
+        let s3 = s3_with_endpoint(args.s3_endpoint.as_deref());
+        let source = healer_engine::source::ParquetSource::open(
+            &args.input,
+            &s3,
+            8192,
+            healer_engine::config::Speed::Max,
+        )
+        .await?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let metrics = std::sync::Arc::new(healer_engine::metrics::PipelineMetrics::default());
+        let reading = tokio::spawn(source.run(tx, metrics));
+        while let Some(msg) = rx.recv().await {
+            if let healer_engine::message::Message::Data(b) = msg {
+                producer.push(&b).await?;
+            }
+        }
+        reading.await??;
+    }
+    let s = producer.finish().await?;
+    println!(
+        "wrote {} rows in {} records to `{}` in {:.2} s ({:.0} records/s, {} PutRecords calls, {} entries retried)",
+        fmt_int(s.rows),
+        fmt_int(s.records),
+        args.stream,
+        s.elapsed.as_secs_f64(),
+        s.records as f64 / s.elapsed.as_secs_f64().max(1e-9),
+        s.calls,
+        s.retried
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -10,6 +10,10 @@
 //!   every output of the rows before it; operators with several inputs forward it once it
 //!   has arrived on all of them (aligned checkpoints).
 //! * `End` is the last message on an edge; it follows a final `Watermark(i64::MAX)`.
+//! * `Suspend` is the last message on an edge of a stream that stops without ending (a
+//!   streaming job shutting down): it follows a `Barrier`, every stage has saved its state
+//!   at that barrier, and nothing is flushed past the last watermark. A restart restores the
+//!   state and resumes the stream exactly there.
 //!
 //! Edges are bounded channels: a slow consumer blocks its producer (backpressure), memory
 //! never grows with the input.
@@ -27,6 +31,8 @@ pub enum Message {
     Barrier(u64),
     /// End of stream.
     End,
+    /// The stream stops here without ending (see the [module docs](self)).
+    Suspend,
 }
 
 /// The final watermark, sent before [`Message::End`].

@@ -1,8 +1,9 @@
 //! SQL over the incident log (`healer incidents`).
 //!
 //! Registers `<out>/anomalies/` as the table `anomalies` (with the `date` partition column)
-//! and, when present, `<out>/dead_letter/` as `dead_letter` and `<out>/incidents/` (written
-//! by `healer diagnose`) as `incidents`, then runs a query with
+//! and, when present, `<out>/dead_letter/` as `dead_letter`, `<out>/dead_letter_records/`
+//! (records a stream source could not decode) as `dead_letter_records` and
+//! `<out>/incidents/` (written by `healer diagnose`) as `incidents`, then runs a query with
 //! DataFusion. The log is deduplicated by construction (deterministic ids and file names),
 //! so `anomalies` is a plain view of the files.
 
@@ -55,7 +56,12 @@ pub async fn context(location: &Location) -> Result<SessionContext> {
     let store: Arc<dyn ObjectStore> = Arc::clone(&location.store);
     ctx.runtime_env()
         .register_object_store(&location.url, store);
-    for table in ["anomalies", "dead_letter", "incidents"] {
+    for table in [
+        "anomalies",
+        "dead_letter",
+        "dead_letter_records",
+        "incidents",
+    ] {
         if has_files(location, table).await {
             register(&ctx, location, table).await?;
         }

@@ -12,6 +12,14 @@
 //! in a digest of the ids it holds: a replay or restart rewrites identical files under
 //! identical names instead of adding duplicates.
 //!
+//! # Streaming
+//! In a streaming job ([`IncidentLog::streaming`]) rows are also written when a checkpoint
+//! barrier passes ([`IncidentLog::commit`]) and at the flush interval, so they are durable
+//! within about a second instead of at the end of the hour. Those files carry the epoch they
+//! were written in (`part-HH-e<epoch>-<n>-<digest>.parquet`): on a restart from checkpoint
+//! `c`, files of epochs after `c` are deleted because the job writes their rows again (see
+//! [`crate::checkpoint`]).
+//!
 //! # Atomicity
 //! Each file is encoded in memory and stored with a single `put`: object stores make it
 //! visible whole or not at all (the local store writes a temporary file and renames it), so
@@ -131,6 +139,8 @@ pub struct IncidentLog {
     /// Buffered rows per hour bucket, in canonical order, and chunks already written.
     hours: BTreeMap<i64, (Vec<RecordBatch>, usize, usize)>,
     written: Vec<WrittenFile>,
+    /// Streaming: the open epoch and the files written in it so far.
+    epoch: Option<(u64, usize)>,
 }
 
 impl IncidentLog {
@@ -142,7 +152,40 @@ impl IncidentLog {
             max_rows_per_file: max_rows_per_file.max(1),
             hours: BTreeMap::new(),
             written: Vec::new(),
+            epoch: None,
         }
+    }
+
+    /// The same writer in streaming mode, writing into epoch `open_epoch` (see the
+    /// [module docs](self)).
+    pub fn streaming(mut self, open_epoch: u64) -> Self {
+        self.epoch = Some((open_epoch, 0));
+        self
+    }
+
+    /// Writes every buffered row now (streaming), into the open epoch.
+    pub async fn flush_open(&mut self) -> Result<(), SinkError> {
+        let hours: Vec<i64> = self.hours.keys().copied().collect();
+        for hour in hours {
+            let rows = self.hours[&hour].1;
+            if rows > 0 {
+                self.flush_chunk(hour, rows).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Streaming: writes every row received before barrier `epoch`, then opens the next
+    /// epoch.
+    pub async fn commit(&mut self, epoch: u64) -> Result<(), SinkError> {
+        self.epoch = Some((
+            epoch,
+            self.epoch
+                .map_or(0, |(e, n)| if e == epoch { n } else { 0 }),
+        ));
+        self.flush_open().await?;
+        self.epoch = Some((epoch + 1, 0));
+        Ok(())
     }
 
     /// Adds canonically ordered anomaly rows (ts non-decreasing across calls).
@@ -178,13 +221,26 @@ impl IncidentLog {
         let all = concat_batches(&self.schema, &batches)?;
         let rows = rows.min(buffered);
         let file = all.slice(0, rows);
-        let name = format!(
-            "anomalies/date={}/part-{:02}-{:04}-{}.parquet",
-            date_of(hour * HOUR_MS),
-            hour.rem_euclid(24),
-            chunk,
-            digest_of_ids(&file)
-        );
+        let name = match &mut self.epoch {
+            None => format!(
+                "anomalies/date={}/part-{:02}-{:04}-{}.parquet",
+                date_of(hour * HOUR_MS),
+                hour.rem_euclid(24),
+                chunk,
+                digest_of_ids(&file)
+            ),
+            Some((epoch, n)) => {
+                *n += 1;
+                format!(
+                    "anomalies/date={}/part-{:02}-e{:010}-{:04}-{}.parquet",
+                    date_of(hour * HOUR_MS),
+                    hour.rem_euclid(24),
+                    epoch,
+                    *n - 1,
+                    digest_of_ids(&file)
+                )
+            }
+        };
         self.written.push(put(&self.location, &name, &file).await?);
         if rows < buffered {
             self.hours.insert(
@@ -224,6 +280,9 @@ impl IncidentLog {
 #[derive(Debug)]
 pub struct DeadLetter {
     location: Location,
+    prefix: &'static str,
+    /// Streaming: the open epoch.
+    epoch: Option<u64>,
     buffered: Vec<RecordBatch>,
     rows: usize,
     max_rows_per_file: usize,
@@ -235,8 +294,15 @@ pub struct DeadLetter {
 impl DeadLetter {
     /// A writer under `<location>/dead_letter/`.
     pub fn new(location: Location, max_rows_per_file: usize) -> Self {
+        Self::with_prefix(location, "dead_letter", max_rows_per_file)
+    }
+
+    /// A writer under `<location>/<prefix>/`.
+    pub fn with_prefix(location: Location, prefix: &'static str, max_rows_per_file: usize) -> Self {
         Self {
             location,
+            prefix,
+            epoch: None,
             buffered: Vec::new(),
             rows: 0,
             max_rows_per_file: max_rows_per_file.max(1),
@@ -276,14 +342,30 @@ impl DeadLetter {
                 h.i64(v.unwrap_or(i64::MIN));
             }
         }
+        let epoch = self.epoch.map(|e| format!("e{e:010}-")).unwrap_or_default();
         let name = format!(
-            "dead_letter/date={}/part-{:05}-{}.parquet",
+            "{}/date={}/part-{epoch}{:05}-{}.parquet",
+            self.prefix,
             first_ts.map_or_else(|| "unknown".to_string(), date_of),
             self.seq,
             &h.hex()[..16]
         );
         self.seq += 1;
         self.written.push(put(&self.location, &name, &all).await?);
+        Ok(())
+    }
+
+    /// The same writer in streaming mode, writing into epoch `open_epoch`.
+    pub fn streaming(mut self, open_epoch: u64) -> Self {
+        self.epoch = Some(open_epoch);
+        self
+    }
+
+    /// Streaming: writes every row received before barrier `epoch`, then opens the next.
+    pub async fn commit(&mut self, epoch: u64) -> Result<(), SinkError> {
+        self.epoch = Some(epoch);
+        self.flush().await?;
+        self.epoch = Some(epoch + 1);
         Ok(())
     }
 

@@ -74,6 +74,14 @@ pub enum SourceError {
     /// No input files were found.
     #[error("no parquet files found in {0}")]
     Empty(String),
+    /// A Kinesis call failed for good.
+    #[error("kinesis {operation}: {reason}")]
+    Kinesis {
+        /// The API operation (and shard, where there is one).
+        operation: String,
+        /// The error.
+        reason: String,
+    },
     /// The downstream pipeline stopped.
     #[error("pipeline closed")]
     Closed,

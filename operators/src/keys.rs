@@ -13,8 +13,32 @@ use arrow::array::{Array, ArrayRef, AsArray};
 use arrow::compute::cast;
 use arrow::datatypes::DataType;
 use hashbrown::HashMap;
+use serde::{Deserialize, Serialize};
 
 use crate::{OperatorError, Result};
+
+/// One value of a partition key, as interned: integer-like columns as integers, every other
+/// type as its string form.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum KeyValue {
+    /// A NULL key.
+    Null,
+    /// A key of an integer, date, timestamp or boolean column.
+    Int(i64),
+    /// A key of any other column.
+    Str(String),
+}
+
+impl KeyValue {
+    /// The value as text (integers in decimal), `None` for NULL.
+    pub fn as_text(&self) -> Option<std::borrow::Cow<'_, str>> {
+        match self {
+            KeyValue::Null => None,
+            KeyValue::Int(v) => Some(v.to_string().into()),
+            KeyValue::Str(s) => Some(s.as_str().into()),
+        }
+    }
+}
 
 /// Interner of a single column's values.
 #[derive(Debug, Default)]
@@ -63,6 +87,26 @@ impl ColumnInterner {
         let id = self.fresh();
         self.ints.insert(v, id);
         id
+    }
+
+    fn value_id(&mut self, v: &KeyValue) -> u32 {
+        match v {
+            KeyValue::Null => self.null_id(),
+            KeyValue::Int(i) => self.int_id(*i),
+            KeyValue::Str(s) => self.str_id(s),
+        }
+    }
+
+    /// The value of every id, indexed by id.
+    fn values(&self) -> Vec<KeyValue> {
+        let mut out = vec![KeyValue::Null; self.next as usize];
+        for (s, &id) in &self.strings {
+            out[id as usize] = KeyValue::Str(s.clone());
+        }
+        for (&v, &id) in &self.ints {
+            out[id as usize] = KeyValue::Int(v);
+        }
+        out
     }
 
     /// Appends the id of every row of `array` to `out`.
@@ -231,6 +275,83 @@ impl KeyInterner {
         self.groups == 0
     }
 
+    /// The group id of one key given by its values (one per key column), assigning a new id
+    /// when it is new. Used to restore saved state.
+    pub fn intern_values(&mut self, key: &[KeyValue]) -> Result<u32> {
+        if key.len() != self.columns.len() {
+            return Err(OperatorError::InvalidInput(format!(
+                "expected {} key values, got {}",
+                self.columns.len(),
+                key.len()
+            )));
+        }
+        let ids: Vec<u32> = key
+            .iter()
+            .zip(self.columns.iter_mut())
+            .map(|(v, c)| c.value_id(v))
+            .collect();
+        Ok(match ids.len() {
+            0 => 0,
+            1 => {
+                self.groups = self.columns[0].next;
+                ids[0]
+            }
+            2 => {
+                let (id, new) = self.pairs.get_or_insert((ids[0], ids[1]), self.groups);
+                if new {
+                    self.groups += 1;
+                }
+                id
+            }
+            _ => *self
+                .tuples
+                .entry(ids.into_boxed_slice())
+                .or_insert_with(|| {
+                    self.groups += 1;
+                    self.groups - 1
+                }),
+        })
+    }
+
+    /// The key values of every group, indexed by group id.
+    pub fn group_keys(&self) -> Vec<Vec<KeyValue>> {
+        let values: Vec<Vec<KeyValue>> = self.columns.iter().map(|c| c.values()).collect();
+        let mut out = vec![Vec::new(); self.groups as usize];
+        match self.columns.len() {
+            0 => {}
+            1 => {
+                for (id, v) in values[0].iter().enumerate() {
+                    out[id] = vec![v.clone()];
+                }
+            }
+            2 => {
+                let pair = |a: u32, b: u32| {
+                    vec![values[0][a as usize].clone(), values[1][b as usize].clone()]
+                };
+                for (a, row) in self.pairs.dense.iter().enumerate() {
+                    for (b, &g) in row.iter().enumerate() {
+                        if g != u32::MAX {
+                            out[g as usize] = pair(a as u32, b as u32);
+                        }
+                    }
+                }
+                for (&(a, b), &g) in &self.pairs.sparse {
+                    out[g as usize] = pair(a, b);
+                }
+            }
+            _ => {
+                for (tuple, &g) in &self.tuples {
+                    out[g as usize] = tuple
+                        .iter()
+                        .enumerate()
+                        .map(|(c, &id)| values[c][id as usize].clone())
+                        .collect();
+                }
+            }
+        }
+        out
+    }
+
     /// The group id of every row. `keys` must hold one array per key column, all of `rows`
     /// rows.
     pub fn intern(&mut self, keys: &[ArrayRef], rows: usize) -> Result<Vec<u32>> {
@@ -357,5 +478,35 @@ mod tests {
             vec![0, 0, 1]
         );
         assert!(k.intern(&[], 0).is_err());
+    }
+
+    #[test]
+    fn group_keys_round_trip_through_values() {
+        for columns in 1..=3 {
+            let mut k = KeyInterner::new(columns);
+            let s: ArrayRef = Arc::new(StringArray::from(vec![
+                Some("a"),
+                None,
+                Some("b"),
+                Some("a"),
+            ]));
+            let n: ArrayRef = Arc::new(Int32Array::from(vec![Some(1), Some(2), None, Some(1)]));
+            let cols: Vec<ArrayRef> = [s.clone(), n, s].into_iter().take(columns).collect();
+            let ids = k.intern(&cols, 4).unwrap();
+            let keys = k.group_keys();
+            assert_eq!(keys.len(), k.len());
+            let mut fresh = KeyInterner::new(columns);
+            // Restored in reverse: ids differ, the mapping from values to groups does not.
+            let mut map = std::collections::HashMap::new();
+            for (g, key) in keys.iter().enumerate().rev() {
+                map.insert(g as u32, fresh.intern_values(key).unwrap());
+            }
+            let again = fresh.intern(&cols, 4).unwrap();
+            let mapped: Vec<u32> = ids.iter().map(|g| map[g]).collect();
+            assert_eq!(again, mapped, "{columns} columns");
+            assert_eq!(fresh.len(), k.len());
+        }
+        assert_eq!(KeyValue::Int(7).as_text().unwrap(), "7");
+        assert!(KeyValue::Null.as_text().is_none());
     }
 }

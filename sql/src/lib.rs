@@ -19,4 +19,4 @@ pub mod rule;
 pub mod stage;
 
 pub use error::{RuleError, RuleErrors};
-pub use rule::{CompiledRule, RuleCompiler, RuleInstance, StreamTable};
+pub use rule::{CompiledRule, RuleCompiler, RuleInstance, RuleState, StreamTable};

@@ -16,9 +16,10 @@ use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::{DFParserBuilder, Statement as DFStatement};
 use datafusion::sql::sqlparser::ast::{Spanned, Statement};
+use healer_operators::keys::KeyValue;
 use healer_operators::schema::TS;
 use healer_operators::unpivot::Unpivot;
-use healer_operators::window::{AggKind, Aggregate, Frame};
+use healer_operators::window::{AggKind, Aggregate, Frame, GroupState};
 
 use crate::error::{ExecError, RuleError, RuleErrors};
 use crate::output::OutputMapping;
@@ -84,6 +85,17 @@ impl CompiledRule {
     }
 }
 
+/// The keyed state of a [`RuleInstance`]: per stage, per window group, the saved partition
+/// keys. Independent of internal ids and of which worker held it, so it can be restored into
+/// any number of workers.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RuleState {
+    /// The rule's name.
+    pub rule: String,
+    /// Per stage, per window group, the saved keys.
+    pub stages: Vec<Vec<Vec<GroupState>>>,
+}
+
 /// A rule with its state; owned by one worker.
 #[derive(Debug)]
 pub struct RuleInstance {
@@ -104,6 +116,44 @@ impl RuleInstance {
             batch = stage.process(&self.rule.name, batch)?;
         }
         Ok(batch)
+    }
+
+    /// The rule's keyed state, for a checkpoint.
+    pub fn save(&self) -> RuleState {
+        RuleState {
+            rule: self.rule.name.clone(),
+            stages: self.stages.iter().map(Stage::save).collect(),
+        }
+    }
+
+    /// Installs saved state into this instance (normally a fresh one), keeping the partition
+    /// keys for which `keep` (given the window's `PARTITION BY` names and the key's values) is
+    /// true. State saved by several instances of the rule (several workers) can be installed
+    /// one after the other. The state must have been saved from the same rule.
+    pub fn restore(
+        &mut self,
+        state: &RuleState,
+        keep: &dyn Fn(&[String], &[KeyValue]) -> bool,
+    ) -> Result<(), ExecError> {
+        let mismatch = |what: String| ExecError::DataFusion {
+            rule: self.rule.name.clone(),
+            source: DataFusionError::Plan(format!("saved state does not fit the rule: {what}")),
+        };
+        if state.rule != self.rule.name {
+            return Err(mismatch(format!("it belongs to rule `{}`", state.rule)));
+        }
+        if state.stages.len() != self.stages.len() {
+            return Err(mismatch(format!(
+                "{} stages saved, {} in the rule",
+                state.stages.len(),
+                self.stages.len()
+            )));
+        }
+        let name = self.rule.name.clone();
+        for (stage, saved) in self.stages.iter_mut().zip(&state.stages) {
+            stage.restore(&name, saved, keep)?;
+        }
+        Ok(())
     }
 
     /// Runs the next batch and converts the output to incident-log anomaly rows.
@@ -595,6 +645,7 @@ impl Lowering<'_> {
         struct Group {
             key: String,
             partition: Vec<Arc<dyn PhysicalExpr>>,
+            key_names: Vec<String>,
             frame: Frame,
             args: Vec<(String, Arc<dyn PhysicalExpr>)>,
             aggregates: Vec<Aggregate>,
@@ -697,7 +748,7 @@ impl Lowering<'_> {
             let group_index = match groups.iter().position(|g| g.key == key) {
                 Some(i) => i,
                 None => {
-                    self.partition_keys.push(key_names);
+                    self.partition_keys.push(key_names.clone());
                     let partition = p
                         .partition_by
                         .iter()
@@ -706,6 +757,7 @@ impl Lowering<'_> {
                     groups.push(Group {
                         key,
                         partition,
+                        key_names,
                         frame,
                         args: Vec::new(),
                         aggregates: Vec::new(),
@@ -740,6 +792,7 @@ impl Lowering<'_> {
                 .into_iter()
                 .map(|g| WindowGroupTemplate {
                     partition: g.partition,
+                    key_names: g.key_names,
                     args: g.args.into_iter().map(|(_, e)| e).collect(),
                     frame: g.frame,
                     aggregates: g.aggregates,

@@ -13,7 +13,8 @@ use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::Result as DFResult;
 use datafusion::physical_expr::PhysicalExpr;
 use healer_operators::keys::KeyInterner;
-use healer_operators::window::{Aggregate, Frame, WindowOperator};
+use healer_operators::keys::KeyValue;
+use healer_operators::window::{Aggregate, Frame, GroupState, WindowOperator};
 
 use crate::error::ExecError;
 
@@ -22,6 +23,8 @@ use crate::error::ExecError;
 pub struct WindowGroupTemplate {
     /// `PARTITION BY` expressions.
     pub partition: Vec<Arc<dyn PhysicalExpr>>,
+    /// Their names (the column name, or the expression's text).
+    pub key_names: Vec<String>,
     /// Distinct aggregate arguments (evaluated, then cast to `Float64`).
     pub args: Vec<Arc<dyn PhysicalExpr>>,
     /// The frame.
@@ -92,6 +95,64 @@ fn eval(expr: &Arc<dyn PhysicalExpr>, batch: &RecordBatch) -> DFResult<ArrayRef>
 }
 
 impl Stage {
+    /// The stage's template.
+    pub fn template(&self) -> &Arc<StageTemplate> {
+        &self.template
+    }
+
+    /// The saved keys of every window group (empty for stages without windows).
+    pub fn save(&self) -> Vec<Vec<GroupState>> {
+        self.windows
+            .iter()
+            .map(|(keys, op)| {
+                keys.group_keys()
+                    .into_iter()
+                    .enumerate()
+                    .filter_map(|(g, key)| op.export_group(g as u32, key))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Installs saved keys, keeping those for which `keep` is true.
+    pub fn restore(
+        &mut self,
+        rule: &str,
+        saved: &[Vec<GroupState>],
+        keep: &dyn Fn(&[String], &[KeyValue]) -> bool,
+    ) -> Result<(), ExecError> {
+        let op_err = |source| ExecError::Operator {
+            rule: rule.to_string(),
+            source,
+        };
+        let StageTemplate::Window { groups, .. } = self.template.as_ref() else {
+            return if saved.iter().all(Vec::is_empty) {
+                Ok(())
+            } else {
+                Err(op_err(healer_operators::OperatorError::InvalidInput(
+                    "saved window state for a stage without windows".into(),
+                )))
+            };
+        };
+        if saved.len() != groups.len() {
+            return Err(op_err(healer_operators::OperatorError::InvalidInput(
+                format!(
+                    "{} window groups saved, {} in the stage",
+                    saved.len(),
+                    groups.len()
+                ),
+            )));
+        }
+        for ((template, (keys, op)), saved) in groups.iter().zip(self.windows.iter_mut()).zip(saved)
+        {
+            for group in saved.iter().filter(|g| keep(&template.key_names, &g.key)) {
+                let id = keys.intern_values(&group.key).map_err(op_err)?;
+                op.import_group(id, group).map_err(op_err)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Processes the next batch of rows.
     pub fn process(&mut self, rule: &str, batch: RecordBatch) -> Result<RecordBatch, ExecError> {
         let df = |source| ExecError::DataFusion {

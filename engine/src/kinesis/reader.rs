@@ -1,0 +1,304 @@
+//! One task per shard: `GetShardIterator`, then `GetRecords` in a loop.
+//!
+//! * Polls at most once per `poll_interval` (AWS allows 5 calls per second per shard) and
+//!   doubles the interval up to `max_poll_interval` while the shard returns nothing.
+//! * Throttling (`ProvisionedThroughputExceeded`, …), 5xx answers, timeouts and network
+//!   errors are retried with jittered exponential back-off; each is counted.
+//! * An expired iterator is replaced by one `AFTER_SEQUENCE_NUMBER` the last record read (or
+//!   at the original start when none was read), so nothing is skipped or read twice.
+//! * Records are decoded here, in parallel across shards; the source gets Arrow batches.
+//! * A closed shard is read to its end (no next iterator); the last read carries its child
+//!   shards.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use aws_sdk_kinesis::Client;
+use aws_sdk_kinesis::primitives::DateTime;
+use aws_sdk_kinesis::types::ShardIteratorType;
+use tokio::sync::mpsc;
+
+use super::decode::{Decoder, RawRecord};
+use super::{Failure, SequenceNumber, backoff, classify, describe};
+use crate::source::{SourceError, ts_values};
+
+/// Where a shard starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartAt {
+    /// The oldest record kept.
+    TrimHorizon,
+    /// Only records written from now on.
+    Latest,
+    /// The first record at or after this time (ms).
+    AtTimestamp(i64),
+    /// The record after this sequence number (a checkpoint).
+    After(String),
+}
+
+/// Settings shared by every reader of a stream.
+#[derive(Debug)]
+pub struct ReaderSettings {
+    /// Stream name, when given by name.
+    pub stream_name: Option<String>,
+    /// Stream ARN, when given by ARN.
+    pub stream_arn: Option<String>,
+    /// Stream label for dead-letter rows.
+    pub stream: String,
+    /// Shortest interval between calls.
+    pub poll_min: Duration,
+    /// Longest interval (empty shard).
+    pub poll_max: Duration,
+    /// Records per call.
+    pub limit: i32,
+    /// Schema of decoded rows.
+    pub schema: SchemaRef,
+    /// Dead-letter threshold.
+    pub max_record_bytes: usize,
+}
+
+/// Counters shared by the readers.
+#[derive(Debug, Default)]
+pub struct ReaderCounters {
+    /// GetRecords calls that succeeded.
+    pub calls: AtomicU64,
+    /// Throttled calls.
+    pub throttled: AtomicU64,
+    /// Transient failures (5xx, timeouts, network).
+    pub transient: AtomicU64,
+    /// Iterators that expired and were renewed.
+    pub expired: AtomicU64,
+    /// Records read.
+    pub records: AtomicU64,
+}
+
+/// The result of one `GetRecords` call.
+#[derive(Debug)]
+pub struct ShardRead {
+    /// The shard.
+    pub shard: String,
+    /// Decoded rows (possibly none).
+    pub rows: RecordBatch,
+    /// Records that could not be decoded.
+    pub rejected: Option<RecordBatch>,
+    /// Records in this read.
+    pub records: usize,
+    /// Sequence number of the last record of this read.
+    pub last_sequence: Option<String>,
+    /// Largest event time among the rows.
+    pub max_ts: Option<i64>,
+    /// How far behind the tip of the shard the read is.
+    pub millis_behind: Option<i64>,
+    /// Set on the last read of a closed shard: its children.
+    pub ended: Option<Vec<String>>,
+}
+
+/// What a reader tells the source.
+#[derive(Debug)]
+pub enum ShardEvent {
+    /// A read.
+    Read(ShardRead),
+    /// The reader gave up.
+    Failed(String, SourceError),
+}
+
+fn kinesis_error(operation: &str, shard: &str, reason: String) -> SourceError {
+    SourceError::Kinesis {
+        operation: format!("{operation} ({shard})"),
+        reason,
+    }
+}
+
+async fn iterator(
+    client: &Client,
+    settings: &ReaderSettings,
+    shard: &str,
+    start: &StartAt,
+    counters: &ReaderCounters,
+) -> Result<String, SourceError> {
+    let mut attempt = 0;
+    loop {
+        let mut call = client
+            .get_shard_iterator()
+            .set_stream_name(settings.stream_name.clone())
+            .set_stream_arn(settings.stream_arn.clone())
+            .shard_id(shard);
+        call = match start {
+            StartAt::TrimHorizon => call.shard_iterator_type(ShardIteratorType::TrimHorizon),
+            StartAt::Latest => call.shard_iterator_type(ShardIteratorType::Latest),
+            StartAt::AtTimestamp(ms) => call
+                .shard_iterator_type(ShardIteratorType::AtTimestamp)
+                .timestamp(DateTime::from_millis(*ms)),
+            StartAt::After(seq) => call
+                .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+                .starting_sequence_number(seq),
+        };
+        match call.send().await {
+            Ok(out) => {
+                return out.shard_iterator.ok_or_else(|| {
+                    kinesis_error("GetShardIterator", shard, "no iterator returned".into())
+                });
+            }
+            Err(e) => match classify(&e) {
+                Failure::Throttled | Failure::Transient => {
+                    let counter = if classify(&e) == Failure::Throttled {
+                        &counters.throttled
+                    } else {
+                        &counters.transient
+                    };
+                    counter.fetch_add(1, Relaxed);
+                    tokio::time::sleep(backoff(
+                        attempt,
+                        Duration::from_millis(100),
+                        Duration::from_secs(5),
+                    ))
+                    .await;
+                    attempt += 1;
+                }
+                _ => return Err(kinesis_error("GetShardIterator", shard, describe(&e))),
+            },
+        }
+    }
+}
+
+/// Reads `shard` from `start` until it ends or `events` closes. Failures that retrying
+/// cannot fix are sent as [`ShardEvent::Failed`].
+pub async fn read_shard(
+    client: Client,
+    settings: Arc<ReaderSettings>,
+    shard: String,
+    start: StartAt,
+    events: mpsc::Sender<ShardEvent>,
+    counters: Arc<ReaderCounters>,
+) {
+    if let Err(e) = read(&client, &settings, &shard, start, &events, &counters).await {
+        let _ = events.send(ShardEvent::Failed(shard, e)).await;
+    }
+}
+
+async fn read(
+    client: &Client,
+    settings: &ReaderSettings,
+    shard: &str,
+    start: StartAt,
+    events: &mpsc::Sender<ShardEvent>,
+    counters: &ReaderCounters,
+) -> Result<(), SourceError> {
+    let mut decoder = Decoder::new(
+        Arc::clone(&settings.schema),
+        &settings.stream,
+        shard,
+        settings.max_record_bytes,
+    );
+    let mut last: Option<SequenceNumber> = match &start {
+        StartAt::After(s) => SequenceNumber::parse(s),
+        _ => None,
+    };
+    let mut it = iterator(client, settings, shard, &start, counters).await?;
+    let mut interval = settings.poll_min;
+    let mut attempt = 0;
+    loop {
+        let called = Instant::now();
+        let result = client
+            .get_records()
+            .shard_iterator(&it)
+            .limit(settings.limit)
+            .set_stream_arn(settings.stream_arn.clone())
+            .send()
+            .await;
+        let out = match result {
+            Ok(out) => out,
+            Err(e) => {
+                match classify(&e) {
+                    Failure::Throttled => {
+                        counters.throttled.fetch_add(1, Relaxed);
+                    }
+                    Failure::Transient => {
+                        counters.transient.fetch_add(1, Relaxed);
+                    }
+                    Failure::ExpiredIterator => {
+                        counters.expired.fetch_add(1, Relaxed);
+                        let from = match &last {
+                            Some(seq) => StartAt::After(seq.as_str().to_string()),
+                            None => start.clone(),
+                        };
+                        it = iterator(client, settings, shard, &from, counters).await?;
+                        continue;
+                    }
+                    Failure::Fatal => {
+                        return Err(kinesis_error("GetRecords", shard, describe(&e)));
+                    }
+                }
+                tokio::time::sleep(backoff(
+                    attempt,
+                    settings.poll_min.max(Duration::from_millis(50)),
+                    Duration::from_secs(5),
+                ))
+                .await;
+                attempt += 1;
+                continue;
+            }
+        };
+        attempt = 0;
+        counters.calls.fetch_add(1, Relaxed);
+        let mut records = 0;
+        for r in out.records() {
+            let seq = SequenceNumber::parse(r.sequence_number());
+            // Never hand on a record at or before the position already read (a resumed
+            // iterator that overlaps, or an emulator that repeats itself).
+            if let (Some(s), Some(l)) = (&seq, &last)
+                && s <= l
+            {
+                continue;
+            }
+            decoder.push(&RawRecord {
+                sequence: r.sequence_number().to_string(),
+                partition_key: r.partition_key().unwrap_or_default().to_string(),
+                arrival_ms: r
+                    .approximate_arrival_timestamp()
+                    .and_then(|t| t.to_millis().ok()),
+                data: bytes::Bytes::copy_from_slice(r.data().as_ref()),
+            });
+            records += 1;
+            if seq.is_some() {
+                last = seq;
+            }
+        }
+        counters.records.fetch_add(records as u64, Relaxed);
+        let rows = decoder.take_rows();
+        let max_ts = ts_values(&rows)
+            .into_iter()
+            .filter(|&t| t != i64::MIN)
+            .max();
+        let next = out.next_shard_iterator().map(str::to_string);
+        let ended = next.is_none().then(|| {
+            out.child_shards()
+                .iter()
+                .map(|c| c.shard_id().to_string())
+                .collect::<Vec<_>>()
+        });
+        let read = ShardRead {
+            shard: shard.to_string(),
+            rows,
+            rejected: decoder.take_rejected(),
+            records,
+            last_sequence: last.as_ref().map(|s| s.as_str().to_string()),
+            max_ts,
+            millis_behind: out.millis_behind_latest(),
+            ended,
+        };
+        if events.send(ShardEvent::Read(read)).await.is_err() {
+            return Ok(());
+        }
+        let Some(next) = next else { return Ok(()) };
+        it = next;
+        interval = if records == 0 {
+            (interval * 2).min(settings.poll_max)
+        } else {
+            settings.poll_min
+        };
+        tokio::time::sleep_until((called + interval).into()).await;
+    }
+}

@@ -1,0 +1,219 @@
+//! The streaming job (`healer run`): a Kinesis stream through the same pipeline as a replay,
+//! with checkpoints, until it is told to stop.
+//!
+//! ```text
+//!  KinesisSource ──► gate + router ──► workers ──► merge ──► IncidentLog (per flush / barrier)
+//!   shard readers │       │                                         │
+//!                 │       └──► DeadLetter (late rows)                │
+//!                 └──► DeadLetter (undecodable records)              │
+//!   every stage ──── checkpoint parts at each barrier ──► Coordinator ──► checkpoints/
+//! ```
+//! The rules, gate, workers, merge and sinks are the replay job's ([`crate::job`]); the gate
+//! takes its watermarks from the source (the minimum over shards). See
+//! [`crate::checkpoint`] for what a checkpoint holds and how a restart resumes from it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+
+use crate::checkpoint::{Ack, Checkpoint, CheckpointStore, Coordinator, discard_after};
+use crate::config::PipelineConfig;
+use crate::job::{
+    JobError, Pipeline, SinkOptions, Streaming, Summary, compile_rules, first_error,
+    partition_column, run_dead_letter,
+};
+use crate::kinesis::reader::ReaderCounters;
+use crate::kinesis::source::{KinesisSource, SourceOutputs};
+use crate::message::Message;
+use crate::metrics::PipelineMetrics;
+use crate::store::Location;
+
+/// Log folders whose files carry the epoch they were written in.
+pub const EPOCH_FOLDERS: [&str; 3] = ["anomalies", "dead_letter", "dead_letter_records"];
+
+/// What a streaming run did.
+#[derive(Debug)]
+pub struct StreamSummary {
+    /// As for a replay.
+    pub summary: Summary,
+    /// The checkpoint the run started from.
+    pub restored_epoch: Option<u64>,
+    /// The last checkpoint completed (0: none).
+    pub last_checkpoint: u64,
+    /// Files of a crashed run deleted at the start (written after its last checkpoint).
+    pub discarded_files: usize,
+}
+
+/// A prepared streaming job.
+#[derive(Debug)]
+pub struct StreamJob {
+    source: KinesisSource,
+    pipeline: Pipeline,
+    store: CheckpointStore,
+    restore: Option<Checkpoint>,
+    discarded: usize,
+    config: PipelineConfig,
+}
+
+impl StreamJob {
+    /// Validates the configuration, restores the latest checkpoint (discarding log files
+    /// written after it), connects to the stream and compiles the rules.
+    pub async fn prepare(config: &PipelineConfig) -> Result<Self, JobError> {
+        let problems = config.validate();
+        if !problems.is_empty() {
+            let text: Vec<String> = problems
+                .iter()
+                .map(|(k, m)| format!("`{k}`: {m}"))
+                .collect();
+            return Err(JobError::Config(text.join("; ")));
+        }
+        if config.source.kind != "kinesis" {
+            return Err(JobError::Config(format!(
+                "`healer run` reads a stream: set source.kind = \"kinesis\" (it is `{}`; use \
+                 `healer replay` for files)",
+                config.source.kind
+            )));
+        }
+        let out = Location::parse(&config.sink.out, &config.sink.s3, true)?;
+        let checkpoints = if config.checkpoint.location.trim().is_empty() {
+            format!("{}/checkpoints", config.sink.out.trim_end_matches('/'))
+        } else {
+            config.checkpoint.location.clone()
+        };
+        let store = CheckpointStore::new(Location::parse(&checkpoints, &config.sink.s3, true)?);
+        let restore = store.latest().await?;
+        let mut discarded = 0;
+        if let Some(c) = &restore {
+            if c.source.stream != config.source.kinesis.stream {
+                return Err(JobError::Config(format!(
+                    "the checkpoint in {checkpoints} is of stream `{}`, not `{}`",
+                    c.source.stream, config.source.kinesis.stream
+                )));
+            }
+            discarded = discard_after(&out, &EPOCH_FOLDERS, c.epoch).await?;
+            tracing::info!(
+                epoch = c.epoch,
+                discarded,
+                "restoring from checkpoint; files written after it were removed"
+            );
+        }
+        let source = KinesisSource::new(config, restore.as_ref().map(|c| &c.source)).await;
+        let schema = Arc::clone(source.schema());
+        let rules = compile_rules(config, Arc::clone(&schema))?;
+        let partition_by = partition_column(&rules, &schema).and_then(|k| schema.index_of(&k).ok());
+        let partitions = if partition_by.is_some() {
+            config.partitions()
+        } else {
+            1
+        };
+        Ok(Self {
+            source,
+            pipeline: Pipeline {
+                schema,
+                rules,
+                partitions,
+                partition_by,
+                out,
+                config: config.clone(),
+                metrics: Arc::new(PipelineMetrics::default()),
+            },
+            store,
+            restore,
+            discarded,
+            config: config.clone(),
+        })
+    }
+
+    /// Live counters.
+    pub fn metrics(&self) -> Arc<PipelineMetrics> {
+        Arc::clone(&self.pipeline.metrics)
+    }
+
+    /// Counters of the shard readers (calls, throttling, errors).
+    pub fn reader_counters(&self) -> Arc<ReaderCounters> {
+        self.source.counters()
+    }
+
+    /// Runs until `shutdown` turns true, then drains, checkpoints and returns.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<StreamSummary, JobError> {
+        let started = Instant::now();
+        let capacity = self.config.engine.channel_capacity.max(1);
+        let partitions = self.pipeline.partitions;
+        let restored_epoch = self.restore.as_ref().map(|c| c.epoch);
+        let open_epoch = restored_epoch.map_or(1, |e| e + 1);
+        let flush_interval = PipelineConfig::duration(&self.config.sink.flush_interval);
+        let checkpoint_every = PipelineConfig::duration(&self.config.checkpoint.interval);
+
+        let (acks_tx, acks_rx) = mpsc::channel::<Ack>(4 * (partitions + 4));
+        let (completed_tx, completed_rx) = watch::channel(restored_epoch.unwrap_or(0));
+        // Parts: the source's, the gate's, one per worker; commits: anomalies, dead letters
+        // of the gate, dead letters of the decoder.
+        let coordinator = Coordinator::new(
+            self.store.clone(),
+            partitions,
+            3,
+            self.config.checkpoint.retain,
+        );
+        let coordinator = tokio::spawn(coordinator.run(acks_rx, completed_tx));
+
+        let (data_tx, data_rx) = mpsc::channel::<Message>(capacity);
+        let (rejected_tx, rejected_rx) = mpsc::channel::<Message>(capacity);
+        let sink_options = SinkOptions {
+            out: self.pipeline.out.clone(),
+            max_rows: self.config.sink.max_rows_per_file,
+            streaming: Some((open_epoch, flush_interval, acks_tx.clone())),
+        };
+        let records_dead = tokio::spawn(run_dead_letter(
+            rejected_rx,
+            "dead_letter_records",
+            sink_options,
+        ));
+        let metrics = self.pipeline.metrics.clone();
+        let outputs = SourceOutputs {
+            data: data_tx,
+            rejected: rejected_tx,
+            acks: acks_tx.clone(),
+        };
+        let source = self.source;
+        let m = Arc::clone(&metrics);
+        let source_task = tokio::spawn(async move {
+            source
+                .run(outputs, open_epoch, checkpoint_every, m, shutdown)
+                .await
+                .map_err(JobError::from)
+        });
+        let streaming = Streaming {
+            acks: acks_tx,
+            restore: self.restore,
+            open_epoch,
+            flush_interval,
+        };
+        let output = self.pipeline.run(data_rx, Some(streaming)).await;
+        let source = source_task
+            .await
+            .map_err(|e| JobError::Panic(e.to_string()))?;
+        let records_dead = records_dead
+            .await
+            .map_err(|e| JobError::Panic(e.to_string()))?;
+        let output = first_error(output, source)?;
+        let mut output = output;
+        output.dead_letter_files.extend(records_dead?);
+        // Every sender of checkpoint parts is gone now: the coordinator finishes the last
+        // epoch (the shutdown barrier's) and stops.
+        let coordinated = tokio::time::timeout(Duration::from_secs(60), coordinator).await;
+        match coordinated {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => return Err(e.into()),
+            Ok(Err(e)) => return Err(JobError::Panic(e.to_string())),
+            Err(_) => return Err(JobError::Closed("checkpoints")),
+        }
+        let last_checkpoint = *completed_rx.borrow();
+        Ok(StreamSummary {
+            summary: output.into_summary(started, 0),
+            restored_epoch,
+            last_checkpoint,
+            discarded_files: self.discarded,
+        })
+    }
+}

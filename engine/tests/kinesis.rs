@@ -1,0 +1,620 @@
+//! `healer run` against real Kinesis emulators on 127.0.0.1: kinesalite (fast) and
+//! kinesis-local (resharding), with a fault-injecting proxy for throttling and 5xx.
+//!
+//! Every test compares the incidents of the stream with a parquet replay of the same rows:
+//! the same anomaly rows, bit for bit, none missing and none twice.
+//!
+//! `.ci/test` installs the emulators and exports `HEALER_NODE_MODULES` (and `HEALER_PYTHON`
+//! for the proxy).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow::util::display::array_value_to_string;
+use aws_sdk_kinesis::Client;
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::StreamStatus;
+use healer_datasets::{FleetConfig, generate, write_parquet};
+use healer_engine::config::{KinesisConfig, PipelineConfig};
+use healer_engine::job::Job;
+use healer_engine::kinesis::producer::{ProduceOptions, Producer};
+use healer_engine::metrics::MetricsSnapshot;
+use healer_engine::query::query;
+use healer_engine::store::{Location, S3Config};
+use healer_engine::stream::{StreamJob, StreamSummary};
+use tokio::sync::watch;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A server started by a script that prints `listening <port>`; killed on drop.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(mut command: Command, what: &str) -> Self {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what} ({e}): run the suite with .ci/test"));
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{what} did not start: {line:?}"));
+        Self { child, port }
+    }
+
+    fn node(script: &str) -> Self {
+        let modules = std::env::var("HEALER_NODE_MODULES")
+            .unwrap_or_else(|_| repo().join(".ci/node/node_modules").display().to_string());
+        let mut c = Command::new("node");
+        c.arg(repo().join(".ci/servers").join(script))
+            .arg("0")
+            .env("NODE_PATH", modules);
+        Self::start(c, script)
+    }
+
+    fn kinesalite() -> Self {
+        Self::node("kinesalite.js")
+    }
+
+    fn kinesis_local() -> Self {
+        Self::node("kinesis-local.js")
+    }
+
+    /// The fault-injecting proxy in front of `upstream`.
+    fn faulty_proxy(upstream: &Server, throttle_every: u32, error_every: u32) -> Self {
+        let python = std::env::var("HEALER_PYTHON").unwrap_or_else(|_| "python3".into());
+        let mut c = Command::new(python);
+        c.arg(repo().join(".ci/servers/faulty_proxy.py"))
+            .args(["--upstream", &upstream.endpoint(), "--port", "0"])
+            .args(["--throttle-every", &throttle_every.to_string()])
+            .args(["--error-every", &error_every.to_string()])
+            .args(["--targets", "GetRecords,GetShardIterator,ListShards"]);
+        Self::start(c, "faulty_proxy.py")
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn kinesis_config(endpoint: &str, stream: &str) -> KinesisConfig {
+    KinesisConfig {
+        stream: stream.into(),
+        region: Some("us-east-1".into()),
+        endpoint: Some(endpoint.into()),
+        access_key_id: Some("testing".into()),
+        secret_access_key: Some("testing".into()),
+        poll_interval: "50ms".into(),
+        max_poll_interval: "200ms".into(),
+        list_shards_interval: "300ms".into(),
+        idle_timeout: "700ms".into(),
+        batch_max_delay: "50ms".into(),
+        ..KinesisConfig::default()
+    }
+}
+
+async fn client(endpoint: &str) -> Client {
+    healer_engine::kinesis::client(&kinesis_config(endpoint, "")).await
+}
+
+async fn create_stream(client: &Client, name: &str, shards: i32) {
+    client
+        .create_stream()
+        .stream_name(name)
+        .shard_count(shards)
+        .send()
+        .await
+        .unwrap();
+    wait_active(client, name).await;
+}
+
+async fn wait_active(client: &Client, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = client
+            .describe_stream_summary()
+            .stream_name(name)
+            .send()
+            .await
+            .unwrap();
+        if out.stream_description_summary().map(|d| d.stream_status())
+            == Some(&StreamStatus::Active)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stream {name} never became ACTIVE"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A small fleet in stream order, and its rows as one batch per timestamp block.
+fn fleet(resources: usize, samples: usize, seed: u64) -> Vec<RecordBatch> {
+    let (batches, _) = generate(&FleetConfig {
+        seed,
+        resources,
+        samples,
+        faults: 4,
+        batch_rows: resources * 50,
+        ..FleetConfig::default()
+    });
+    batches
+}
+
+fn rows(batches: &[RecordBatch]) -> u64 {
+    batches.iter().map(|b| b.num_rows() as u64).sum()
+}
+
+/// One row an hour after the last one, on a resource of its own: it moves the watermark past
+/// every real row without adding an anomaly (its window never fills).
+fn sentinel(batches: &[RecordBatch]) -> RecordBatch {
+    let last = batches.last().unwrap();
+    let ts = last
+        .column_by_name("ts")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<TimestampMillisecondArray>()
+        .unwrap();
+    let end = ts.value(ts.len() - 1) + 3_600_000;
+    let schema = last.schema();
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|f| -> Arc<dyn Array> {
+            match f.name().as_str() {
+                "ts" => Arc::new(TimestampMillisecondArray::from(vec![end]).with_timezone("UTC")),
+                "resource" => Arc::new(StringArray::from(vec!["~sentinel"])),
+                _ => arrow::array::new_null_array(f.data_type(), 1),
+            }
+        })
+        .collect();
+    RecordBatch::try_new(schema, columns).unwrap()
+}
+
+async fn produce(endpoint: &str, stream: &str, batches: &[RecordBatch], pack: usize) {
+    let mut p = Producer::new(
+        client(endpoint).await,
+        stream,
+        ProduceOptions {
+            pack,
+            ..ProduceOptions::default()
+        },
+    );
+    for b in batches {
+        p.push(b).await.unwrap();
+    }
+    let s = p.finish().await.unwrap();
+    assert_eq!(s.rows, rows(batches));
+}
+
+fn local(dir: &Path) -> Location {
+    Location::parse(&dir.display().to_string(), &S3Config::default(), false).unwrap()
+}
+
+/// Every anomaly row of a log, as text, sorted.
+async fn anomalies(dir: &Path) -> Vec<String> {
+    let loc = local(dir);
+    if !dir.join("anomalies").exists() {
+        return Vec::new();
+    }
+    let batches = query(
+        &loc,
+        "SELECT id, ts, resource, metric, value, score, severity, confidence, rule, service \
+         FROM anomalies ORDER BY id",
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    for b in &batches {
+        for i in 0..b.num_rows() {
+            let cells: Vec<String> = (0..b.num_columns())
+                .map(|c| array_value_to_string(b.column(c), i).unwrap())
+                .collect();
+            out.push(cells.join("|"));
+        }
+    }
+    out
+}
+
+/// Asserts two sorted row lists are equal, reporting what differs rather than both lists.
+fn assert_same(got: &[String], expected: &[String]) {
+    if got == expected {
+        return;
+    }
+    let missing: Vec<&String> = expected
+        .iter()
+        .filter(|r| !got.contains(r))
+        .take(3)
+        .collect();
+    let extra: Vec<&String> = got
+        .iter()
+        .filter(|r| !expected.contains(r))
+        .take(3)
+        .collect();
+    let mut dup = got.to_vec();
+    dup.dedup();
+    panic!(
+        "{} rows, expected {} ({} duplicates); missing e.g. {missing:#?}; unexpected e.g. {extra:#?}",
+        got.len(),
+        expected.len(),
+        got.len() - dup.len()
+    );
+}
+
+/// The anomalies of a parquet replay of `batches`.
+async fn replay(batches: &[RecordBatch], dir: &Path) -> Vec<String> {
+    let input = dir.join("input.parquet");
+    write_parquet(&input, batches).unwrap();
+    let mut config = PipelineConfig::default();
+    config.source.paths = vec![input.display().to_string()];
+    config.sink.out = dir.join("replay").display().to_string();
+    Job::prepare(&config).await.unwrap().run().await.unwrap();
+    let rows = anomalies(&dir.join("replay")).await;
+    assert!(!rows.is_empty(), "the fleet has anomalies to compare");
+    rows
+}
+
+fn stream_config(kinesis: KinesisConfig, out: &Path) -> PipelineConfig {
+    let mut config = PipelineConfig::default();
+    config.source.kind = "kinesis".into();
+    config.source.kinesis = kinesis;
+    config.sink.out = out.display().to_string();
+    config.sink.flush_interval = "200ms".into();
+    config.checkpoint.interval = "1s".into();
+    config.engine.partitions = 2;
+    config
+}
+
+/// Runs a streaming job until `done`, then stops it as SIGTERM would.
+struct Running {
+    stop: watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<Result<StreamSummary, healer_engine::job::JobError>>,
+    metrics: Arc<healer_engine::metrics::PipelineMetrics>,
+}
+
+impl Running {
+    async fn start(config: &PipelineConfig) -> Self {
+        let job = StreamJob::prepare(config).await.unwrap();
+        let metrics = job.metrics();
+        let (stop, rx) = watch::channel(false);
+        let handle = tokio::spawn(job.run(rx));
+        Self {
+            stop,
+            handle,
+            metrics,
+        }
+    }
+
+    async fn until(
+        self,
+        done: impl Fn(&MetricsSnapshot) -> bool,
+        limit: Duration,
+    ) -> StreamSummary {
+        let deadline = Instant::now() + limit;
+        while !done(&self.metrics.snapshot()) {
+            assert!(
+                !self.handle.is_finished(),
+                "the job stopped early: {:?}",
+                self.handle.await
+            );
+            assert!(
+                Instant::now() < deadline,
+                "timed out: {:?}",
+                self.metrics.snapshot()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.stop.send(true).unwrap();
+        self.handle.await.unwrap().unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_shard_stream_matches_replay_and_dead_letters_bad_records() {
+    let server = Server::kinesalite();
+    let endpoint = server.endpoint();
+    let kinesis = client(&endpoint).await;
+    create_stream(&kinesis, "metrics", 4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let batches = fleet(12, 700, 7);
+    let expected = replay(&batches, dir.path()).await;
+
+    produce(&endpoint, "metrics", &batches, 1).await;
+    // Bad records: not JSON, a value of the wrong type, too large, no resource.
+    let bad = [
+        "{\"ts\": 1, \"resource\": ".to_string(),
+        "{\"ts\": 1700000000000, \"resource\": \"web-0\", \"cpu_percent\": \"high\"}".to_string(),
+        format!("{{\"ts\": 1, \"resource\": \"{}\"}}", "x".repeat(5000)),
+        "{\"ts\": 1700000000000}".to_string(),
+    ];
+    for (i, data) in bad.iter().enumerate() {
+        kinesis
+            .put_record()
+            .stream_name("metrics")
+            .partition_key(format!("bad-{i}"))
+            .data(Blob::new(data.as_bytes()))
+            .send()
+            .await
+            .unwrap();
+    }
+    produce(&endpoint, "metrics", &[sentinel(&batches)], 1).await;
+
+    let out = dir.path().join("stream");
+    let mut k = kinesis_config(&endpoint, "metrics");
+    k.max_record_bytes = 4096;
+    let config = stream_config(k, &out);
+    let total = rows(&batches);
+    let summary = Running::start(&config)
+        .await
+        .until(
+            |m| m.gate_rows >= total && m.rejected_records >= 4,
+            Duration::from_secs(120),
+        )
+        .await;
+    assert_eq!(summary.summary.metrics.late_rows, 0);
+    assert_eq!(summary.summary.metrics.source_rows, total + 1);
+    assert!(summary.last_checkpoint >= 1);
+    assert_same(&anomalies(&out).await, &expected);
+
+    let reasons = query(
+        &local(&out),
+        "SELECT reason, shard_id, sequence_number FROM dead_letter_records ORDER BY reason",
+    )
+    .await
+    .unwrap();
+    let text = arrow::util::pretty::pretty_format_batches(&reasons)
+        .unwrap()
+        .to_string();
+    for want in [
+        "missing `resource`",
+        "`cpu_percent`: expected a number, found a string",
+        "oversized: 5",
+        "not JSON",
+    ] {
+        assert!(text.contains(want), "{want} in\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_and_server_errors_slow_the_job_but_lose_nothing() {
+    let server = Server::kinesalite();
+    let proxy = Server::faulty_proxy(&server, 3, 5);
+    let kinesis = client(&server.endpoint()).await;
+    create_stream(&kinesis, "metrics", 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let batches = fleet(8, 600, 11);
+    let expected = replay(&batches, dir.path()).await;
+    produce(&server.endpoint(), "metrics", &batches, 5).await;
+    produce(&server.endpoint(), "metrics", &[sentinel(&batches)], 1).await;
+
+    let out = dir.path().join("stream");
+    let config = stream_config(kinesis_config(&proxy.endpoint(), "metrics"), &out);
+    let job = Running::start(&config).await;
+    let total = rows(&batches);
+    let summary = job
+        .until(|m| m.gate_rows >= total, Duration::from_secs(120))
+        .await;
+    assert_eq!(summary.summary.metrics.late_rows, 0);
+    assert_same(&anomalies(&out).await, &expected);
+
+    // The proxy really did get in the way.
+    let faults: serde_json::Value = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+        write!(
+            s,
+            "GET /__faults HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap()
+    };
+    assert!(faults["throttled"].as_u64().unwrap() > 0, "{faults}");
+    assert!(faults["errors"].as_u64().unwrap() > 0, "{faults}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_and_merge_while_producing_keeps_every_record_in_order() {
+    let server = Server::kinesis_local();
+    let endpoint = server.endpoint();
+    let kinesis = client(&endpoint).await;
+    create_stream(&kinesis, "metrics", 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let batches = fleet(10, 600, 3);
+    let expected = replay(&batches, dir.path()).await;
+    let out = dir.path().join("stream");
+    let mut config = stream_config(kinesis_config(&endpoint, "metrics"), &out);
+    config.source.kinesis.idle_timeout = "3s".into();
+    let job = Running::start(&config).await;
+
+    let third = batches.len() / 3;
+    produce(&endpoint, "metrics", &batches[..third], 10).await;
+    // Split the first shard at the middle of its hash range.
+    let shards = kinesis
+        .list_shards()
+        .stream_name("metrics")
+        .send()
+        .await
+        .unwrap();
+    let first = &shards.shards()[0];
+    let range = first.hash_key_range().unwrap();
+    let lo: u128 = range.starting_hash_key().parse().unwrap();
+    let hi: u128 = range.ending_hash_key().parse().unwrap();
+    kinesis
+        .split_shard()
+        .stream_name("metrics")
+        .shard_to_split(first.shard_id())
+        .new_starting_hash_key((lo + (hi - lo) / 2).to_string())
+        .send()
+        .await
+        .unwrap();
+    wait_active(&kinesis, "metrics").await;
+    produce(&endpoint, "metrics", &batches[third..2 * third], 10).await;
+    // Merge the two children again.
+    let shards = kinesis
+        .list_shards()
+        .stream_name("metrics")
+        .send()
+        .await
+        .unwrap();
+    let children: Vec<&str> = shards
+        .shards()
+        .iter()
+        .filter(|s| s.parent_shard_id() == Some(first.shard_id()))
+        .map(|s| s.shard_id())
+        .collect();
+    assert_eq!(children.len(), 2, "{shards:?}");
+    kinesis
+        .merge_shards()
+        .stream_name("metrics")
+        .shard_to_merge(children[0])
+        .adjacent_shard_to_merge(children[1])
+        .send()
+        .await
+        .unwrap();
+    wait_active(&kinesis, "metrics").await;
+    produce(&endpoint, "metrics", &batches[2 * third..], 10).await;
+    produce(&endpoint, "metrics", &[sentinel(&batches)], 1).await;
+
+    let total = rows(&batches);
+    let summary = job
+        .until(|m| m.gate_rows >= total, Duration::from_secs(180))
+        .await;
+    // Parents were read to their end before their children: no row of a resource came
+    // after a later one, so none was late.
+    assert_eq!(summary.summary.metrics.late_rows, 0);
+    assert_eq!(summary.summary.metrics.source_rows, total + 1);
+    assert_same(&anomalies(&out).await, &expected);
+}
+
+fn healer() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_healer"))
+}
+
+fn spawn_run(endpoint: &str, out: &Path, config: &Path) -> Child {
+    let mut c = healer();
+    c.args(["run", "--config"])
+        .arg(config)
+        .args(["--stream", "metrics", "--endpoint", endpoint, "--out"])
+        .arg(out)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    c.spawn().unwrap()
+}
+
+fn latest_epoch(out: &Path) -> u64 {
+    std::fs::read(out.join("checkpoints/_latest.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["epoch"].as_u64())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_between_checkpoints_resumes_without_loss_or_duplicates() {
+    let server = Server::kinesalite();
+    let endpoint = server.endpoint();
+    let kinesis = client(&endpoint).await;
+    create_stream(&kinesis, "metrics", 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let batches = fleet(10, 900, 5);
+    let expected = replay(&batches, dir.path()).await;
+    let out = dir.path().join("stream");
+    let config = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &config,
+        "[source.kinesis]\npoll_interval = \"50ms\"\nmax_poll_interval = \"200ms\"\n\
+         idle_timeout = \"700ms\"\nbatch_max_delay = \"50ms\"\nbatch_max_rows = 500\n\
+         [engine]\npartitions = 2\n[sink]\nflush_interval = \"100ms\"\n\
+         [checkpoint]\ninterval = \"700ms\"\n",
+    )
+    .unwrap();
+
+    let half = batches.len() / 2;
+    produce(&endpoint, "metrics", &batches[..half], 1).await;
+    let mut first = spawn_run(&endpoint, &out, &config);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while latest_epoch(&out) < 2 {
+        assert!(Instant::now() < deadline, "no checkpoint written");
+        assert!(first.try_wait().unwrap().is_none(), "healer run exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // More rows while it runs, then SIGKILL: no drain, no final checkpoint.
+    produce(&endpoint, "metrics", &batches[half..half + half / 2], 1).await;
+    std::thread::sleep(Duration::from_millis(300));
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let killed_at = latest_epoch(&out);
+    // Files the killed run wrote after its last checkpoint: the restart replaces them.
+    let stale = std::fs::read_dir(out.join("anomalies"))
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .filter(|f| {
+            let name = f
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .to_string();
+            healer_engine::checkpoint::epoch_of_file(&name).is_some_and(|e| e > killed_at)
+        })
+        .count();
+    eprintln!("killed after checkpoint {killed_at} with {stale} file(s) written since");
+
+    produce(&endpoint, "metrics", &batches[half + half / 2..], 1).await;
+    produce(&endpoint, "metrics", &[sentinel(&batches)], 1).await;
+    let mut second = spawn_run(&endpoint, &out, &config);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let got = anomalies(&out).await;
+        if got.len() >= expected.len() && latest_epoch(&out) > killed_at + 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} anomalies",
+            got.len(),
+            expected.len()
+        );
+        assert!(second.try_wait().unwrap().is_none(), "healer run exited");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        second.wait().unwrap().success(),
+        "drains and exits 0 on SIGTERM"
+    );
+    assert_same(&anomalies(&out).await, &expected);
+}
