@@ -204,6 +204,10 @@ struct RunArgs {
     /// Also write the summary as JSON to this file when stopping.
     #[arg(long)]
     summary_json: Option<PathBuf>,
+    /// Write live counters (rows, anomalies, watermark, per-shard lag, throttling) as JSON to
+    /// this file every second (replaced atomically).
+    #[arg(long)]
+    status_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -554,6 +558,17 @@ fn shutdown_signal() -> Result<tokio::sync::watch::Receiver<bool>> {
 }
 
 async fn run(args: RunArgs) -> Result<ExitCode> {
+    // A long-running job logs: checkpoints, shards starting and ending, health every 10 s.
+    let level = match std::env::var("HEALER_LOG").as_deref() {
+        Ok("error") => tracing::Level::ERROR,
+        Ok("warn") => tracing::Level::WARN,
+        Ok("debug") => tracing::Level::DEBUG,
+        _ => tracing::Level::INFO,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .init();
     let config = run_config(&args)?;
     let shutdown = shutdown_signal()?;
     let job = match healer_engine::stream::StreamJob::prepare(&config).await {
@@ -565,7 +580,26 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         "reading stream `{}`; incident log {}; SIGINT or SIGTERM to stop",
         config.source.kinesis.stream, config.sink.out
     );
-    let s = job.run(shutdown).await?;
+    let status = args.status_file.clone().map(|path| {
+        let metrics = job.metrics();
+        let readers = job.reader_counters();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let json = status_json(&metrics, &readers, started.elapsed());
+                let tmp = path.with_extension("tmp");
+                if std::fs::write(&tmp, json.to_string()).is_ok() {
+                    let _ = std::fs::rename(&tmp, &path);
+                }
+            }
+        })
+    });
+    let s = job.run(shutdown).await;
+    if let Some(task) = status {
+        task.abort();
+    }
+    let s = s?;
     print_summary(&s.summary);
     println!(
         "  checkpoints  restored from {}, last completed {}, {} file(s) of an interrupted run replaced",
@@ -586,6 +620,30 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn status_json(
+    metrics: &healer_engine::metrics::PipelineMetrics,
+    readers: &healer_engine::kinesis::reader::ReaderCounters,
+    elapsed: Duration,
+) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let m = metrics.snapshot();
+    serde_json::json!({
+        "elapsed_s": elapsed.as_secs_f64(),
+        "records": readers.records.load(Relaxed),
+        "source_rows": m.source_rows,
+        "rows": m.gate_rows,
+        "late_rows": m.late_rows,
+        "rejected_records": m.rejected_records,
+        "anomalies": m.anomalies,
+        "watermark_ms": m.watermark,
+        "get_records_calls": readers.calls.load(Relaxed),
+        "throttled": readers.throttled.load(Relaxed),
+        "transient_errors": readers.transient.load(Relaxed),
+        "expired_iterators": readers.expired.load(Relaxed),
+        "millis_behind": metrics.shard_lag(),
+    })
 }
 
 async fn produce(args: ProduceArgs) -> Result<ExitCode> {

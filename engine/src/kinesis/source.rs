@@ -566,7 +566,8 @@ impl Batcher {
     }
 }
 
-/// Periodic health line: records/s, shards, lag, throttling.
+/// Per-shard lag into the metrics every second; a health line (records/s, shards, lag,
+/// throttling) every 10 seconds.
 #[derive(Debug, Default)]
 struct Health {
     last: Option<(Instant, u64)>,
@@ -575,8 +576,21 @@ struct Health {
 impl Health {
     fn report(&mut self, source: &KinesisSource, metrics: &PipelineMetrics) {
         use std::sync::atomic::Ordering::Relaxed;
+        for (id, t) in &source.shards {
+            if t.state == State::Reading {
+                metrics.set_shard_lag(id, t.millis_behind.unwrap_or(-1));
+            } else {
+                metrics.remove_shard(id);
+            }
+        }
         let records = source.counters.records.load(Relaxed);
         let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|(t, _)| now.duration_since(t) < Duration::from_secs(10))
+        {
+            return;
+        }
         let rate = self.last.map_or(0.0, |(t, r)| {
             (records - r) as f64 / now.duration_since(t).as_secs_f64().max(1e-3)
         });
@@ -592,13 +606,6 @@ impl Health {
             .filter(|t| t.state == State::Reading)
             .filter_map(|t| t.millis_behind)
             .max();
-        for (id, t) in &source.shards {
-            if t.state == State::Reading {
-                metrics.set_shard_lag(id, t.millis_behind.unwrap_or(-1));
-            } else {
-                metrics.remove_shard(id);
-            }
-        }
         tracing::info!(
             records_per_s = rate as u64,
             shards = reading,
