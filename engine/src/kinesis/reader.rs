@@ -22,6 +22,8 @@ use aws_sdk_kinesis::types::ShardIteratorType;
 use tokio::sync::mpsc;
 
 use super::decode::{Decoder, RawRecord};
+use aws_sdk_kinesis::error::ProvideErrorMetadata;
+
 use super::{Failure, SequenceNumber, backoff, classify, describe};
 use crate::source::{SourceError, ts_values};
 
@@ -159,6 +161,256 @@ async fn iterator(
                 }
                 _ => return Err(kinesis_error("GetShardIterator", shard, describe(&e))),
             },
+        }
+    }
+}
+
+/// Decodes the records of one answer (`GetRecords` or a `SubscribeToShard` event), skipping
+/// any at or before `last`, which moves to the last record taken.
+fn decode_read(
+    shard: &str,
+    records: &[aws_sdk_kinesis::types::Record],
+    decoder: &mut Decoder,
+    last: &mut Option<SequenceNumber>,
+    millis_behind: Option<i64>,
+    ended: Option<Vec<String>>,
+) -> ShardRead {
+    let mut taken = 0;
+    for r in records {
+        let seq = SequenceNumber::parse(r.sequence_number());
+        // Never hand on a record at or before the position already read (a resumed iterator
+        // or subscription that overlaps, or an emulator that repeats itself).
+        if let (Some(s), Some(l)) = (&seq, &*last)
+            && s <= l
+        {
+            continue;
+        }
+        decoder.push(&RawRecord {
+            sequence: r.sequence_number().to_string(),
+            partition_key: r.partition_key().unwrap_or_default().to_string(),
+            arrival_ms: r
+                .approximate_arrival_timestamp()
+                .and_then(|t| t.to_millis().ok()),
+            data: bytes::Bytes::copy_from_slice(r.data().as_ref()),
+        });
+        taken += 1;
+        if seq.is_some() {
+            *last = seq;
+        }
+    }
+    let rows = decoder.take_rows();
+    let max_ts = ts_values(&rows)
+        .into_iter()
+        .filter(|&t| t != i64::MIN)
+        .max();
+    ShardRead {
+        shard: shard.to_string(),
+        rows,
+        rejected: decoder.take_rejected(),
+        records: taken,
+        last_sequence: last.as_ref().map(|s| s.as_str().to_string()),
+        max_ts,
+        millis_behind,
+        ended,
+    }
+}
+
+/// Registers (or finds) the enhanced fan-out consumer `name` of the stream and waits until
+/// it is active; returns its ARN.
+pub async fn register_consumer(
+    client: &Client,
+    settings: &ReaderSettings,
+    name: &str,
+) -> Result<String, SourceError> {
+    let fail = |operation: &str, reason: String| SourceError::Kinesis {
+        operation: operation.into(),
+        reason,
+    };
+    let stream_arn = match &settings.stream_arn {
+        Some(arn) => arn.clone(),
+        None => client
+            .describe_stream_summary()
+            .set_stream_name(settings.stream_name.clone())
+            .send()
+            .await
+            .map_err(|e| fail("DescribeStreamSummary", describe(&e)))?
+            .stream_description_summary()
+            .map(|d| d.stream_arn().to_string())
+            .ok_or_else(|| fail("DescribeStreamSummary", "no stream description".into()))?,
+    };
+    match client
+        .register_stream_consumer()
+        .stream_arn(&stream_arn)
+        .consumer_name(name)
+        .send()
+        .await
+    {
+        Ok(_) => {}
+        // Registered before (by an earlier run): use it.
+        Err(e) if e.code() == Some("ResourceInUseException") => {}
+        Err(e) => return Err(fail("RegisterStreamConsumer", describe(&e))),
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = client
+            .describe_stream_consumer()
+            .stream_arn(&stream_arn)
+            .consumer_name(name)
+            .send()
+            .await
+            .map_err(|e| fail("DescribeStreamConsumer", describe(&e)))?;
+        if let Some(c) = out.consumer_description()
+            && c.consumer_status() == &aws_sdk_kinesis::types::ConsumerStatus::Active
+        {
+            return Ok(c.consumer_arn().to_string());
+        }
+        if Instant::now() > deadline {
+            return Err(fail(
+                "DescribeStreamConsumer",
+                format!("consumer `{name}` did not become active"),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Reads `shard` through enhanced fan-out: `SubscribeToShard` pushes records; a
+/// subscription ends after at most five minutes and is renewed after the last record
+/// received (or at the original start if none was). Otherwise as [`read_shard`].
+pub async fn subscribe_shard(
+    client: Client,
+    settings: Arc<ReaderSettings>,
+    consumer_arn: String,
+    shard: String,
+    start: StartAt,
+    events: mpsc::Sender<ShardEvent>,
+    counters: Arc<ReaderCounters>,
+) {
+    let result = subscribe(
+        &client,
+        &settings,
+        &consumer_arn,
+        &shard,
+        start,
+        &events,
+        &counters,
+    )
+    .await;
+    if let Err(e) = result {
+        let _ = events.send(ShardEvent::Failed(shard, e)).await;
+    }
+}
+
+async fn subscribe(
+    client: &Client,
+    settings: &ReaderSettings,
+    consumer_arn: &str,
+    shard: &str,
+    start: StartAt,
+    events: &mpsc::Sender<ShardEvent>,
+    counters: &ReaderCounters,
+) -> Result<(), SourceError> {
+    use aws_sdk_kinesis::types::{StartingPosition, SubscribeToShardEventStream};
+    let mut decoder = Decoder::new(
+        Arc::clone(&settings.schema),
+        &settings.stream,
+        shard,
+        settings.max_record_bytes,
+    );
+    let mut last: Option<SequenceNumber> = match &start {
+        StartAt::After(s) => SequenceNumber::parse(s),
+        _ => None,
+    };
+    let mut attempt = 0;
+    loop {
+        let from = match &last {
+            Some(seq) => StartAt::After(seq.as_str().to_string()),
+            None => start.clone(),
+        };
+        let position = match &from {
+            StartAt::TrimHorizon => {
+                StartingPosition::builder().r#type(ShardIteratorType::TrimHorizon)
+            }
+            StartAt::Latest => StartingPosition::builder().r#type(ShardIteratorType::Latest),
+            StartAt::AtTimestamp(ms) => StartingPosition::builder()
+                .r#type(ShardIteratorType::AtTimestamp)
+                .timestamp(DateTime::from_millis(*ms)),
+            StartAt::After(seq) => StartingPosition::builder()
+                .r#type(ShardIteratorType::AfterSequenceNumber)
+                .sequence_number(seq),
+        }
+        .build()
+        .map_err(|e| kinesis_error("SubscribeToShard", shard, e.to_string()))?;
+        let subscribed = client
+            .subscribe_to_shard()
+            .consumer_arn(consumer_arn)
+            .shard_id(shard)
+            .starting_position(position)
+            .send()
+            .await;
+        let mut out = match subscribed {
+            Ok(out) => out,
+            Err(e) => {
+                match classify(&e) {
+                    Failure::Throttled => counters.throttled.fetch_add(1, Relaxed),
+                    // A subscription still open from before (ResourceInUse) clears itself.
+                    Failure::Transient => counters.transient.fetch_add(1, Relaxed),
+                    _ if e.code() == Some("ResourceInUseException") => {
+                        counters.throttled.fetch_add(1, Relaxed)
+                    }
+                    _ => return Err(kinesis_error("SubscribeToShard", shard, describe(&e))),
+                };
+                tokio::time::sleep(backoff(
+                    attempt,
+                    Duration::from_millis(200),
+                    Duration::from_secs(5),
+                ))
+                .await;
+                attempt += 1;
+                continue;
+            }
+        };
+        attempt = 0;
+        loop {
+            match out.event_stream.recv().await {
+                Ok(Some(SubscribeToShardEventStream::SubscribeToShardEvent(ev))) => {
+                    counters.calls.fetch_add(1, Relaxed);
+                    let ended = (!ev.child_shards().is_empty()).then(|| {
+                        ev.child_shards()
+                            .iter()
+                            .map(|c| c.shard_id().to_string())
+                            .collect::<Vec<_>>()
+                    });
+                    let done = ended.is_some();
+                    let read = decode_read(
+                        shard,
+                        ev.records(),
+                        &mut decoder,
+                        &mut last,
+                        Some(ev.millis_behind_latest()),
+                        ended,
+                    );
+                    counters.records.fetch_add(read.records as u64, Relaxed);
+                    if events.send(ShardEvent::Read(read)).await.is_err() || done {
+                        return Ok(());
+                    }
+                }
+                Ok(Some(_)) => {}
+                // The subscription's time is up: subscribe again.
+                Ok(None) => break,
+                Err(e) => {
+                    counters.transient.fetch_add(1, Relaxed);
+                    tracing::warn!(%shard, error = %e, "subscription broke; subscribing again");
+                    tokio::time::sleep(backoff(
+                        attempt,
+                        Duration::from_millis(200),
+                        Duration::from_secs(5),
+                    ))
+                    .await;
+                    attempt += 1;
+                    break;
+                }
+            }
         }
     }
 }

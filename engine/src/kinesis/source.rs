@@ -37,7 +37,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::decode::record_schema;
-use super::reader::{ReaderCounters, ReaderSettings, ShardEvent, ShardRead, StartAt, read_shard};
+use super::reader::{
+    ReaderCounters, ReaderSettings, ShardEvent, ShardRead, StartAt, read_shard, register_consumer,
+    subscribe_shard,
+};
 use super::{Failure, backoff, classify, client, describe, stream_ref};
 use crate::checkpoint::{Ack, Part, ShardPosition, SourcePositions};
 use crate::config::{KinesisConfig, PipelineConfig};
@@ -102,6 +105,8 @@ pub struct KinesisSource {
     batch_max_delay: Duration,
     list_every: Duration,
     idle_timeout: Duration,
+    /// Enhanced fan-out: the consumer's name, and its ARN once registered.
+    consumer: Option<(String, Option<String>)>,
     shards: BTreeMap<String, Track>,
     counters: Arc<ReaderCounters>,
 }
@@ -154,6 +159,7 @@ impl KinesisSource {
             batch_max_delay: PipelineConfig::duration(&k.batch_max_delay),
             list_every: PipelineConfig::duration(&k.list_shards_interval),
             idle_timeout: PipelineConfig::duration(&k.idle_timeout),
+            consumer: (k.mode == "enhanced_fan_out").then(|| (k.consumer_name.clone(), None)),
             shards,
             counters: Arc::new(ReaderCounters::default()),
         }
@@ -262,14 +268,24 @@ impl KinesisSource {
             };
             track.state = State::Reading;
             tracing::info!(shard = %id, ?start, "reading shard");
-            readers.spawn(read_shard(
+            let (client, settings, events, counters) = (
                 self.client.clone(),
                 Arc::clone(&self.settings),
-                id,
-                start,
                 events.clone(),
                 Arc::clone(&self.counters),
-            ));
+            );
+            match &self.consumer {
+                Some((_, Some(arn))) => readers.spawn(subscribe_shard(
+                    client,
+                    settings,
+                    arn.clone(),
+                    id,
+                    start,
+                    events,
+                    counters,
+                )),
+                _ => readers.spawn(read_shard(client, settings, id, start, events, counters)),
+            };
         }
         Ok(())
     }
@@ -347,6 +363,11 @@ impl KinesisSource {
     ) -> Result<(), SourceError> {
         let (events_tx, mut events) = mpsc::channel::<ShardEvent>(64);
         let mut readers = JoinSet::new();
+        if let Some((name, arn)) = &mut self.consumer {
+            let registered = register_consumer(&self.client, &self.settings, name).await?;
+            tracing::info!(consumer = %registered, "enhanced fan-out consumer active");
+            *arn = Some(registered);
+        }
         self.discover(&mut readers, &events_tx).await?;
 
         let mut pending = Batcher::new(Arc::clone(&self.settings.schema));
