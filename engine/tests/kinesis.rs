@@ -470,7 +470,7 @@ async fn split_and_merge_while_producing_keeps_every_record_in_order() {
     let batches = fleet(10, 600, 3);
     let expected = replay(&batches, dir.path()).await;
     let out = dir.path().join("stream");
-    let mut config = stream_config(kinesis_config(&endpoint, "metrics"), &out);
+    let config = stream_config(kinesis_config(&endpoint, "metrics"), &out);
     let job = Running::start(&config).await;
 
     let third = batches.len() / 3;
