@@ -61,6 +61,8 @@ pub struct ShardPosition {
     pub sequence: Option<String>,
     /// Whether the shard was read to its end (a closed shard after a reshard).
     pub finished: bool,
+    /// The largest event time read from the shard (it holds the watermark from there).
+    pub max_ts: Option<i64>,
 }
 
 /// The source's part of a checkpoint: every shard's position.
@@ -68,6 +70,9 @@ pub struct ShardPosition {
 pub struct SourcePositions {
     /// The stream.
     pub stream: String,
+    /// Where shards without a sequence number start (ms; `None`: the trim horizon), fixed
+    /// when the job first started so that a restart reads what the first run would have.
+    pub start_ms: Option<i64>,
     /// Positions by shard id.
     pub shards: BTreeMap<String, ShardPosition>,
 }
@@ -323,7 +328,21 @@ impl Coordinator {
                 workers: p.workers.into_values().collect(),
             };
             let started = std::time::Instant::now();
-            self.store.write(&checkpoint, self.retain).await?;
+            // A store error may pass (a throttled or briefly unreachable S3): try a few times
+            // before giving up, which stops the job (its data is safe: a restart resumes
+            // from the previous checkpoint).
+            let mut attempt = 0;
+            loop {
+                match self.store.write(&checkpoint, self.retain).await {
+                    Ok(()) => break,
+                    Err(e) if attempt < 4 => {
+                        tracing::warn!(epoch, error = %e, "checkpoint write failed; retrying");
+                        tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;
+                        attempt += 1;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             tracing::info!(
                 epoch,
                 elapsed_ms = started.elapsed().as_millis() as u64,

@@ -20,7 +20,8 @@
 //! mode = "polling"           # or "enhanced_fan_out" (experimental; consumer_name = "healer")
 //! poll_interval = "200ms"    # GetRecords per shard at most this often (5/s is AWS's limit)
 //! max_poll_interval = "2s"   # back-off ceiling while a shard is empty
-//! idle_timeout = "5s"        # an empty shard at its tip stops holding the watermark
+//! idle_timeout = "5s"        # an empty shard at its tip holds the watermark at wall time
+//! max_future_skew = "1h"     # samples with ts this far after their arrival: dead letter
 //! batch_max_rows = 8192      # micro-batches: at most this many rows …
 //! batch_max_delay = "200ms"  # … or this old
 //!
@@ -130,8 +131,13 @@ pub struct KinesisConfig {
     pub records_per_get: i32,
     /// How often the shard list is refreshed (new shards after a reshard).
     pub list_shards_interval: String,
-    /// A shard read to its tip that stays empty this long stops holding the watermark.
+    /// A shard read to its tip that stays empty this long holds the watermark no longer at
+    /// its last event time but at the wall-clock time of its last empty read.
     pub idle_timeout: String,
+    /// Samples whose `ts` is further than this after their record's arrival time are
+    /// dead-lettered (a producer writing microseconds, a broken clock), so that one bad
+    /// timestamp cannot push the watermark past every later row.
+    pub max_future_skew: String,
     /// A micro-batch is sent when it holds this many rows …
     pub batch_max_rows: usize,
     /// … or when its oldest row has waited this long.
@@ -157,6 +163,7 @@ impl Default for KinesisConfig {
             records_per_get: 10_000,
             list_shards_interval: "10s".into(),
             idle_timeout: "5s".into(),
+            max_future_skew: "1h".into(),
             batch_max_rows: 8192,
             batch_max_delay: "200ms".into(),
         }
@@ -556,15 +563,18 @@ impl PipelineConfig {
         if k.max_record_bytes == 0 {
             bad("max_record_bytes", "must be at least 1".into());
         }
-        for (key, value) in [
-            ("poll_interval", &k.poll_interval),
-            ("max_poll_interval", &k.max_poll_interval),
-            ("list_shards_interval", &k.list_shards_interval),
-            ("idle_timeout", &k.idle_timeout),
-            ("batch_max_delay", &k.batch_max_delay),
+        for (key, value, zero_ok) in [
+            ("poll_interval", &k.poll_interval, false),
+            ("max_poll_interval", &k.max_poll_interval, false),
+            ("list_shards_interval", &k.list_shards_interval, false),
+            ("idle_timeout", &k.idle_timeout, true),
+            ("batch_max_delay", &k.batch_max_delay, false),
+            ("max_future_skew", &k.max_future_skew, false),
         ] {
-            if let Err(e) = parse_duration(value) {
-                bad(key, e);
+            match parse_duration(value) {
+                Ok(d) if d.is_zero() && !zero_ok => bad(key, "must be positive".into()),
+                Ok(_) => {}
+                Err(e) => bad(key, e),
             }
         }
     }

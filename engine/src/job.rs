@@ -644,13 +644,12 @@ fn restore_worker(
             rule.restore(rule_state, &keep)?;
         }
     }
+    // Tags are looked up by resource, which need not be the routing column: every worker
+    // gets them all (extra entries are never read).
     if let Some(tags) = tags {
         for state in saved {
             for (resource, values) in &state.tags {
-                let routed = owner.routing.is_none() || owner.owns_value(Some(resource));
-                if routed {
-                    tags.latest.insert(resource.clone(), values.clone());
-                }
+                tags.latest.insert(resource.clone(), values.clone());
             }
         }
     }

@@ -12,6 +12,7 @@
 //! * [`diagnose`]: incidents with root cause and decision from the logged anomalies.
 //! * [`llm`]: the Bedrock consult of the decision engine.
 //! * [`petshop`]: root-cause evaluation on the PetShop data set.
+//! * [`nab_eval`]: detection quality on NAB with NAB's scoring.
 //! * [`config`]: the pipeline configuration and its validation.
 //! * [`train`]: training data for models (parquet or CSV).
 
@@ -25,6 +26,7 @@ pub mod kinesis;
 pub mod llm;
 pub mod message;
 pub mod metrics;
+pub mod nab_eval;
 pub mod petshop;
 pub mod query;
 pub mod sink;

@@ -54,6 +54,22 @@ enum Command {
 enum EvalCommand {
     /// Root-cause ranking on the PetShop data set, next to the published baseline.
     Rca(EvalRcaArgs),
+    /// Detection on the Numenta Anomaly Benchmark with NAB's scoring, next to the published
+    /// scoreboard.
+    Nab(EvalNabArgs),
+}
+
+#[derive(Debug, Args)]
+struct EvalNabArgs {
+    /// The NAB folder (`data/`, `labels/`, `results/`).
+    #[arg(long)]
+    dataset: PathBuf,
+    /// Rule files or directories (default: the bundled rules).
+    #[arg(long, num_args = 1..)]
+    rules: Vec<PathBuf>,
+    /// Write NAB-format result CSVs (`<out>/<category>/<file>.csv`) for every data file.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -309,6 +325,7 @@ fn main() -> ExitCode {
             Command::Train(TrainCommand::Iforest(args)) => train_iforest(args).await,
             Command::Diagnose(args) => diagnose(args).await,
             Command::Eval(EvalCommand::Rca(args)) => eval_rca(args),
+            Command::Eval(EvalCommand::Nab(args)) => eval_nab(args).await,
         }
     });
     match result {
@@ -972,6 +989,103 @@ async fn diagnose(args: DiagnoseArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn eval_nab(args: EvalNabArgs) -> Result<ExitCode> {
+    use healer_engine::nab_eval;
+    let series = nab_eval::load(&args.dataset)?;
+    let work = tempfile_dir()?;
+    let scores = nab_eval::detect(&series, &args.rules, work.path()).await?;
+    if let Some(out) = &args.out {
+        nab_eval::write_results(out, &series, &scores)
+            .with_context(|| format!("writing results under {}", out.display()))?;
+    }
+    let report = nab_eval::score(&series, &scores)?;
+    println!(
+        "NAB: {} series, {} with labels here ({} windows); one threshold per profile for all files",
+        series.len(),
+        report.files,
+        report.windows
+    );
+    println!();
+    println!(
+        "  {:<28} {:>9} {:>14} {:>14}",
+        "detector", "standard", "reward_low_FP", "reward_low_FN"
+    );
+    let by_name = |name: &str| {
+        report
+            .scores
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map_or(f64::NAN, |s| s.1)
+    };
+    println!(
+        "  {:<28} {:>9.1} {:>14.1} {:>14.1}",
+        "healer (this run)",
+        by_name("standard"),
+        by_name("reward_low_FP_rate"),
+        by_name("reward_low_FN_rate")
+    );
+    let published = args.dataset.join("results/final_results.json");
+    if let Ok(bytes) = std::fs::read(&published) {
+        let table: std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>> =
+            serde_json::from_slice(&bytes)
+                .with_context(|| format!("reading {}", published.display()))?;
+        let mut rows: Vec<_> = table.into_iter().collect();
+        rows.sort_by(|a, b| {
+            let s = |r: &std::collections::BTreeMap<String, f64>| {
+                r.get("standard").copied().unwrap_or(0.0)
+            };
+            s(&b.1).total_cmp(&s(&a.1))
+        });
+        for (name, r) in rows {
+            let g = |k: &str| r.get(k).copied().unwrap_or(f64::NAN);
+            println!(
+                "  {:<28} {:>9.1} {:>14.1} {:>14.1}",
+                format!("{name} (published)"),
+                g("standard"),
+                g("reward_low_FP_rate"),
+                g("reward_low_FN_rate")
+            );
+        }
+    }
+    println!();
+    println!(
+        "  thresholds: {}",
+        report
+            .scores
+            .iter()
+            .map(|(n, _, t)| format!("{n} {t:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  published scores cover all 58 files with NAB's full labels; healer's cover the {} labelled here",
+        report.files
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A temporary directory removed on drop.
+fn tempfile_dir() -> Result<TempDir> {
+    let path = std::env::temp_dir().join(format!("healer-eval-{}", std::process::id()));
+    std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+    Ok(TempDir(path))
+}
+
+#[derive(Debug)]
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn eval_rca(args: EvalRcaArgs) -> Result<ExitCode> {

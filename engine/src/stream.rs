@@ -83,17 +83,21 @@ impl StreamJob {
         };
         let store = CheckpointStore::new(Location::parse(&checkpoints, &config.sink.s3, true)?);
         let restore = store.latest().await?;
-        let mut discarded = 0;
-        if let Some(c) = &restore {
-            if c.source.stream != config.source.kinesis.stream {
-                return Err(JobError::Config(format!(
-                    "the checkpoint in {checkpoints} is of stream `{}`, not `{}`",
-                    c.source.stream, config.source.kinesis.stream
-                )));
-            }
-            discarded = discard_after(&out, &EPOCH_FOLDERS, c.epoch).await?;
+        if let Some(c) = &restore
+            && c.source.stream != config.source.kinesis.stream
+        {
+            return Err(JobError::Config(format!(
+                "the checkpoint in {checkpoints} is of stream `{}`, not `{}`",
+                c.source.stream, config.source.kinesis.stream
+            )));
+        }
+        // Files of epochs after the checkpoint (or of any epoch, without one: a run that
+        // died before its first checkpoint) hold rows this run writes again.
+        let epoch = restore.as_ref().map_or(0, |c| c.epoch);
+        let discarded = discard_after(&out, &EPOCH_FOLDERS, epoch).await?;
+        if restore.is_some() || discarded > 0 {
             tracing::info!(
-                epoch = c.epoch,
+                epoch,
                 discarded,
                 "restoring from checkpoint; files written after it were removed"
             );
@@ -196,11 +200,9 @@ impl StreamJob {
         let records_dead = records_dead
             .await
             .map_err(|e| JobError::Panic(e.to_string()))?;
-        let output = first_error(output, source)?;
-        let mut output = output;
-        output.dead_letter_files.extend(records_dead?);
         // Every sender of checkpoint parts is gone now: the coordinator finishes the last
-        // epoch (the shutdown barrier's) and stops.
+        // epoch (the shutdown barrier's) and stops. Its error, if any, is the cause of the
+        // others (stages stop when it no longer takes their parts), so it is reported first.
         let coordinated = tokio::time::timeout(Duration::from_secs(60), coordinator).await;
         match coordinated {
             Ok(Ok(Ok(()))) => {}
@@ -208,6 +210,8 @@ impl StreamJob {
             Ok(Err(e)) => return Err(JobError::Panic(e.to_string())),
             Err(_) => return Err(JobError::Closed("checkpoints")),
         }
+        let mut output = first_error(output, source)?;
+        output.dead_letter_files.extend(records_dead?);
         let last_checkpoint = *completed_rx.borrow();
         Ok(StreamSummary {
             summary: output.into_summary(started, 0),

@@ -12,6 +12,7 @@
 //! * [`unpivot`]: the long `samples` view of a wide metrics batch.
 //! * [`id`]: deterministic, version-stable identifiers.
 //! * [`scoring`]: detector scores against labels (AUROC).
+//! * [`nab`]: Numenta Anomaly Benchmark v1.1 scoring with its corpus-wide threshold sweep.
 //! * [`topology`]: the service dependency graph.
 //! * [`rca`]: anomalies correlated over the graph into incidents with ranked root causes.
 //! * [`decision`]: auto-heal, request approval or escalate, with the reasons.
@@ -24,6 +25,7 @@ pub mod id;
 pub mod iforest;
 pub mod iforest_model;
 pub mod keys;
+pub mod nab;
 pub mod rca;
 pub mod schema;
 pub mod scoring;

@@ -136,6 +136,8 @@ pub struct Decoder {
     stream: String,
     shard: String,
     max_record_bytes: usize,
+    /// Samples with `ts` further than this after their record's arrival are rejected.
+    max_future_skew_ms: i64,
 }
 
 impl Decoder {
@@ -157,7 +159,14 @@ impl Decoder {
             stream: stream.to_string(),
             shard: shard.to_string(),
             max_record_bytes,
+            max_future_skew_ms: i64::MAX,
         }
+    }
+
+    /// Rejects samples whose `ts` is more than `skew_ms` after their record's arrival time.
+    pub fn with_max_future_skew(mut self, skew_ms: i64) -> Self {
+        self.max_future_skew_ms = skew_ms;
+        self
     }
 
     fn builders(schema: &SchemaRef) -> Vec<Column> {
@@ -201,13 +210,13 @@ impl Decoder {
         };
         match value {
             Value::Object(_) => {
-                if let Err(reason) = self.sample(&value) {
+                if let Err(reason) = self.sample(&value, record.arrival_ms) {
                     self.reject(record, &reason);
                 }
             }
             Value::Array(items) => {
                 for (i, item) in items.iter().enumerate() {
-                    if let Err(reason) = self.sample(item) {
+                    if let Err(reason) = self.sample(item, record.arrival_ms) {
                         self.reject(record, &format!("element {i}: {reason}"));
                     }
                 }
@@ -222,7 +231,7 @@ impl Decoder {
         }
     }
 
-    fn sample(&mut self, value: &Value) -> Result<(), String> {
+    fn sample(&mut self, value: &Value, arrival_ms: Option<i64>) -> Result<(), String> {
         let Value::Object(map) = value else {
             return Err(format!("expected an object, found {}", kind(value)));
         };
@@ -267,6 +276,14 @@ impl Decoder {
             if cells[self.index[required]] == Cell::Null {
                 return Err(format!("missing `{required}`"));
             }
+        }
+        if let (Cell::Int(ts), Some(arrival)) = (&cells[self.index[TS]], arrival_ms)
+            && ts.saturating_sub(arrival) > self.max_future_skew_ms
+        {
+            return Err(format!(
+                "`ts` is {} s after the record's arrival (max_future_skew)",
+                ts.saturating_sub(arrival) / 1000
+            ));
         }
         for (column, cell) in self.columns.iter_mut().zip(cells) {
             match (column, cell) {
@@ -490,6 +507,23 @@ mod tests {
             .unwrap()
             .as_string::<i32>();
         assert_eq!(seq.value(0).len(), 56, "sequence numbers kept whole");
+    }
+
+    #[test]
+    fn timestamps_far_after_arrival_are_rejected() {
+        let mut d = decoder().with_max_future_skew(3_600_000);
+        // arrival 1_700_000_000_000; microseconds instead of milliseconds is far ahead.
+        d.push(&record(r#"{"ts": 1700000000000000, "resource": "a"}"#));
+        d.push(&record(r#"{"ts": 1700000001000, "resource": "a"}"#));
+        assert_eq!(d.rows(), 1);
+        let r = d.take_rejected().unwrap();
+        let reason = r
+            .column_by_name("reason")
+            .unwrap()
+            .as_string::<i32>()
+            .value(0)
+            .to_string();
+        assert!(reason.contains("after the record's arrival"), "{reason}");
     }
 
     #[test]

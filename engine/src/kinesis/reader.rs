@@ -59,6 +59,8 @@ pub struct ReaderSettings {
     pub schema: SchemaRef,
     /// Dead-letter threshold.
     pub max_record_bytes: usize,
+    /// Samples further than this (ms) after their arrival are dead-lettered.
+    pub max_future_skew_ms: i64,
 }
 
 /// Counters shared by the readers.
@@ -93,8 +95,8 @@ pub struct ShardRead {
     pub max_ts: Option<i64>,
     /// How far behind the tip of the shard the read is.
     pub millis_behind: Option<i64>,
-    /// Set on the last read of a closed shard: its children.
-    pub ended: Option<Vec<String>>,
+    /// Set on the last read of a closed shard: its children, each with its parents.
+    pub ended: Option<Vec<(String, Vec<String>)>>,
 }
 
 /// What a reader tells the source.
@@ -165,6 +167,14 @@ async fn iterator(
     }
 }
 
+/// Child shards with their parents, as a closed shard's last answer names them.
+fn children(shards: &[aws_sdk_kinesis::types::ChildShard]) -> Vec<(String, Vec<String>)> {
+    shards
+        .iter()
+        .map(|c| (c.shard_id().to_string(), c.parent_shards().to_vec()))
+        .collect()
+}
+
 /// Decodes the records of one answer (`GetRecords` or a `SubscribeToShard` event), skipping
 /// any at or before `last`, which moves to the last record taken.
 fn decode_read(
@@ -173,7 +183,7 @@ fn decode_read(
     decoder: &mut Decoder,
     last: &mut Option<SequenceNumber>,
     millis_behind: Option<i64>,
-    ended: Option<Vec<String>>,
+    ended: Option<Vec<(String, Vec<String>)>>,
 ) -> ShardRead {
     let mut taken = 0;
     for r in records {
@@ -316,7 +326,8 @@ async fn subscribe(
         &settings.stream,
         shard,
         settings.max_record_bytes,
-    );
+    )
+    .with_max_future_skew(settings.max_future_skew_ms);
     let mut last: Option<SequenceNumber> = match &start {
         StartAt::After(s) => SequenceNumber::parse(s),
         _ => None,
@@ -375,12 +386,8 @@ async fn subscribe(
             match out.event_stream.recv().await {
                 Ok(Some(SubscribeToShardEventStream::SubscribeToShardEvent(ev))) => {
                     counters.calls.fetch_add(1, Relaxed);
-                    let ended = (!ev.child_shards().is_empty()).then(|| {
-                        ev.child_shards()
-                            .iter()
-                            .map(|c| c.shard_id().to_string())
-                            .collect::<Vec<_>>()
-                    });
+                    let ended =
+                        (!ev.child_shards().is_empty()).then(|| children(ev.child_shards()));
                     let done = ended.is_some();
                     let read = decode_read(
                         shard,
@@ -443,7 +450,8 @@ async fn read(
         &settings.stream,
         shard,
         settings.max_record_bytes,
-    );
+    )
+    .with_max_future_skew(settings.max_future_skew_ms);
     let mut last: Option<SequenceNumber> = match &start {
         StartAt::After(s) => SequenceNumber::parse(s),
         _ => None,
@@ -525,12 +533,7 @@ async fn read(
             .filter(|&t| t != i64::MIN)
             .max();
         let next = out.next_shard_iterator().map(str::to_string);
-        let ended = next.is_none().then(|| {
-            out.child_shards()
-                .iter()
-                .map(|c| c.shard_id().to_string())
-                .collect::<Vec<_>>()
-        });
+        let ended = next.is_none().then(|| children(out.child_shards()));
         let read = ShardRead {
             shard: shard.to_string(),
             rows,

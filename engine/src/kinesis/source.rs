@@ -67,6 +67,8 @@ struct Track {
     max_ts: Option<i64>,
     /// Since when every read came back empty at the tip of the shard.
     idle_since: Option<Instant>,
+    /// Wall-clock time (ms) of the latest read that came back empty at the tip.
+    last_empty_ms: Option<i64>,
     millis_behind: Option<i64>,
 }
 
@@ -78,6 +80,7 @@ impl Track {
             sequence: None,
             max_ts: None,
             idle_since: None,
+            last_empty_ms: None,
             millis_behind: None,
         }
     }
@@ -100,6 +103,7 @@ pub struct KinesisSource {
     client: Client,
     settings: Arc<ReaderSettings>,
     start: StartAt,
+    start_ms: Option<i64>,
     delay_ms: i64,
     batch_max_rows: usize,
     batch_max_delay: Duration,
@@ -116,16 +120,23 @@ impl KinesisSource {
     pub async fn new(config: &PipelineConfig, restored: Option<&SourcePositions>) -> Self {
         let k: &KinesisConfig = &config.source.kinesis;
         let (stream_name, stream_arn) = stream_ref(&k.stream);
-        let start = match k.start.as_str() {
-            "latest" => StartAt::Latest,
-            "at_timestamp" => StartAt::AtTimestamp(
-                k.start_timestamp
-                    .as_deref()
-                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                    .map_or(0, |t| t.timestamp_millis()),
-            ),
-            _ => StartAt::TrimHorizon,
+        // Where shards without a sequence number start, fixed once: `latest` becomes "at the
+        // time the job first started", so that a restart (which may find a shard that had
+        // no record yet) reads what the first run would have read, not what is newest then.
+        let start_ms = match restored {
+            Some(r) => r.start_ms,
+            None => match k.start.as_str() {
+                "latest" => Some(chrono::Utc::now().timestamp_millis()),
+                "at_timestamp" => Some(
+                    k.start_timestamp
+                        .as_deref()
+                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                        .map_or(0, |t| t.timestamp_millis()),
+                ),
+                _ => None,
+            },
         };
+        let start = start_ms.map_or(StartAt::TrimHorizon, StartAt::AtTimestamp);
         let shards = restored
             .map(|r| {
                 r.shards
@@ -133,6 +144,7 @@ impl KinesisSource {
                     .map(|(id, p)| {
                         let mut track = Track::new(p.parents.clone());
                         track.sequence = p.sequence.clone();
+                        track.max_ts = p.max_ts;
                         if p.finished {
                             track.state = State::Finished;
                         }
@@ -152,8 +164,10 @@ impl KinesisSource {
                 limit: k.records_per_get,
                 schema: record_schema(&config.source.schema),
                 max_record_bytes: k.max_record_bytes,
+                max_future_skew_ms: PipelineConfig::duration(&k.max_future_skew).as_millis() as i64,
             }),
             start,
+            start_ms,
             delay_ms: config.out_of_orderness_ms(),
             batch_max_rows: k.batch_max_rows,
             batch_max_delay: PipelineConfig::duration(&k.batch_max_delay),
@@ -261,9 +275,10 @@ impl KinesisSource {
             .collect();
         for id in ready {
             let track = self.shards.get_mut(&id).expect("listed");
+            // Children too start at the job's start: with `trim_horizon` they are read whole,
+            // with a time only from that time on (a parent closed before it adds nothing).
             let start = match &track.sequence {
                 Some(seq) => StartAt::After(seq.clone()),
-                None if !track.parents.is_empty() => StartAt::TrimHorizon,
                 None => self.start.clone(),
             };
             track.state = State::Reading;
@@ -290,6 +305,14 @@ impl KinesisSource {
         Ok(())
     }
 
+    /// [`Self::discover`] after the start: a failure (ListShards throttled for a while) is
+    /// logged and tried again at the next tick instead of stopping the job.
+    async fn rediscover(&mut self, readers: &mut JoinSet<()>, events: &mpsc::Sender<ShardEvent>) {
+        if let Err(e) = self.discover(readers, events).await {
+            tracing::warn!(error = %e, "listing shards failed; trying again later");
+        }
+    }
+
     /// The watermark the shards allow now (see the [module docs](self)).
     fn watermark(&self, now: Instant) -> Option<i64> {
         // Per shard that holds the watermark back: the largest ts it has given, `None` when
@@ -301,7 +324,12 @@ impl KinesisSource {
                     let idle = t
                         .idle_since
                         .is_some_and(|s| now.duration_since(s) >= self.idle_timeout);
-                    if !idle {
+                    if idle {
+                        // Read to its tip and quiet: its next record was written after its
+                        // last empty read, so (with event time close to wall time) it holds
+                        // the watermark there rather than at its last, old row.
+                        holds.push(t.last_empty_ms.max(t.max_ts));
+                    } else {
                         holds.push(t.max_ts);
                     }
                 }
@@ -334,6 +362,7 @@ impl KinesisSource {
     fn positions(&self) -> SourcePositions {
         SourcePositions {
             stream: self.settings.stream.clone(),
+            start_ms: self.start_ms,
             shards: self
                 .shards
                 .iter()
@@ -344,6 +373,7 @@ impl KinesisSource {
                             parents: t.parents.clone(),
                             sequence: t.sequence.clone(),
                             finished: t.state == State::Finished,
+                            max_ts: t.max_ts,
                         },
                     )
                 })
@@ -405,7 +435,17 @@ impl KinesisSource {
                     self.barrier(epoch, &out).await?;
                     epoch += 1;
                 }
-                _ = list_tick.tick() => self.discover(&mut readers, &events_tx).await?,
+                _ = list_tick.tick() => self.rediscover(&mut readers, &events_tx).await,
+                Some(joined) = readers.join_next(), if !readers.is_empty() => {
+                    if let Err(e) = joined
+                        && e.is_panic()
+                    {
+                        return Err(SourceError::Kinesis {
+                            operation: "shard reader".into(),
+                            reason: format!("panicked: {e}"),
+                        });
+                    }
+                }
                 _ = health_tick.tick() => health.report(&self, &metrics),
                 _ = flush_tick.tick() => {
                     if pending.age().is_some_and(|a| a >= self.batch_max_delay) || pending.rows == 0 {
@@ -425,7 +465,7 @@ impl KinesisSource {
                                 self.flush(&mut pending, &out, &mut last_watermark, &metrics).await?;
                             }
                             if ended {
-                                self.discover(&mut readers, &events_tx).await?;
+                                self.rediscover(&mut readers, &events_tx).await;
                             }
                         }
                     }
@@ -440,12 +480,13 @@ impl KinesisSource {
             shard,
             rows,
             rejected,
-            records,
+            records: _,
             last_sequence,
             max_ts,
             millis_behind,
             ended,
         } = read;
+        let decoded = rows.num_rows();
         pending.push(rows, rejected);
         let Some(track) = self.shards.get_mut(&shard) else {
             return false;
@@ -457,18 +498,26 @@ impl KinesisSource {
             track.max_ts = Some(track.max_ts.map_or(m, |t| t.max(m)));
         }
         track.millis_behind = millis_behind;
-        if records == 0 && millis_behind.is_none_or(|m| m == 0) {
+        // Idle: at the tip and nothing to give (records that all went to the dead letter
+        // count as nothing, or a shard of garbage would hold the watermark forever).
+        if decoded == 0 && millis_behind.is_none_or(|m| m == 0) {
             track.idle_since.get_or_insert_with(Instant::now);
+            track.last_empty_ms = Some(chrono::Utc::now().timestamp_millis());
         } else {
             track.idle_since = None;
         }
         if let Some(children) = ended {
             tracing::info!(%shard, ?children, "shard read to its end");
             track.state = State::Finished;
-            for child in children {
+            for (child, parents) in children {
+                let parents = if parents.is_empty() {
+                    vec![shard.clone()]
+                } else {
+                    parents
+                };
                 self.shards
                     .entry(child)
-                    .or_insert_with(|| Track::new(vec![shard.clone()]));
+                    .or_insert_with(|| Track::new(parents));
             }
             return true;
         }
