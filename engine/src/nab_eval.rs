@@ -2,7 +2,7 @@
 //! scoring ([`healer_operators::nab`]).
 //!
 //! Every series of `data/<category>/<file>.csv` becomes one resource (`<category>/<file>.csv`)
-//! with one metric, `value`, and the whole corpus goes through the same replay a user runs:
+//! with one metric, `nab_value` (`value` is the samples view's own column), and the whole corpus goes through the same replay a user runs:
 //! parquet source, event-time gate, keyed workers running the configured rules (the bundled
 //! ones by default), the incident log. A row's anomaly score is the largest `confidence` any
 //! rule gave it, 0 where no rule flagged it; rules only see the past, so the scores are
@@ -172,7 +172,7 @@ fn corpus_batch(series: &[Series]) -> RecordBatch {
     let schema = Arc::new(Schema::new(vec![
         Field::new("ts", ts_type(), false),
         Field::new("resource", DataType::Utf8, false),
-        Field::new("value", DataType::Float64, true),
+        Field::new("nab_value", DataType::Float64, true),
     ]));
     RecordBatch::try_new(
         schema,
@@ -205,6 +205,13 @@ pub async fn detect(
         .enumerate()
         .map(|(i, s)| (s.key.as_str(), i))
         .collect();
+    // The row of each (series, ts): the first one, where a file repeats a timestamp.
+    let mut rows: HashMap<(usize, i64), usize> = HashMap::new();
+    for (s, x) in series.iter().enumerate() {
+        for (i, &t) in x.timestamps.iter().enumerate() {
+            rows.entry((s, t)).or_insert(i);
+        }
+    }
     let mut scores: Vec<Vec<f64>> = series
         .iter()
         .map(|s| vec![0.0; s.timestamps.len()])
@@ -219,7 +226,10 @@ pub async fn detect(
     )
     .await?;
     for b in &batches {
-        let resource = b.column(0).as_string::<i32>();
+        // DataFusion may read strings as views: normalise.
+        let resource = arrow::compute::cast(b.column(0), &DataType::Utf8)
+            .map_err(|e| datafusion::error::DataFusionError::ArrowError(Box::new(e), None))?;
+        let resource = resource.as_string::<i32>();
         let ts = b.column(1).as_primitive::<TimestampMillisecondType>();
         let score = b.column(2).as_primitive::<arrow::datatypes::Float64Type>();
         for i in 0..b.num_rows() {

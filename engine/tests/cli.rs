@@ -317,3 +317,110 @@ fn eval_rca_on_petshop() {
     );
     assert!(csv.starts_with("scenario,split,issue,metric,ranked\n"));
 }
+
+/// A NAB-layout folder with one series: a daily-like wave with noise and one spike inside a
+/// labelled window.
+fn tiny_nab(dir: &std::path::Path) {
+    let data = dir.join("data/synthetic");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(dir.join("labels")).unwrap();
+    let mut csv = String::from("timestamp,value\n");
+    let mut state: u64 = 7;
+    for i in 0..2000 {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let noise = ((state >> 33) as f64 / (1u64 << 31) as f64) - 0.5;
+        let mut v = 10.0 + (i as f64 / 50.0).sin() + noise;
+        if i == 1500 {
+            v += 30.0;
+        }
+        let t = chrono::DateTime::from_timestamp(1_400_000_000 + i * 300, 0).unwrap();
+        csv.push_str(&format!("{},{v}\n", t.format("%Y-%m-%d %H:%M:%S")));
+    }
+    std::fs::write(data.join("spike.csv"), csv).unwrap();
+    let at = |i: i64| {
+        chrono::DateTime::from_timestamp(1_400_000_000 + i * 300, 0)
+            .unwrap()
+            .format("%Y-%m-%d %H:%M:%S%.6f")
+            .to_string()
+    };
+    std::fs::write(
+        dir.join("labels/combined_windows.json"),
+        format!(
+            "{{\"synthetic/spike.csv\": [[\"{}\", \"{}\"]]}}",
+            at(1450),
+            at(1550)
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn eval_nab_scores_a_detected_window_and_writes_results() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_nab(dir.path());
+    let out = dir.path().join("results");
+    let run = healer()
+        .args(["eval", "nab", "--dataset"])
+        .arg(dir.path())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = succeeded(&run);
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("healer (this run)"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let standard: f64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    // One window, caught at its middle (scaled sigmoid ≈ 0.85), no false positive: the
+    // normalised score is (0.85 + 1) / 2 ≈ 92; a miss would be 0.
+    assert!(standard > 80.0, "{stdout}");
+    let written = std::fs::read_to_string(out.join("synthetic/spike.csv")).unwrap();
+    assert!(written.starts_with("timestamp,value,anomaly_score,label\n"));
+    assert_eq!(written.lines().count(), 2001);
+    assert_eq!(
+        written
+            .lines()
+            .skip(1)
+            .filter(|l| l.ends_with(",1"))
+            .count(),
+        101,
+        "rows 1450..=1550 are labelled"
+    );
+}
+
+#[test]
+fn eval_nab_on_the_shared_corpus() {
+    let shared = std::env::var_os("HEALER_SHARED_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    let nab = shared.join("datasets/nab");
+    assert!(nab.is_dir(), "{} is missing", nab.display());
+    let run = healer()
+        .args(["eval", "nab", "--dataset"])
+        .arg(&nab)
+        .output()
+        .unwrap();
+    let stdout = succeeded(&run);
+    assert!(
+        stdout.contains("35 with labels here (55 windows)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("ARTime (published)"), "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("healer (this run)"))
+        .unwrap();
+    let scores: Vec<f64> = line
+        .split_whitespace()
+        .skip(3)
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(scores.len(), 3, "{line}");
+    assert!(
+        scores.iter().all(|s| (-100.0..=100.0).contains(s)),
+        "{line}"
+    );
+}

@@ -100,7 +100,9 @@ impl Profile {
 /// One data file: its row timestamps, the detector's score per row and the label windows.
 #[derive(Debug, Clone, Copy)]
 pub struct FileInput<'a> {
-    /// Milliseconds since the epoch, strictly ascending.
+    /// Milliseconds since the epoch, one per row. Rows are scored in file order, as NAB
+    /// does: real NAB files repeat timestamps and even go back in time where a clock did
+    /// (a daylight-saving change), so order is not checked.
     pub timestamps: &'a [i64],
     /// Anomaly score per row (finite; NAB's are in [0, 1]).
     pub scores: &'a [f64],
@@ -340,9 +342,6 @@ fn prepare(file: &FileInput<'_>, profile: &Profile) -> Result<Prepared> {
             file.scores.len()
         )));
     }
-    if file.timestamps.windows(2).any(|p| p[0] >= p[1]) {
-        return Err(invalid("timestamps are not strictly ascending".into()));
-    }
     if let Some(score) = file.scores.iter().find(|s| !s.is_finite()) {
         return Err(invalid(format!("anomaly score {score} is not finite")));
     }
@@ -353,16 +352,22 @@ fn prepare(file: &FileInput<'_>, profile: &Profile) -> Result<Prepared> {
         return Err(invalid("windows are not ascending and disjoint".into()));
     }
 
-    // Row range of each window: first row >= start ..= last row <= end.
+    // Row range of each window. NAB looks both bounds up with `timestamps.index(t)`, the
+    // first row at that exact time; a bound between rows is taken as the first row after the
+    // start and the last row before the end.
+    let ts = file.timestamps;
     let ranges: Vec<Option<(usize, usize)>> = file
         .windows
         .iter()
         .map(|&(start, end)| {
-            let first = file.timestamps.partition_point(|&t| t < start);
-            let last = file
-                .timestamps
-                .partition_point(|&t| t <= end)
-                .checked_sub(1)?;
+            let first = ts
+                .iter()
+                .position(|&t| t == start)
+                .or_else(|| ts.iter().position(|&t| t >= start))?;
+            let last = ts
+                .iter()
+                .position(|&t| t == end)
+                .or_else(|| ts.iter().rposition(|&t| t <= end))?;
             (first <= last).then_some((first, last))
         })
         .collect();
@@ -592,7 +597,9 @@ mod tests {
         let overlapping = [(0, 2 * STEP), (2 * STEP, 3 * STEP)];
         assert!(rejected(input(&ts, &scores, &overlapping)));
         assert!(rejected(input(&ts, &scores, &[(STEP, 0)])));
-        assert!(rejected(input(&[0, 2, 1, 3, 4], &scores, &[])));
+        // Real files repeat timestamps and go back in time (clock changes): rows are scored
+        // in file order, as NAB does.
+        assert!(!rejected(input(&[0, 2, 1, 1, 4], &scores, &[])));
     }
 
     #[test]
