@@ -13,6 +13,7 @@
 //! * [`llm`]: the Bedrock consult of the decision engine.
 //! * [`petshop`]: root-cause evaluation on the PetShop data set.
 //! * [`nab_eval`]: detection quality on NAB with NAB's scoring.
+//! * [`smd_eval`]: the isolation forest on SMD: F1, AUROC, AUPRC, culprit metrics.
 //! * [`config`]: the pipeline configuration and its validation.
 //! * [`train`]: training data for models (parquet or CSV).
 
@@ -30,6 +31,7 @@ pub mod nab_eval;
 pub mod petshop;
 pub mod query;
 pub mod sink;
+pub mod smd_eval;
 pub mod source;
 pub mod store;
 pub mod stream;

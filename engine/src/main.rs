@@ -57,6 +57,16 @@ enum EvalCommand {
     /// Detection on the Numenta Anomaly Benchmark with NAB's scoring, next to the published
     /// scoreboard.
     Nab(EvalNabArgs),
+    /// The isolation forest on the Server Machine Dataset: trained on train/, scored on
+    /// test/, next to the published scores.
+    Smd(EvalSmdArgs),
+}
+
+#[derive(Debug, Args)]
+struct EvalSmdArgs {
+    /// The SMD folder (`train/`, `test/`, `test_label/`, `interpretation_label/`).
+    #[arg(long)]
+    dataset: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -326,6 +336,7 @@ fn main() -> ExitCode {
             Command::Diagnose(args) => diagnose(args).await,
             Command::Eval(EvalCommand::Rca(args)) => eval_rca(args),
             Command::Eval(EvalCommand::Nab(args)) => eval_nab(args).await,
+            Command::Eval(EvalCommand::Smd(args)) => eval_smd(args),
         }
     });
     match result {
@@ -1063,6 +1074,72 @@ async fn eval_nab(args: EvalNabArgs) -> Result<ExitCode> {
         "  published scores cover all 58 files with NAB's full labels; healer's cover the {} labelled here",
         report.files
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn eval_smd(args: EvalSmdArgs) -> Result<ExitCode> {
+    let machines = healer_engine::smd_eval::evaluate(&args.dataset)?;
+    println!(
+        "SMD, isolation forest (100 trees × 256 rows, seed 0) trained on train/, scored on test/"
+    );
+    println!();
+    println!(
+        "  {:<12} {:>7} {:>9} {:>9} {:>7} {:>7} {:>10}",
+        "machine", "rows", "F1", "F1 (PA)", "AUROC", "AUPRC", "culprits"
+    );
+    let n = machines.len().max(1) as f64;
+    let mut sums = [0.0; 4];
+    let (mut hits, mut segments) = (0, 0);
+    for m in &machines {
+        let culprits = m.culprits.map_or("-".to_string(), |(h, t)| {
+            hits += h;
+            segments += t;
+            format!("{h}/{t}")
+        });
+        println!(
+            "  {:<12} {:>7} {:>9.4} {:>9.4} {:>7.4} {:>7.4} {:>10}",
+            m.machine, m.rows, m.f1, m.f1_point_adjusted, m.auroc, m.auprc, culprits
+        );
+        for (s, v) in sums
+            .iter_mut()
+            .zip([m.f1, m.f1_point_adjusted, m.auroc, m.auprc])
+        {
+            *s += v;
+        }
+    }
+    println!(
+        "  {:<12} {:>7} {:>9.4} {:>9.4} {:>7.4} {:>7.4} {:>10}",
+        "mean",
+        "",
+        sums[0] / n,
+        sums[1] / n,
+        sums[2] / n,
+        sums[3] / n,
+        if segments > 0 {
+            format!("{:.3}", hits as f64 / segments as f64)
+        } else {
+            "-".into()
+        }
+    );
+    let published = args.dataset.join("published_scores/garg2021_tnnls_smd.csv");
+    if let Ok(text) = std::fs::read_to_string(&published) {
+        println!();
+        println!(
+            "  published (Garg et al. 2021, all 28 machines): point-wise F1, AUROC, AUPRC, RC-Top3"
+        );
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.starts_with("algorithm"))
+        {
+            let f: Vec<&str> = line.split(',').collect();
+            if f.len() >= 7 {
+                println!(
+                    "  {:<24} {:>7} {:>7} {:>7} {:>7}",
+                    f[0], f[1], f[4], f[5], f[6]
+                );
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

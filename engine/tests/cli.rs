@@ -424,3 +424,31 @@ fn eval_nab_on_the_shared_corpus() {
         "{line}"
     );
 }
+
+#[test]
+fn eval_smd_on_the_shared_machines() {
+    let shared = std::env::var_os("HEALER_SHARED_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    let smd = shared.join("datasets/smd");
+    assert!(smd.is_dir(), "{} is missing", smd.display());
+    let run = healer()
+        .args(["eval", "smd", "--dataset"])
+        .arg(&smd)
+        .output()
+        .unwrap();
+    let stdout = succeeded(&run);
+    for machine in ["machine-1-2", "machine-1-7", "machine-2-1", "machine-2-2"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(machine))
+            .unwrap_or_else(|| panic!("{machine}:\n{stdout}"));
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let values: Vec<f64> = f[2..6].iter().map(|v| v.parse().unwrap()).collect();
+        assert!(values.iter().all(|v| (0.0..=1.0).contains(v)), "{line}");
+        // The forest ranks anomalies above chance on every labelled machine.
+        assert!(values[2] > 0.6, "AUROC {line}");
+        assert!(f[6].contains('/'), "culprits {line}");
+    }
+    assert!(stdout.contains("TCN AE"), "{stdout}");
+}
