@@ -386,6 +386,14 @@ async fn subscribe(
             match out.event_stream.recv().await {
                 Ok(Some(SubscribeToShardEventStream::SubscribeToShardEvent(ev))) => {
                     counters.calls.fetch_add(1, Relaxed);
+                    tracing::debug!(
+                        %shard,
+                        records = ev.records().len(),
+                        continuation = ev.continuation_sequence_number(),
+                        children = ev.child_shards().len(),
+                        millis_behind = ev.millis_behind_latest(),
+                        "subscription event"
+                    );
                     let ended =
                         (!ev.child_shards().is_empty()).then(|| children(ev.child_shards()));
                     let done = ended.is_some();
@@ -404,7 +412,10 @@ async fn subscribe(
                 }
                 Ok(Some(_)) => {}
                 // The subscription's time is up: subscribe again.
-                Ok(None) => break,
+                Ok(None) => {
+                    tracing::debug!(%shard, "subscription ended");
+                    break;
+                }
                 Err(e) => {
                     counters.transient.fetch_add(1, Relaxed);
                     tracing::warn!(%shard, error = %e, "subscription broke; subscribing again");
