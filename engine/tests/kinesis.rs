@@ -31,6 +31,9 @@ use healer_engine::store::{Location, S3Config};
 use healer_engine::stream::{StreamJob, StreamSummary};
 use tokio::sync::watch;
 
+#[path = "support/moto.rs"]
+mod moto;
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -237,12 +240,16 @@ async fn anomalies(dir: &Path) -> Vec<String> {
 /// As [`anomalies`], for a log a running job may be changing: a restarted job deletes the
 /// files its predecessor wrote after its last checkpoint, so a query can race with that.
 async fn try_anomalies(dir: &Path) -> datafusion::error::Result<Vec<String>> {
-    let loc = local(dir);
     if !dir.join("anomalies").exists() {
         return Ok(Vec::new());
     }
+    anomalies_at(&local(dir)).await
+}
+
+/// Every anomaly row of the log at `loc`, as text, sorted.
+async fn anomalies_at(loc: &Location) -> datafusion::error::Result<Vec<String>> {
     let batches = query(
-        &loc,
+        loc,
         "SELECT id, ts, resource, metric, value, score, severity, confidence, rule, service \
          FROM anomalies ORDER BY id",
     )
@@ -792,4 +799,40 @@ async fn produce_command_writes_every_generated_row() {
         assert_eq!(ts.len(), 360, "{resource}");
         assert!(ts.windows(2).all(|w| w[0] < w[1]), "{resource} in order");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_and_checkpoints_on_s3_survive_a_restart() {
+    let server = Server::kinesalite();
+    let moto = moto::Moto::start();
+    moto.create_bucket("healer");
+    let endpoint = server.endpoint();
+    let kinesis = client(&endpoint).await;
+    create_stream(&kinesis, "metrics", 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let batches = fleet(8, 600, 17);
+    let expected = replay(&batches, dir.path()).await;
+    produce(&endpoint, "metrics", &batches, 5).await;
+    produce(&endpoint, "metrics", &[sentinel(&batches)], 1).await;
+
+    let mut config = stream_config(kinesis_config(&endpoint, "metrics"), dir.path());
+    config.sink.out = "s3://healer/log".into();
+    config.sink.s3 = moto.s3();
+    let total = rows(&batches);
+    let first = Running::start(&config)
+        .await
+        .until(|m| m.gate_rows >= total, Duration::from_secs(120))
+        .await;
+    assert!(first.last_checkpoint >= 1);
+    let log = Location::parse("s3://healer/log", &moto.s3(), false).unwrap();
+    assert_same(&anomalies_at(&log).await.unwrap(), &expected);
+
+    // A restart restores the checkpoint from S3, finds nothing new and changes nothing.
+    let second = Running::start(&config)
+        .await
+        .until(|_| true, Duration::from_secs(60))
+        .await;
+    assert_eq!(second.restored_epoch, Some(first.last_checkpoint));
+    assert_eq!(second.summary.metrics.source_rows, 0);
+    assert_same(&anomalies_at(&log).await.unwrap(), &expected);
 }
