@@ -143,6 +143,19 @@ pub fn compile_rules(
     }
 }
 
+/// Every problem [`PipelineConfig::validate`] finds, as one error.
+pub fn validated(config: &PipelineConfig) -> Result<(), JobError> {
+    let problems = config.validate();
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let text: Vec<String> = problems
+        .iter()
+        .map(|(k, m)| format!("`{k}`: {m}"))
+        .collect();
+    Err(JobError::Config(text.join("; ")))
+}
+
 /// The column rows are partitioned on: one that every window of every rule partitions by.
 pub fn partition_column(rules: &[Arc<CompiledRule>], schema: &SchemaRef) -> Option<String> {
     let windows: Vec<&Vec<String>> = rules.iter().flat_map(|r| r.partition_keys.iter()).collect();
@@ -174,14 +187,7 @@ pub struct Job {
 impl Job {
     /// Opens the source, compiles the rules against its schema and resolves the output.
     pub async fn prepare(config: &PipelineConfig) -> Result<Self, JobError> {
-        let problems = config.validate();
-        if !problems.is_empty() {
-            let text: Vec<String> = problems
-                .iter()
-                .map(|(k, m)| format!("`{k}`: {m}"))
-                .collect();
-            return Err(JobError::Config(text.join("; ")));
-        }
+        validated(config)?;
         if config.source.paths.is_empty() {
             return Err(JobError::Config(
                 "no input: set source.paths or pass --input".into(),

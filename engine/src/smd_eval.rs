@@ -183,8 +183,8 @@ pub fn evaluate_machine(dataset: &Path, machine: &str) -> Result<MachineScores, 
     })
 }
 
-/// Evaluates every machine with test labels, in name order.
-pub fn evaluate(dataset: &Path) -> Result<Vec<MachineScores>, SmdError> {
+/// The machines with test labels, in name order.
+pub fn labelled_machines(dataset: &Path) -> Result<Vec<String>, SmdError> {
     let dir = dataset.join("test_label");
     let mut machines: Vec<String> = std::fs::read_dir(&dir)
         .map_err(|e| SmdError {
@@ -200,7 +200,12 @@ pub fn evaluate(dataset: &Path) -> Result<Vec<MachineScores>, SmdError> {
         })
         .collect();
     machines.sort();
-    machines
+    Ok(machines)
+}
+
+/// Evaluates every machine with test labels, in name order.
+pub fn evaluate(dataset: &Path) -> Result<Vec<MachineScores>, SmdError> {
+    labelled_machines(dataset)?
         .iter()
         .map(|m| evaluate_machine(dataset, m))
         .collect()

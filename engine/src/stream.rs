@@ -21,7 +21,7 @@ use crate::checkpoint::{Ack, Checkpoint, CheckpointStore, Coordinator, discard_a
 use crate::config::PipelineConfig;
 use crate::job::{
     JobError, Pipeline, SinkOptions, Streaming, Summary, compile_rules, first_error,
-    partition_column, run_dead_letter,
+    partition_column, run_dead_letter, validated,
 };
 use crate::kinesis::reader::ReaderCounters;
 use crate::kinesis::source::{KinesisSource, SourceOutputs};
@@ -60,14 +60,7 @@ impl StreamJob {
     /// Validates the configuration, restores the latest checkpoint (discarding log files
     /// written after it), connects to the stream and compiles the rules.
     pub async fn prepare(config: &PipelineConfig) -> Result<Self, JobError> {
-        let problems = config.validate();
-        if !problems.is_empty() {
-            let text: Vec<String> = problems
-                .iter()
-                .map(|(k, m)| format!("`{k}`: {m}"))
-                .collect();
-            return Err(JobError::Config(text.join("; ")));
-        }
+        validated(config)?;
         if config.source.kind != "kinesis" {
             return Err(JobError::Config(format!(
                 "`healer run` reads a stream: set source.kind = \"kinesis\" (it is `{}`; use \

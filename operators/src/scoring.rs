@@ -105,25 +105,28 @@ fn descending_runs(scores: &[f64]) -> (Vec<usize>, Vec<usize>) {
     (order, ends)
 }
 
-/// The best point-wise F1 over every threshold (no point adjustment). `None` without
-/// positives or with a NaN score.
-pub fn best_f1(scores: &[f64], labels: &[bool]) -> Option<F1At> {
+/// Checks the inputs of the F1 and precision functions; the number of positives.
+fn positives(scores: &[f64], labels: &[bool]) -> Option<f64> {
     if scores.len() != labels.len() || scores.iter().any(|s| s.is_nan()) {
         return None;
     }
     let positives = labels.iter().filter(|&&l| l).count() as f64;
-    if positives == 0.0 {
-        return None;
-    }
-    let (order, ends) = descending_runs(scores);
+    (positives > 0.0).then_some(positives)
+}
+
+/// The best F1 over every threshold of `(score, positive, weight)` items.
+fn best_weighted_f1(items: &[(f64, bool, f64)], positives: f64) -> Option<F1At> {
+    let scores: Vec<f64> = items.iter().map(|x| x.0).collect();
+    let (order, ends) = descending_runs(&scores);
     let (mut tp, mut fp, mut start) = (0.0, 0.0, 0);
     let mut best: Option<F1At> = None;
     for end in ends {
         for &k in &order[start..end] {
-            if labels[k] {
-                tp += 1.0;
+            let (_, positive, weight) = items[k];
+            if positive {
+                tp += weight;
             } else {
-                fp += 1.0;
+                fp += weight;
             }
         }
         start = end;
@@ -135,19 +138,25 @@ pub fn best_f1(scores: &[f64], labels: &[bool]) -> Option<F1At> {
     best
 }
 
+/// The best point-wise F1 over every threshold (no point adjustment). `None` without
+/// positives or with a NaN score.
+pub fn best_f1(scores: &[f64], labels: &[bool]) -> Option<F1At> {
+    let positives = positives(scores, labels)?;
+    let items: Vec<(f64, bool, f64)> = scores
+        .iter()
+        .zip(labels)
+        .map(|(&s, &l)| (s, l, 1.0))
+        .collect();
+    best_weighted_f1(&items, positives)
+}
+
 /// The best F1 with point adjustment (the common SMD protocol): once any row of a labelled
 /// segment (a run of positive rows) is detected, every row of that segment counts as
 /// detected. It flatters any detector (a random one scores high); report it next to
 /// [`best_f1`], never alone.
 pub fn best_point_adjusted_f1(scores: &[f64], labels: &[bool]) -> Option<F1At> {
-    if scores.len() != labels.len() || scores.iter().any(|s| s.is_nan()) {
-        return None;
-    }
-    let positives = labels.iter().filter(|&&l| l).count() as f64;
-    if positives == 0.0 {
-        return None;
-    }
-    // Each segment becomes detected, whole, at its highest score: one pseudo-row per segment
+    let positives = positives(scores, labels)?;
+    // Each segment becomes detected, whole, at its highest score: one item per segment
     // (weight = its length) plus the negative rows.
     let mut items: Vec<(f64, bool, f64)> = Vec::new();
     let mut i = 0;
@@ -165,38 +174,13 @@ pub fn best_point_adjusted_f1(scores: &[f64], labels: &[bool]) -> Option<F1At> {
             i += 1;
         }
     }
-    let item_scores: Vec<f64> = items.iter().map(|x| x.0).collect();
-    let (order, ends) = descending_runs(&item_scores);
-    let (mut tp, mut fp, mut start) = (0.0, 0.0, 0);
-    let mut best: Option<F1At> = None;
-    for end in ends {
-        for &k in &order[start..end] {
-            let (_, positive, weight) = items[k];
-            if positive {
-                tp += weight;
-            } else {
-                fp += weight;
-            }
-        }
-        start = end;
-        let at = f1_of(tp, fp, positives, item_scores[order[end - 1]]);
-        if best.is_none_or(|b| at.f1 > b.f1) {
-            best = Some(at);
-        }
-    }
-    best
+    best_weighted_f1(&items, positives)
 }
 
 /// Area under the precision-recall curve as average precision (scikit-learn's
 /// `average_precision_score`: Σ (Rₙ − Rₙ₋₁) Pₙ over the thresholds, ties taken together).
 pub fn average_precision(scores: &[f64], labels: &[bool]) -> Option<f64> {
-    if scores.len() != labels.len() || scores.iter().any(|s| s.is_nan()) {
-        return None;
-    }
-    let positives = labels.iter().filter(|&&l| l).count() as f64;
-    if positives == 0.0 {
-        return None;
-    }
+    let positives = positives(scores, labels)?;
     let (order, ends) = descending_runs(scores);
     let (mut tp, mut fp, mut start) = (0.0, 0.0, 0);
     let (mut ap, mut last_recall) = (0.0, 0.0);

@@ -36,17 +36,7 @@ fn main() {
     let score_rows: usize =
         arg(&args, "--score-rows").map_or(1_000_000, |s| s.parse().expect("--score-rows N"));
     std::fs::create_dir_all(&out).expect("create --out");
-    let mut machines: Vec<String> = std::fs::read_dir(smd.join("test_label"))
-        .expect("test_label/")
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()?
-                .strip_suffix(".txt")
-                .map(String::from)
-        })
-        .collect();
-    machines.sort();
+    let machines = healer_engine::smd_eval::labelled_machines(&smd).expect("test_label/");
     for machine in machines {
         let train = read(&smd.join("train").join(format!("{machine}.txt")));
         let test = read(&smd.join("test").join(format!("{machine}.txt")));

@@ -175,6 +175,26 @@ fn children(shards: &[aws_sdk_kinesis::types::ChildShard]) -> Vec<(String, Vec<S
         .collect()
 }
 
+/// A shard's decoder, and the sequence number reading starts after (if any).
+fn decoder_at(
+    settings: &ReaderSettings,
+    shard: &str,
+    start: &StartAt,
+) -> (Decoder, Option<SequenceNumber>) {
+    let decoder = Decoder::new(
+        Arc::clone(&settings.schema),
+        &settings.stream,
+        shard,
+        settings.max_record_bytes,
+    )
+    .with_max_future_skew(settings.max_future_skew_ms);
+    let last = match start {
+        StartAt::After(s) => SequenceNumber::parse(s),
+        _ => None,
+    };
+    (decoder, last)
+}
+
 /// Decodes the records of one answer (`GetRecords` or a `SubscribeToShard` event), skipping
 /// any at or before `last`, which moves to the last record taken.
 fn decode_read(
@@ -321,17 +341,7 @@ async fn subscribe(
     counters: &ReaderCounters,
 ) -> Result<(), SourceError> {
     use aws_sdk_kinesis::types::{StartingPosition, SubscribeToShardEventStream};
-    let mut decoder = Decoder::new(
-        Arc::clone(&settings.schema),
-        &settings.stream,
-        shard,
-        settings.max_record_bytes,
-    )
-    .with_max_future_skew(settings.max_future_skew_ms);
-    let mut last: Option<SequenceNumber> = match &start {
-        StartAt::After(s) => SequenceNumber::parse(s),
-        _ => None,
-    };
+    let (mut decoder, mut last) = decoder_at(settings, shard, &start);
     let mut attempt = 0;
     loop {
         let from = match &last {
@@ -456,17 +466,7 @@ async fn read(
     events: &mpsc::Sender<ShardEvent>,
     counters: &ReaderCounters,
 ) -> Result<(), SourceError> {
-    let mut decoder = Decoder::new(
-        Arc::clone(&settings.schema),
-        &settings.stream,
-        shard,
-        settings.max_record_bytes,
-    )
-    .with_max_future_skew(settings.max_future_skew_ms);
-    let mut last: Option<SequenceNumber> = match &start {
-        StartAt::After(s) => SequenceNumber::parse(s),
-        _ => None,
-    };
+    let (mut decoder, mut last) = decoder_at(settings, shard, &start);
     let mut it = iterator(client, settings, shard, &start, counters).await?;
     let mut interval = settings.poll_min;
     let mut attempt = 0;
