@@ -17,6 +17,16 @@ fn succeeded(run: &std::process::Output) -> String {
     stdout
 }
 
+/// A labelled data set of the shared folder beside the repository (or `HEALER_SHARED_DIR`).
+fn shared_dataset(name: &str) -> std::path::PathBuf {
+    let shared = std::env::var_os("HEALER_SHARED_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    let path = shared.join("datasets").join(name);
+    assert!(path.is_dir(), "{} is missing", path.display());
+    path
+}
+
 #[test]
 fn demo_then_incidents_then_validate() {
     let dir = tempfile::tempdir().unwrap();
@@ -284,11 +294,7 @@ fn replay_then_diagnose() {
 /// scenario group and metric scored next to the baseline.
 #[test]
 fn eval_rca_on_petshop() {
-    let shared = std::env::var_os("HEALER_SHARED_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
-    let petshop = shared.join("datasets/petshop");
-    assert!(petshop.is_dir(), "{} is missing", petshop.display());
+    let petshop = shared_dataset("petshop");
     let dir = tempfile::tempdir().unwrap();
     let run = healer()
         .args(["eval", "rca", "--dataset"])
@@ -393,11 +399,7 @@ fn eval_nab_scores_a_detected_window_and_writes_results() {
 
 #[test]
 fn eval_nab_on_the_shared_corpus() {
-    let shared = std::env::var_os("HEALER_SHARED_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
-    let nab = shared.join("datasets/nab");
-    assert!(nab.is_dir(), "{} is missing", nab.display());
+    let nab = shared_dataset("nab");
     let run = healer()
         .args(["eval", "nab", "--dataset"])
         .arg(&nab)
@@ -427,11 +429,7 @@ fn eval_nab_on_the_shared_corpus() {
 
 #[test]
 fn eval_smd_on_the_shared_machines() {
-    let shared = std::env::var_os("HEALER_SHARED_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
-    let smd = shared.join("datasets/smd");
-    assert!(smd.is_dir(), "{} is missing", smd.display());
+    let smd = shared_dataset("smd");
     let run = healer()
         .args(["eval", "smd", "--dataset"])
         .arg(&smd)

@@ -359,15 +359,46 @@ impl Running {
     }
 }
 
+/// An emulator with a fresh `metrics` stream, a fleet, and the anomalies a parquet replay
+/// of that fleet writes (what every streaming test must reproduce).
+struct Setup {
+    /// Kept alive for the test.
+    _server: Server,
+    endpoint: String,
+    kinesis: Client,
+    dir: tempfile::TempDir,
+    batches: Vec<RecordBatch>,
+    expected: Vec<String>,
+}
+
+impl Setup {
+    async fn new(server: Server, shards: i32, batches: Vec<RecordBatch>) -> Self {
+        let endpoint = server.endpoint();
+        let kinesis = client(&endpoint).await;
+        create_stream(&kinesis, "metrics", shards).await;
+        let dir = tempfile::tempdir().unwrap();
+        let expected = replay(&batches, dir.path()).await;
+        Self {
+            _server: server,
+            endpoint,
+            kinesis,
+            dir,
+            batches,
+            expected,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_shard_stream_matches_replay_and_dead_letters_bad_records() {
-    let server = Server::kinesalite();
-    let endpoint = server.endpoint();
-    let kinesis = client(&endpoint).await;
-    create_stream(&kinesis, "metrics", 4).await;
-    let dir = tempfile::tempdir().unwrap();
-    let batches = fleet(12, 700, 7);
-    let expected = replay(&batches, dir.path()).await;
+    let Setup {
+        _server,
+        endpoint,
+        kinesis,
+        dir,
+        batches,
+        expected,
+    } = Setup::new(Server::kinesalite(), 4, fleet(12, 700, 7)).await;
 
     produce(&endpoint, "metrics", &batches, 1).await;
     // Bad records: not JSON, a value of the wrong type, too large, no resource.
@@ -469,13 +500,14 @@ async fn throttling_and_server_errors_slow_the_job_but_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_and_merge_while_producing_keeps_every_record_in_order() {
-    let server = Server::kinesis_local();
-    let endpoint = server.endpoint();
-    let kinesis = client(&endpoint).await;
-    create_stream(&kinesis, "metrics", 2).await;
-    let dir = tempfile::tempdir().unwrap();
-    let batches = fleet(10, 600, 3);
-    let expected = replay(&batches, dir.path()).await;
+    let Setup {
+        _server,
+        endpoint,
+        kinesis,
+        dir,
+        batches,
+        expected,
+    } = Setup::new(Server::kinesis_local(), 2, fleet(10, 600, 3)).await;
     let out = dir.path().join("stream");
     let config = stream_config(kinesis_config(&endpoint, "metrics"), &out);
     let job = Running::start(&config).await;
@@ -597,13 +629,14 @@ fn latest_epoch(out: &Path) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_between_checkpoints_resumes_without_loss_or_duplicates() {
-    let server = Server::kinesalite();
-    let endpoint = server.endpoint();
-    let kinesis = client(&endpoint).await;
-    create_stream(&kinesis, "metrics", 2).await;
-    let dir = tempfile::tempdir().unwrap();
-    let batches = fleet(10, 900, 5);
-    let expected = replay(&batches, dir.path()).await;
+    let Setup {
+        _server,
+        endpoint,
+        kinesis: _,
+        dir,
+        batches,
+        expected,
+    } = Setup::new(Server::kinesalite(), 2, fleet(10, 900, 5)).await;
     let out = dir.path().join("stream");
     let config = dir.path().join("pipeline.toml");
     std::fs::write(
@@ -679,13 +712,14 @@ async fn killed_between_checkpoints_resumes_without_loss_or_duplicates() {
 /// not verified.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enhanced_fan_out_reads_a_backlog_like_replay() {
-    let server = Server::kinesis_local();
-    let endpoint = server.endpoint();
-    let kinesis = client(&endpoint).await;
-    create_stream(&kinesis, "metrics", 2).await;
-    let dir = tempfile::tempdir().unwrap();
-    let batches = fleet(8, 600, 13);
-    let expected = replay(&batches, dir.path()).await;
+    let Setup {
+        _server,
+        endpoint,
+        kinesis,
+        dir,
+        batches,
+        expected,
+    } = Setup::new(Server::kinesis_local(), 2, fleet(8, 600, 13)).await;
     produce(&endpoint, "metrics", &batches, 10).await;
     produce(&endpoint, "metrics", &[sentinel(&batches)], 1).await;
     let out = dir.path().join("stream");
