@@ -121,6 +121,12 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
     half + Duration::from_micros(fastrand::u64(0..=half.as_micros() as u64))
 }
 
+/// Waits out the `attempt`-th retry ([`backoff`] from `base`, at most 5 s) and counts it.
+pub async fn pause(attempt: &mut u32, base: Duration) {
+    tokio::time::sleep(backoff(*attempt, base, Duration::from_secs(5))).await;
+    *attempt += 1;
+}
+
 /// A Kinesis client for `config`: its region and endpoint, static keys if given, otherwise
 /// the standard AWS chain. The SDK's own retries are off: callers retry with their own
 /// back-off, so throttling is visible in healer's metrics.

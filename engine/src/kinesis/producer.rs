@@ -16,7 +16,7 @@ use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use healer_operators::schema::RESOURCE;
 
 use super::decode::row_to_json;
-use super::{Failure, backoff, classify, describe, stream_ref};
+use super::{Failure, classify, describe, pause, stream_ref};
 use crate::source::SourceError;
 
 /// How to produce.
@@ -215,24 +215,12 @@ impl Producer {
                     self.summary.retried += failed.len() as u64;
                     taken = failed;
                     if !taken.is_empty() {
-                        tokio::time::sleep(backoff(
-                            attempt,
-                            Duration::from_millis(50),
-                            Duration::from_secs(5),
-                        ))
-                        .await;
-                        attempt += 1;
+                        pause(&mut attempt, Duration::from_millis(50)).await;
                     }
                 }
                 Err(e) => match classify(&e) {
                     Failure::Throttled | Failure::Transient if attempt < 30 => {
-                        tokio::time::sleep(backoff(
-                            attempt,
-                            Duration::from_millis(50),
-                            Duration::from_secs(5),
-                        ))
-                        .await;
-                        attempt += 1;
+                        pause(&mut attempt, Duration::from_millis(50)).await;
                     }
                     _ => {
                         return Err(SourceError::Kinesis {

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use super::decode::{Decoder, RawRecord};
 use aws_sdk_kinesis::error::ProvideErrorMetadata;
 
-use super::{Failure, SequenceNumber, backoff, classify, describe};
+use super::{Failure, SequenceNumber, classify, describe, pause};
 use crate::source::{SourceError, ts_values};
 
 /// Where a shard starts.
@@ -153,13 +153,7 @@ async fn iterator(
                         &counters.transient
                     };
                     counter.fetch_add(1, Relaxed);
-                    tokio::time::sleep(backoff(
-                        attempt,
-                        Duration::from_millis(100),
-                        Duration::from_secs(5),
-                    ))
-                    .await;
-                    attempt += 1;
+                    pause(&mut attempt, Duration::from_millis(100)).await;
                 }
                 _ => return Err(kinesis_error("GetShardIterator", shard, describe(&e))),
             },
@@ -381,13 +375,7 @@ async fn subscribe(
                     }
                     _ => return Err(kinesis_error("SubscribeToShard", shard, describe(&e))),
                 };
-                tokio::time::sleep(backoff(
-                    attempt,
-                    Duration::from_millis(200),
-                    Duration::from_secs(5),
-                ))
-                .await;
-                attempt += 1;
+                pause(&mut attempt, Duration::from_millis(200)).await;
                 continue;
             }
         };
@@ -429,13 +417,7 @@ async fn subscribe(
                 Err(e) => {
                     counters.transient.fetch_add(1, Relaxed);
                     tracing::warn!(%shard, error = %e, "subscription broke; subscribing again");
-                    tokio::time::sleep(backoff(
-                        attempt,
-                        Duration::from_millis(200),
-                        Duration::from_secs(5),
-                    ))
-                    .await;
-                    attempt += 1;
+                    pause(&mut attempt, Duration::from_millis(200)).await;
                     break;
                 }
             }
@@ -502,13 +484,11 @@ async fn read(
                         return Err(kinesis_error("GetRecords", shard, describe(&e)));
                     }
                 }
-                tokio::time::sleep(backoff(
-                    attempt,
+                pause(
+                    &mut attempt,
                     settings.poll_min.max(Duration::from_millis(50)),
-                    Duration::from_secs(5),
-                ))
+                )
                 .await;
-                attempt += 1;
                 continue;
             }
         };

@@ -41,7 +41,7 @@ use super::reader::{
     ReaderCounters, ReaderSettings, ShardEvent, ShardRead, StartAt, read_shard, register_consumer,
     subscribe_shard,
 };
-use super::{Failure, backoff, classify, client, describe, stream_ref};
+use super::{Failure, classify, client, describe, pause, stream_ref};
 use crate::checkpoint::{Ack, Part, ShardPosition, SourcePositions};
 use crate::config::{KinesisConfig, PipelineConfig};
 use crate::message::Message;
@@ -221,13 +221,7 @@ impl KinesisSource {
                 }
                 Err(e) => match classify(&e) {
                     Failure::Throttled | Failure::Transient if attempt < 8 => {
-                        tokio::time::sleep(backoff(
-                            attempt,
-                            Duration::from_millis(200),
-                            Duration::from_secs(5),
-                        ))
-                        .await;
-                        attempt += 1;
+                        pause(&mut attempt, Duration::from_millis(200)).await;
                     }
                     _ => {
                         return Err(SourceError::Kinesis {
