@@ -324,7 +324,8 @@ def build_onnx(p: dict) -> onnx.ModelProto:
         helper.make_node("LSTM", ["h1", "lstm2.W", "lstm2.R", "lstm2.B"], ["lstm2_Y"],
                          hidden_size=H, name="lstm2"),
         helper.make_node("Squeeze", ["lstm2_Y", "axes_dir"], ["h2"], name="squeeze2"),
-        helper.make_node("Gather", ["h2", "last_step"], ["h_last"], axis=0, name="last_step"),
+        # A node must not share its name with a tensor: tract rejects the graph.
+        helper.make_node("Gather", ["h2", "last_step"], ["h_last"], axis=0, name="take_last_step"),
         helper.make_node("MatMul", ["h_last", "fc.W"], ["fc_mm"], name="fc_matmul"),
         helper.make_node("Add", ["fc_mm", "fc.b"], ["output"], name="fc_add"),
     ]

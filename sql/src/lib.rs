@@ -13,6 +13,7 @@
 
 pub mod error;
 pub mod functions;
+pub mod lstm;
 pub mod models;
 pub mod output;
 pub mod rule;

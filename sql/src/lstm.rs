@@ -1,0 +1,274 @@
+//! The LSTM forecaster (`models/lstm/`), run through `ort` on one of two backends chosen at
+//! run time:
+//!
+//! * **native**: ONNX Runtime's shared library (the `onnxruntime` wheel ships
+//!   `libonnxruntime.so.1.32.0`), loaded with `dlopen` and handed to `ort` as its API;
+//! * **tract**: the pure-Rust `ort-tract` backend, always available, slower.
+//!
+//! [`Backend::detect`] picks native when it finds the library (`HEALER_ONNXRUNTIME`, or a path
+//! given in configuration) and tract otherwise. The backend is process-wide: ONNX Runtime's
+//! API is installed once, before the first session.
+//!
+//! A [`Forecaster`] predicts the next value of a series from its last `window` values,
+//! normalised per window as the model's manifest says (mean and population standard
+//! deviation of the window, the deviation floored at `eps_rel · max(|mean|, 1)`), in batches
+//! of the model's fixed batch size.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use ort::session::Session;
+use ort::value::Tensor;
+
+/// Errors of the forecaster.
+#[derive(Debug, thiserror::Error)]
+pub enum LstmError {
+    /// The native library could not be loaded or does not offer the API this build needs.
+    #[error("ONNX Runtime at {path}: {reason}")]
+    Runtime {
+        /// The library.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The model or its manifest could not be read.
+    #[error("model {path}: {reason}")]
+    Model {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Inference failed.
+    #[error("inference: {0}")]
+    Inference(String),
+    /// A window of the wrong length.
+    #[error("a window of {got} values, the model takes {want}")]
+    Window {
+        /// Values given.
+        got: usize,
+        /// Values the model takes.
+        want: usize,
+    },
+}
+
+/// Which ONNX Runtime implementation runs the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// ONNX Runtime's shared library at this path.
+    Native(PathBuf),
+    /// The pure-Rust tract backend.
+    Tract,
+}
+
+impl Backend {
+    /// Native if `HEALER_ONNXRUNTIME` names a library file, tract otherwise.
+    pub fn detect() -> Self {
+        match std::env::var_os("HEALER_ONNXRUNTIME") {
+            Some(p) if Path::new(&p).is_file() => Backend::Native(PathBuf::from(p)),
+            _ => Backend::Tract,
+        }
+    }
+
+    /// A short name for messages: `native` or `tract`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Native(_) => "native",
+            Backend::Tract => "tract",
+        }
+    }
+}
+
+/// The process-wide runtime: the backend in use and its environment.
+#[derive(Debug)]
+pub struct Runtime {
+    /// The backend.
+    pub backend: Backend,
+    environment: ort::environment::Environment,
+}
+
+static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
+
+/// Loads ONNX Runtime's API from a shared library.
+#[allow(unsafe_code)]
+fn native_api(path: &Path) -> Result<ort::sys::OrtApi, String> {
+    type GetApiBase = unsafe extern "C" fn() -> *const ort::sys::OrtApiBase;
+    // SAFETY: loading a library runs its initialisers; this is ONNX Runtime's own library,
+    // chosen by the operator. It is never unloaded (leaked below), so the function pointers
+    // copied out of it stay valid for the life of the process.
+    let library = unsafe { libloading::Library::new(path) }.map_err(|e| e.to_string())?;
+    let api = {
+        // SAFETY: `OrtGetApiBase` has this signature in every ONNX Runtime release.
+        let get: libloading::Symbol<GetApiBase> =
+            unsafe { library.get(b"OrtGetApiBase\0") }.map_err(|e| e.to_string())?;
+        // SAFETY: the base is a static table of the library; `GetApi` returns null for a
+        // version the library does not implement, which is checked.
+        unsafe {
+            let base = get();
+            if base.is_null() {
+                return Err("OrtGetApiBase returned null".into());
+            }
+            let api = ((*base).GetApi)(ort::sys::ORT_API_VERSION);
+            if api.is_null() {
+                return Err(format!(
+                    "the library does not offer ONNX Runtime API version {} (need 1.{} or newer)",
+                    ort::sys::ORT_API_VERSION,
+                    ort::sys::ORT_API_VERSION
+                ));
+            }
+            std::ptr::read(api)
+        }
+    };
+    std::mem::forget(library);
+    Ok(api)
+}
+
+/// The runtime on `backend`, installed on first use. Later calls return the first runtime,
+/// whatever they ask for: the process has one ONNX Runtime.
+pub fn runtime(backend: Backend) -> Result<&'static Runtime, LstmError> {
+    let runtime = RUNTIME.get_or_init(|| {
+        let api = match &backend {
+            Backend::Native(path) => {
+                native_api(path).map_err(|reason| format!("{}: {reason}", path.display()))?
+            }
+            Backend::Tract => ort_tract::api(),
+        };
+        ort::set_api(api);
+        let environment = ort::init()
+            .with_name("healer")
+            .with_telemetry(false)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Runtime {
+            backend,
+            environment,
+        })
+    });
+    runtime.as_ref().map_err(|reason| LstmError::Runtime {
+        path: PathBuf::from("ONNX Runtime"),
+        reason: reason.clone(),
+    })
+}
+
+/// The normalisation of the model's manifest.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Normalisation {
+    /// The deviation floor, relative to `max(|mean|, 1)`.
+    pub eps_rel: f64,
+}
+
+/// A loaded forecaster.
+#[derive(Debug)]
+pub struct Forecaster {
+    session: Mutex<Session>,
+    window: usize,
+    batch: usize,
+    norm: Normalisation,
+    input: String,
+    output: String,
+}
+
+impl Forecaster {
+    /// Loads `<dir>/forecaster.onnx` as its `<dir>/manifest.json` describes it, on `runtime`.
+    pub fn load(dir: &Path, runtime: &Runtime) -> Result<Self, LstmError> {
+        let manifest_path = dir.join("manifest.json");
+        let model = |reason: String| LstmError::Model {
+            path: manifest_path.clone(),
+            reason,
+        };
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&manifest_path).map_err(|e| model(e.to_string()))?,
+        )
+        .map_err(|e| model(e.to_string()))?;
+        let shape: Vec<usize> = manifest["input"]["shape"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_u64())
+                    .map(|v| v as usize)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let [batch, window, 1] = shape[..] else {
+            return Err(model(format!(
+                "input shape {shape:?}, expected [batch, window, 1]"
+            )));
+        };
+        let eps_rel = manifest["normalisation"]["eps_rel"]
+            .as_f64()
+            .ok_or_else(|| model("no normalisation.eps_rel".into()))?;
+        let name = |key: &str| {
+            manifest[key]["name"]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| model(format!("no {key}.name")))
+        };
+        let (input, output) = (name("input")?, name("output")?);
+        let file = dir.join(manifest["file"].as_str().unwrap_or("forecaster.onnx"));
+        let session = Session::builder(&runtime.environment)
+            .and_then(|mut b| b.commit_from_file(&file))
+            .map_err(|e| LstmError::Model {
+                path: file.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            session: Mutex::new(session),
+            window,
+            batch,
+            norm: Normalisation { eps_rel },
+            input,
+            output,
+        })
+    }
+
+    /// Values per window.
+    pub fn window(&self) -> usize {
+        self.window
+    }
+
+    /// The mean and the floored deviation of a window.
+    pub fn moments(&self, values: &[f64]) -> (f64, f64) {
+        let n = values.len() as f64;
+        let mean = values.iter().sum::<f64>() / n;
+        let var = values.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
+        let floor = self.norm.eps_rel * mean.abs().max(1.0);
+        (mean, var.sqrt().max(floor))
+    }
+
+    /// The forecast of the value after each window (each `window()` values, oldest first).
+    pub fn predict(&self, windows: &[&[f64]]) -> Result<Vec<f64>, LstmError> {
+        if let Some(w) = windows.iter().find(|w| w.len() != self.window) {
+            return Err(LstmError::Window {
+                got: w.len(),
+                want: self.window,
+            });
+        }
+        let mut out = Vec::with_capacity(windows.len());
+        let mut session = self
+            .session
+            .lock()
+            .map_err(|_| LstmError::Inference("a previous inference panicked".into()))?;
+        for chunk in windows.chunks(self.batch) {
+            let moments: Vec<(f64, f64)> = chunk.iter().map(|w| self.moments(w)).collect();
+            // The batch is fixed: pad with zero windows and ignore their outputs.
+            let mut z = vec![0f32; self.batch * self.window];
+            for (i, (w, &(mean, s))) in chunk.iter().zip(&moments).enumerate() {
+                for (j, x) in w.iter().enumerate() {
+                    z[i * self.window + j] = ((x - mean) / s) as f32;
+                }
+            }
+            let tensor = Tensor::from_array(([self.batch, self.window, 1], z))
+                .map_err(|e| LstmError::Inference(e.to_string()))?;
+            let outputs = session
+                .run(ort::inputs![self.input.as_str() => tensor])
+                .map_err(|e| LstmError::Inference(e.to_string()))?;
+            let (_, y) = outputs[self.output.as_str()]
+                .try_extract_tensor::<f32>()
+                .map_err(|e| LstmError::Inference(e.to_string()))?;
+            for (i, &(mean, s)) in moments.iter().enumerate() {
+                out.push(mean + s * f64::from(y[i]));
+            }
+        }
+        Ok(out)
+    }
+}
