@@ -494,47 +494,18 @@ async fn read(
         };
         attempt = 0;
         counters.calls.fetch_add(1, Relaxed);
-        let mut records = 0;
-        for r in out.records() {
-            let seq = SequenceNumber::parse(r.sequence_number());
-            // Never hand on a record at or before the position already read (a resumed
-            // iterator that overlaps, or an emulator that repeats itself).
-            if let (Some(s), Some(l)) = (&seq, &last)
-                && s <= l
-            {
-                continue;
-            }
-            decoder.push(&RawRecord {
-                sequence: r.sequence_number().to_string(),
-                partition_key: r.partition_key().unwrap_or_default().to_string(),
-                arrival_ms: r
-                    .approximate_arrival_timestamp()
-                    .and_then(|t| t.to_millis().ok()),
-                data: bytes::Bytes::copy_from_slice(r.data().as_ref()),
-            });
-            records += 1;
-            if seq.is_some() {
-                last = seq;
-            }
-        }
-        counters.records.fetch_add(records as u64, Relaxed);
-        let rows = decoder.take_rows();
-        let max_ts = ts_values(&rows)
-            .into_iter()
-            .filter(|&t| t != i64::MIN)
-            .max();
         let next = out.next_shard_iterator().map(str::to_string);
         let ended = next.is_none().then(|| children(out.child_shards()));
-        let read = ShardRead {
-            shard: shard.to_string(),
-            rows,
-            rejected: decoder.take_rejected(),
-            records,
-            last_sequence: last.as_ref().map(|s| s.as_str().to_string()),
-            max_ts,
-            millis_behind: out.millis_behind_latest(),
+        let read = decode_read(
+            shard,
+            out.records(),
+            &mut decoder,
+            &mut last,
+            out.millis_behind_latest(),
             ended,
-        };
+        );
+        let records = read.records;
+        counters.records.fetch_add(records as u64, Relaxed);
         if events.send(ShardEvent::Read(read)).await.is_err() {
             return Ok(());
         }
