@@ -176,12 +176,7 @@ pub fn partition_column(rules: &[Arc<CompiledRule>], schema: &SchemaRef) -> Opti
 #[derive(Debug)]
 pub struct Job {
     source: ParquetSource,
-    rules: Vec<Arc<CompiledRule>>,
-    partitions: usize,
-    partition_by: Option<usize>,
-    out: Location,
-    config: PipelineConfig,
-    metrics: Arc<PipelineMetrics>,
+    pipeline: Pipeline,
 }
 
 impl Job {
@@ -207,30 +202,14 @@ impl Job {
         let columns = required_columns(&full, &rules);
         source.project(&columns);
         let rules = compile_rules(config, Arc::clone(source.output_schema()))?;
-        let key = partition_column(&rules, source.output_schema());
-        let partition_by = key
-            .as_ref()
-            .and_then(|k| source.output_schema().index_of(k).ok());
-        let partitions = if partition_by.is_some() {
-            config.partitions()
-        } else {
-            1
-        };
         let out = Location::parse(&config.sink.out, &config.sink.s3, true)?;
-        Ok(Self {
-            source,
-            rules,
-            partitions,
-            partition_by,
-            out,
-            config: config.clone(),
-            metrics: Arc::new(PipelineMetrics::default()),
-        })
+        let pipeline = Pipeline::new(config, Arc::clone(source.output_schema()), rules, out);
+        Ok(Self { source, pipeline })
     }
 
     /// The compiled rules.
     pub fn rules(&self) -> &[Arc<CompiledRule>] {
-        &self.rules
+        &self.pipeline.rules
     }
 
     /// The columns the source decodes (projection pushdown from the rules).
@@ -245,30 +224,20 @@ impl Job {
 
     /// Live counters.
     pub fn metrics(&self) -> Arc<PipelineMetrics> {
-        Arc::clone(&self.metrics)
+        Arc::clone(&self.pipeline.metrics)
     }
 
     /// Runs to the end of the input.
     pub async fn run(self) -> Result<Summary, JobError> {
         let started = Instant::now();
-        let capacity = self.config.engine.channel_capacity.max(1);
-        let schema = Arc::clone(self.source.output_schema());
+        let capacity = self.pipeline.config.engine.channel_capacity.max(1);
         let input_files = self.source.file_count();
         let (source_tx, source_rx) = mpsc::channel::<Message>(capacity);
         let source = self.source;
-        let m = Arc::clone(&self.metrics);
+        let m = Arc::clone(&self.pipeline.metrics);
         let source_task =
             tokio::spawn(async move { source.run(source_tx, m).await.map_err(JobError::from) });
-        let pipeline = Pipeline {
-            schema,
-            rules: self.rules,
-            partitions: self.partitions,
-            partition_by: self.partition_by,
-            out: self.out,
-            config: self.config,
-            metrics: self.metrics,
-        };
-        let output = pipeline.run(source_rx, None).await;
+        let output = self.pipeline.run(source_rx, None).await;
         let source = source_task
             .await
             .map_err(|e| JobError::Panic(e.to_string()))?;
@@ -352,6 +321,31 @@ pub(crate) struct Pipeline {
 }
 
 impl Pipeline {
+    /// A pipeline running `rules` over rows of `schema` into the log at `out`, keyed on the
+    /// column every window partitions by (one worker when there is none).
+    pub(crate) fn new(
+        config: &PipelineConfig,
+        schema: SchemaRef,
+        rules: Vec<Arc<CompiledRule>>,
+        out: Location,
+    ) -> Self {
+        let partition_by = partition_column(&rules, &schema).and_then(|k| schema.index_of(&k).ok());
+        let partitions = if partition_by.is_some() {
+            config.partitions()
+        } else {
+            1
+        };
+        Self {
+            schema,
+            rules,
+            partitions,
+            partition_by,
+            out,
+            config: config.clone(),
+            metrics: Arc::new(PipelineMetrics::default()),
+        }
+    }
+
     /// Runs until the source ends (or suspends, when streaming).
     pub(crate) async fn run(
         self,

@@ -21,7 +21,7 @@ use crate::checkpoint::{Ack, Checkpoint, CheckpointStore, Coordinator, discard_a
 use crate::config::PipelineConfig;
 use crate::job::{
     JobError, Pipeline, SinkOptions, Streaming, Summary, compile_rules, first_error,
-    partition_column, run_dead_letter, validated,
+    run_dead_letter, validated,
 };
 use crate::kinesis::reader::ReaderCounters;
 use crate::kinesis::source::{KinesisSource, SourceOutputs};
@@ -98,23 +98,9 @@ impl StreamJob {
         let source = KinesisSource::new(config, restore.as_ref().map(|c| &c.source)).await;
         let schema = Arc::clone(source.schema());
         let rules = compile_rules(config, Arc::clone(&schema))?;
-        let partition_by = partition_column(&rules, &schema).and_then(|k| schema.index_of(&k).ok());
-        let partitions = if partition_by.is_some() {
-            config.partitions()
-        } else {
-            1
-        };
         Ok(Self {
             source,
-            pipeline: Pipeline {
-                schema,
-                rules,
-                partitions,
-                partition_by,
-                out,
-                config: config.clone(),
-                metrics: Arc::new(PipelineMetrics::default()),
-            },
+            pipeline: Pipeline::new(config, schema, rules, out),
             store,
             restore,
             discarded,
