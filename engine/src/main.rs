@@ -169,21 +169,11 @@ struct ReplayArgs {
     /// Parquet files, directories, file:// or s3:// URLs.
     #[arg(long, num_args = 1..)]
     input: Vec<String>,
-    /// Rule files or directories (default: the bundled rules).
-    #[arg(long, num_args = 1..)]
-    rules: Vec<PathBuf>,
-    /// Incident-log directory or URL.
-    #[arg(long)]
-    out: Option<String>,
+    #[command(flatten)]
+    pipeline: PipelineFlags,
     /// Replay pace: `max` or e.g. `10x`.
     #[arg(long)]
     speed: Option<String>,
-    /// Keyed workers (0 = one per core).
-    #[arg(long)]
-    partitions: Option<usize>,
-    /// Bounded out-of-orderness, e.g. `5s`.
-    #[arg(long)]
-    max_out_of_orderness: Option<String>,
     /// Rows per batch read from parquet.
     #[arg(long)]
     batch_rows: Option<usize>,
@@ -193,6 +183,40 @@ struct ReplayArgs {
     /// Also write the summary as JSON to this file.
     #[arg(long)]
     summary_json: Option<PathBuf>,
+}
+
+/// Flags of `replay` and `run` that override the pipeline config.
+#[derive(Debug, Args)]
+struct PipelineFlags {
+    /// Rule files or directories (default: the bundled rules).
+    #[arg(long, num_args = 1..)]
+    rules: Vec<PathBuf>,
+    /// Incident-log directory or URL.
+    #[arg(long)]
+    out: Option<String>,
+    /// Keyed workers (0 = one per core).
+    #[arg(long)]
+    partitions: Option<usize>,
+    /// Bounded out-of-orderness, e.g. `5s`.
+    #[arg(long)]
+    max_out_of_orderness: Option<String>,
+}
+
+impl PipelineFlags {
+    fn apply(&self, config: &mut PipelineConfig) {
+        if !self.rules.is_empty() {
+            config.rules.paths = self.rules.clone();
+        }
+        if let Some(out) = &self.out {
+            config.sink.out = out.clone();
+        }
+        if let Some(p) = self.partitions {
+            config.engine.partitions = p;
+        }
+        if let Some(d) = &self.max_out_of_orderness {
+            config.event_time.max_out_of_orderness = d.clone();
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -212,18 +236,8 @@ struct RunArgs {
     /// Where shards without a checkpoint start: trim_horizon, latest, at_timestamp.
     #[arg(long)]
     start: Option<String>,
-    /// Rule files or directories (default: the bundled rules).
-    #[arg(long, num_args = 1..)]
-    rules: Vec<PathBuf>,
-    /// Incident-log directory or URL.
-    #[arg(long)]
-    out: Option<String>,
-    /// Keyed workers (0 = one per core).
-    #[arg(long)]
-    partitions: Option<usize>,
-    /// Bounded out-of-orderness, e.g. `5s`.
-    #[arg(long)]
-    max_out_of_orderness: Option<String>,
+    #[command(flatten)]
+    pipeline: PipelineFlags,
     /// Time between checkpoints, e.g. `10s`.
     #[arg(long)]
     checkpoint_interval: Option<String>,
@@ -368,20 +382,9 @@ fn replay_config(args: &ReplayArgs) -> Result<PipelineConfig> {
     if !args.input.is_empty() {
         config.source.paths = args.input.clone();
     }
-    if !args.rules.is_empty() {
-        config.rules.paths = args.rules.clone();
-    }
-    if let Some(out) = &args.out {
-        config.sink.out = out.clone();
-    }
+    args.pipeline.apply(&mut config);
     if let Some(s) = &args.speed {
         config.source.speed = s.clone();
-    }
-    if let Some(p) = args.partitions {
-        config.engine.partitions = p;
-    }
-    if let Some(d) = &args.max_out_of_orderness {
-        config.event_time.max_out_of_orderness = d.clone();
     }
     if let Some(b) = args.batch_rows {
         config.source.batch_rows = b;
@@ -551,18 +554,7 @@ fn run_config(args: &RunArgs) -> Result<PipelineConfig> {
     if let Some(s) = &args.start {
         k.start = s.clone();
     }
-    if !args.rules.is_empty() {
-        config.rules.paths = args.rules.clone();
-    }
-    if let Some(out) = &args.out {
-        config.sink.out = out.clone();
-    }
-    if let Some(p) = args.partitions {
-        config.engine.partitions = p;
-    }
-    if let Some(d) = &args.max_out_of_orderness {
-        config.event_time.max_out_of_orderness = d.clone();
-    }
+    args.pipeline.apply(&mut config);
     if let Some(d) = &args.checkpoint_interval {
         config.checkpoint.interval = d.clone();
     }
