@@ -405,6 +405,49 @@ def fixture_windows(val_windows: np.ndarray, rng: np.random.Generator):
 
 
 # --------------------------------------------------------------------------------------
+# Residual calibration: the tail of |residual| on every held-out window
+# --------------------------------------------------------------------------------------
+
+# Tail probabilities at which |residual| is measured; the deepest ones are kept only while
+# at least CALIBRATION_MIN_EXCEEDING windows lie beyond them.
+CALIBRATION_TAILS = [0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 5e-3, 2e-3, 1e-3, 5e-4, 2e-4, 1e-4,
+                     5e-5, 2e-5, 1e-5]
+CALIBRATION_MIN_EXCEEDING = 10
+
+
+def calibrate(sess: ort.InferenceSession, series, val_fraction: float) -> dict:
+    """``P(|R| >= r)`` of the residual ``R = (x_next - prediction) / s`` (normalised units)
+    over *all* validation windows (the last ``val_fraction`` of every series, which training
+    never saw), at the levels of CALIBRATION_TAILS. healer's ``lstm_pvalue`` interpolates
+    log-linearly between these points."""
+    residuals = []
+    for x in series:
+        cut = int(len(x) * (1.0 - val_fraction))
+        v = x[cut:]
+        if len(v) <= WINDOW:
+            continue
+        w = np.lib.stride_tricks.sliding_window_view(v, WINDOW + 1)
+        z, mean, s = normalise(np.ascontiguousarray(w[:, :WINDOW]))
+        out = run_onnx(sess, z[..., None]).astype(np.float64)
+        residuals.append((w[:, WINDOW] - mean) / s - out)
+    r = np.abs(np.concatenate(residuals))
+    n = len(r)
+    points, last = [], 0.0
+    for tail in CALIBRATION_TAILS:
+        if tail * n < CALIBRATION_MIN_EXCEEDING:
+            break
+        value = float(np.quantile(r, 1.0 - tail))
+        if value > last:  # ties (e.g. many exact zeros) would give a flat step: skip them
+            points.append([value, tail])
+            last = value
+    return {
+        "abs_residual_tail": points,
+        "windows": n,
+        "data": "every window of 61 in the validation part of every training series",
+        "residual": "(x_next - mean) / s - output, in the model's normalised units",
+        "use": "P(|R| >= r): log-linear between points from (0, 1), extended with the last "
+               "slope beyond the last point",
+    }
 
 
 def sha256(path: str) -> str:
@@ -429,7 +472,26 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--calibrate-only", action="store_true",
+                    help="only recompute the residual calibration of the model in --out and "
+                         "update its manifest")
     args = ap.parse_args()
+
+    if args.calibrate_only:
+        series, _ = load_series(args.smd, args.min_std)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        sess = ort.InferenceSession(os.path.join(args.out, "forecaster.onnx"), so,
+                                    providers=["CPUExecutionProvider"])
+        path = os.path.join(args.out, "manifest.json")
+        with open(path) as f:
+            manifest = json.load(f)
+        manifest["calibration"] = calibrate(sess, series, args.val_fraction)
+        with open(path, "w") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+        log(f"calibration over {manifest['calibration']['windows']} windows written to {path}")
+        return
 
     rng = np.random.default_rng(args.seed)
     log(f"jax {jax.__version__} on {jax.devices()}, numpy {np.__version__}, "
@@ -499,6 +561,9 @@ def main() -> None:
     log(f"validation MSE (raw SMD units): model {raw_model:.3e} vs naive {raw_naive:.3e}")
     if not model_val < naive_val:
         sys.exit("the model does not beat the naive last-value baseline")
+
+    calibration = calibrate(sess, series, args.val_fraction)
+    log(f"residual calibration over {calibration['windows']} held-out windows")
 
     # ---- fixture
     fx_out = run_onnx(sess, fx_z[..., None])
@@ -594,6 +659,7 @@ def main() -> None:
                       "/var/tmp/healer-models-venv/bin/pip install -r models/lstm/requirements.txt",
                       "/var/tmp/healer-models-venv/bin/" + cmd],
         "fixture": "fixture.json",
+        "calibration": calibration,
     }
     with open(os.path.join(args.out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)

@@ -162,6 +162,28 @@ impl IforestModel {
         ((below - 1) as f64 + within) / (q.len() - 1) as f64
     }
 
+    /// The probability that a normal row scores at least `score`: `1 − confidence` up to the
+    /// 99.9th percentile of the training scores; above it, log-linear from 10⁻³ there to
+    /// `1 / (rows + 1)` at the highest training score, and on with that slope beyond it (an
+    /// exponential tail), floored at 10⁻¹². NaN for NaN.
+    pub fn pvalue(&self, score: f64) -> f64 {
+        if score.is_nan() {
+            return f64::NAN;
+        }
+        let q = &self.quantiles;
+        let (p999, top) = (q[(QUANTILES - 1) * 999 / 1000], q[q.len() - 1]);
+        if score <= p999 {
+            return 1.0 - self.confidence(score);
+        }
+        let floor = 1.0 / (self.training.rows as f64 + 1.0);
+        if top <= p999 {
+            return floor;
+        }
+        let (lo, hi) = (1e-3f64.log10(), floor.log10());
+        let log = lo + (score - p999) / (top - p999) * (hi - lo);
+        10f64.powf(log).max(1e-12)
+    }
+
     /// The severity of `score` (see the [module docs](self)).
     pub fn severity(&self, score: f64) -> Severity {
         let top = self.quantiles.last().copied().unwrap_or(f64::INFINITY);

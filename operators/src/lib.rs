@@ -44,6 +44,9 @@ pub enum OperatorError {
     /// An Arrow kernel failed.
     #[error(transparent)]
     Arrow(#[from] arrow::error::ArrowError),
+    /// A model failed to evaluate.
+    #[error("model: {0}")]
+    Model(String),
 }
 
 /// Result alias of this crate.

@@ -77,6 +77,50 @@ pub enum AggKind {
     Min,
     /// Maximum (`MAX`).
     Max,
+    /// A [`SeriesForecaster`]'s forecast of the current row from the frame's other rows.
+    /// The frame must be `ROWS BETWEEN w PRECEDING AND CURRENT ROW` with `w` the model's
+    /// window; the result is NULL until `w` rows precede the current one, or when one of them
+    /// is missing.
+    Forecast {
+        /// Index of the model among the operator's forecasters
+        /// ([`WindowOperator::with_forecasters`]).
+        model: u16,
+        /// What to return for the row.
+        output: ForecastOutput,
+    },
+}
+
+/// What a [`AggKind::Forecast`] aggregate returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ForecastOutput {
+    /// The forecast value.
+    Value,
+    /// `(x − forecast) / scale`: the current value's residual in units of the window's scale
+    /// (see [`Forecast::scale`]); NULL when the current value is missing.
+    Residual,
+}
+
+/// One forecast: the predicted value and the scale of the window it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Forecast {
+    /// The predicted next value.
+    pub value: f64,
+    /// The window's spread as the model measures it (for a normalising model, the deviation
+    /// it divided by); always > 0.
+    pub scale: f64,
+}
+
+/// A model that forecasts the next value of a series from its last [`window`] values,
+/// evaluated in batches across series.
+///
+/// [`window`]: SeriesForecaster::window
+pub trait SeriesForecaster: Send + Sync + std::fmt::Debug {
+    /// Values per window.
+    fn window(&self) -> usize;
+
+    /// One forecast per window: `windows` holds `out.len()` windows back to back, each
+    /// [`window`](SeriesForecaster::window) values oldest first, all present (no NaN).
+    fn forecast(&self, windows: &[f64], out: &mut [Forecast]) -> std::result::Result<(), String>;
 }
 
 impl AggKind {
@@ -180,11 +224,62 @@ pub struct WindowOperator {
     stride: usize,
     /// Scratch reused by every call.
     snapshot: Snapshot,
+    /// The models of [`AggKind::Forecast`] aggregates.
+    forecasters: Vec<Arc<dyn SeriesForecaster>>,
+    /// Per argument: whether a forecast aggregate reads it.
+    forecast_args: Vec<bool>,
+    /// Scratch of forecast aggregates: gathered windows, and the rows they belong to.
+    gathered: Gathered,
+}
+
+/// The windows gathered for forecasting during one call.
+#[derive(Debug, Default)]
+struct Gathered {
+    /// Windows back to back, oldest value first.
+    values: Vec<f64>,
+    /// For each window, the row it forecasts.
+    rows: Vec<usize>,
+    /// The forecasts, parallel to `rows`.
+    forecasts: Vec<Forecast>,
 }
 
 impl WindowOperator {
     /// An operator over `n_args` arguments computing `aggregates` over `frame`.
     pub fn try_new(frame: Frame, n_args: usize, aggregates: Vec<Aggregate>) -> Result<Self> {
+        Self::try_new_with_forecasters(frame, n_args, aggregates, Vec::new())
+    }
+
+    /// As [`WindowOperator::try_new`], with the models that [`AggKind::Forecast`] aggregates
+    /// refer to by index. Each forecast aggregate needs the frame
+    /// `ROWS BETWEEN w PRECEDING AND CURRENT ROW` with `w` its model's window.
+    pub fn try_new_with_forecasters(
+        frame: Frame,
+        n_args: usize,
+        aggregates: Vec<Aggregate>,
+        forecasters: Vec<Arc<dyn SeriesForecaster>>,
+    ) -> Result<Self> {
+        let mut forecast_args = vec![false; n_args];
+        for a in &aggregates {
+            let AggKind::Forecast { model, .. } = a.kind else {
+                continue;
+            };
+            let model = forecasters.get(usize::from(model)).ok_or_else(|| {
+                OperatorError::InvalidInput(format!(
+                    "forecast aggregate refers to model {model} of {}",
+                    forecasters.len()
+                ))
+            })?;
+            let window = model.window();
+            if window == 0 || frame != (Frame::Rows { preceding: window }) {
+                return Err(OperatorError::InvalidInput(format!(
+                    "a forecaster of {window} values needs the frame ROWS BETWEEN {window} \
+                     PRECEDING AND CURRENT ROW, not {frame:?}"
+                )));
+            }
+            if let Some(f) = forecast_args.get_mut(a.arg) {
+                *f = true;
+            }
+        }
         if let Some(bad) = aggregates.iter().find(|a| a.arg >= n_args) {
             return Err(OperatorError::InvalidInput(format!(
                 "aggregate {:?} refers to argument {} of {n_args}",
@@ -212,6 +307,9 @@ impl WindowOperator {
             slab: Vec::new(),
             stride: 0,
             snapshot: Snapshot::default(),
+            forecasters,
+            forecast_args,
+            gathered: Gathered::default(),
         })
     }
 
@@ -280,6 +378,9 @@ impl WindowOperator {
                 continue;
             }
             let extrema = self.extrema[arg];
+            let forecast = self.forecast_args[arg];
+            self.gathered.values.clear();
+            self.gathered.rows.clear();
             let input = &args[arg];
             let raw = input.values();
             let nulls = input.nulls();
@@ -314,6 +415,21 @@ impl WindowOperator {
                     ),
                     Frame::Unbounded => push_unbounded(series, x, ext.as_deref_mut()),
                 }
+                if forecast && series.rows == cap {
+                    // The ring is full: its oldest `cap - 1` values, from `head` on, are the
+                    // window before the current row.
+                    let start = self.gathered.values.len();
+                    let mut slot = series.head;
+                    for _ in 1..cap {
+                        self.gathered.values.push(self.slab[slot * self.stride + s]);
+                        slot = if slot + 1 == cap { 0 } else { slot + 1 };
+                    }
+                    if self.gathered.values[start..].iter().any(|v| v.is_nan()) {
+                        self.gathered.values.truncate(start);
+                    } else {
+                        self.gathered.rows.push(i);
+                    }
+                }
                 snap.n[i] = series.n as f64;
                 snap.shift[i] = series.shift;
                 snap.s1[i] = series.s1;
@@ -327,9 +443,22 @@ impl WindowOperator {
             // plain slices (no state, no branches on the frame), which the compiler
             // vectorises.
             for (o, agg) in self.aggregates.iter().enumerate() {
-                if agg.arg == arg {
-                    out_of[o] = Some(finish(snap, rows, self.frame, agg.kind));
+                if agg.arg != arg {
+                    continue;
                 }
+                out_of[o] = Some(match agg.kind {
+                    AggKind::Forecast { model, output } => {
+                        let model = &self.forecasters[usize::from(model)];
+                        let g = &mut self.gathered;
+                        g.forecasts.clear();
+                        g.forecasts.resize(g.rows.len(), Forecast::default());
+                        model
+                            .forecast(&g.values, &mut g.forecasts)
+                            .map_err(OperatorError::Model)?;
+                        forecast_column(g, input, rows, output)
+                    }
+                    kind => finish(snap, rows, self.frame, kind),
+                });
             }
         }
         for o in out_of {
@@ -477,6 +606,33 @@ impl Snapshot {
     }
 }
 
+/// The column of a forecast aggregate: NULL for rows without a full window.
+fn forecast_column(
+    g: &Gathered,
+    input: &Float64Array,
+    rows: usize,
+    output: ForecastOutput,
+) -> ArrayRef {
+    let mut values = vec![0.0; rows];
+    let mut valid = vec![false; rows];
+    for (&row, f) in g.rows.iter().zip(&g.forecasts) {
+        let v = match output {
+            ForecastOutput::Value => f.value,
+            ForecastOutput::Residual => (input.value(row) - f.value) / f.scale,
+        };
+        let present = match output {
+            ForecastOutput::Value => true,
+            ForecastOutput::Residual => input.is_valid(row) && !v.is_nan(),
+        };
+        values[row] = v;
+        valid[row] = present;
+    }
+    Arc::new(Float64Array::new(
+        values.into(),
+        Some(NullBuffer::new(BooleanBuffer::from(valid))),
+    ))
+}
+
 /// The values of `kind` for the first `rows` snapshot rows; NULL where SQL says so.
 fn finish(snap: &Snapshot, rows: usize, frame: Frame, kind: AggKind) -> ArrayRef {
     let n = &snap.n[..rows];
@@ -505,6 +661,9 @@ fn finish(snap: &Snapshot, rows: usize, frame: Frame, kind: AggKind) -> ArrayRef
         AggKind::StddevSamp => (0..rows).map(|i| (m2(i) / (n[i] - 1.0)).sqrt()).collect(),
         AggKind::Min => snap.min[..rows].to_vec(),
         AggKind::Max => snap.max[..rows].to_vec(),
+        AggKind::Forecast { .. } => {
+            unreachable!("forecast aggregates are computed from gathered windows")
+        }
     };
     let least = match kind {
         AggKind::VarSamp | AggKind::StddevSamp => 2.0,
@@ -694,6 +853,7 @@ mod tests {
                     AggKind::StddevSamp => (n >= 2.0).then(|| (m2 / (n - 1.0)).sqrt()),
                     AggKind::Min => present.iter().copied().reduce(f64::min),
                     AggKind::Max => present.iter().copied().reduce(f64::max),
+                    AggKind::Forecast { .. } => unreachable!("not a SQL aggregate"),
                 }
             })
             .collect()
@@ -950,5 +1110,194 @@ mod state_tests {
                 prop_assert_eq!(a, &joined);
             }
         }
+    }
+
+    /// A forecaster for the tests: the window's last value plus its mean step, with the
+    /// window's range (at least 1) as its scale.
+    #[derive(Debug)]
+    struct Trend(usize);
+
+    impl SeriesForecaster for Trend {
+        fn window(&self) -> usize {
+            self.0
+        }
+        fn forecast(
+            &self,
+            windows: &[f64],
+            out: &mut [Forecast],
+        ) -> std::result::Result<(), String> {
+            assert_eq!(windows.len(), out.len() * self.0);
+            for (w, f) in windows.chunks_exact(self.0).zip(out) {
+                let step = (w[self.0 - 1] - w[0]) / (self.0 - 1) as f64;
+                let (lo, hi) = w
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+                *f = Forecast {
+                    value: w[self.0 - 1] + step,
+                    scale: (hi - lo).max(1.0),
+                };
+            }
+            Ok(())
+        }
+    }
+
+    fn forecast_op(window: usize) -> WindowOperator {
+        let forecasters: Vec<Arc<dyn SeriesForecaster>> = vec![Arc::new(Trend(window))];
+        let aggs = vec![
+            Aggregate {
+                kind: AggKind::Forecast {
+                    model: 0,
+                    output: ForecastOutput::Value,
+                },
+                arg: 0,
+            },
+            Aggregate {
+                kind: AggKind::Forecast {
+                    model: 0,
+                    output: ForecastOutput::Residual,
+                },
+                arg: 0,
+            },
+            Aggregate {
+                kind: AggKind::Avg,
+                arg: 0,
+            },
+        ];
+        WindowOperator::try_new_with_forecasters(
+            Frame::Rows { preceding: window },
+            1,
+            aggs,
+            forecasters,
+        )
+        .unwrap()
+    }
+
+    fn column(a: &ArrayRef) -> Vec<Option<f64>> {
+        let a = a.as_any().downcast_ref::<Float64Array>().unwrap();
+        (0..a.len())
+            .map(|i| a.is_valid(i).then(|| a.value(i)))
+            .collect()
+    }
+
+    #[test]
+    fn forecasts_from_the_rows_before_the_current_one() {
+        let mut op = forecast_op(3);
+        // Two interleaved series; series 1 has a missing value.
+        let groups = [0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0];
+        let xs = Float64Array::from(vec![
+            Some(1.0),
+            Some(5.0),
+            Some(2.0),
+            None,
+            Some(3.0),
+            Some(7.0),
+            Some(10.0),
+            Some(8.0),
+            Some(5.0),
+            Some(9.0),
+            Some(6.0),
+        ]);
+        let out = op.process(&groups, &[xs]).unwrap();
+        let value = column(&out[0]);
+        let residual = column(&out[1]);
+        // Series 0: 1, 2, 3, 10, 5, 6. Row 6 (x = 10) is forecast from [1, 2, 3]: 4.
+        assert_eq!(&value[..6], &[None; 6]);
+        assert_eq!(value[6], Some(4.0));
+        assert_eq!(residual[6], Some((10.0 - 4.0) / 2.0));
+        // Row 8 (x = 5) from [2, 3, 10]: 10 + 4 = 14, scale 8.
+        assert_eq!(value[8], Some(14.0));
+        assert_eq!(residual[8], Some((5.0 - 14.0) / 8.0));
+        // Series 1: 5, NULL, 7, 8, 9: windows holding the missing value give NULL.
+        assert_eq!(value[7], None);
+        assert_eq!(value[9], None);
+        let more = op
+            .process(&[1, 1], &[Float64Array::from(vec![Some(11.0), None])])
+            .unwrap();
+        // [7, 8, 9] forecasts 10; then [8, 9, 11] forecasts 12.5 for a missing value: the
+        // forecast is there, the residual is NULL.
+        assert_eq!(column(&more[0]), vec![Some(10.0), Some(12.5)]);
+        assert_eq!(column(&more[1]), vec![Some(1.0 / 2.0), None]);
+    }
+
+    #[test]
+    fn forecasts_do_not_depend_on_batching_or_restore() {
+        let n = 400;
+        let groups: Vec<u32> = (0..n).map(|i| (i % 3) as u32).collect();
+        let xs: Vec<Option<f64>> = (0..n)
+            .map(|i| (i % 37 != 5).then(|| ((i * 7919) % 101) as f64 * 0.5))
+            .collect();
+        let whole = {
+            let mut op = forecast_op(8);
+            op.process(&groups, &[Float64Array::from(xs.clone())])
+                .unwrap()
+        };
+        for chunk in [1, 7, 64] {
+            let mut op = forecast_op(8);
+            let mut got = vec![Vec::new(); 3];
+            for (start, part) in xs.chunks(chunk).enumerate().map(|(k, p)| (k * chunk, p)) {
+                if start == 200 {
+                    // A checkpoint: the state moves to a new operator.
+                    let saved: Vec<GroupState> = (0..3)
+                        .filter_map(|g| op.export_group(g, Vec::new()))
+                        .collect();
+                    op = forecast_op(8);
+                    for (g, state) in saved.iter().enumerate() {
+                        op.import_group(g as u32, state).unwrap();
+                    }
+                }
+                let out = op
+                    .process(
+                        &groups[start..start + part.len()],
+                        &[Float64Array::from(part.to_vec())],
+                    )
+                    .unwrap();
+                for (k, o) in out.iter().enumerate() {
+                    got[k].extend(column(o));
+                }
+            }
+            for k in 0..3 {
+                assert_eq!(got[k], column(&whole[k]), "chunk {chunk}, aggregate {k}");
+            }
+        }
+        assert!(column(&whole[0]).iter().flatten().count() > 200);
+    }
+
+    #[test]
+    fn forecast_needs_its_models_frame() {
+        let forecasters: Vec<Arc<dyn SeriesForecaster>> = vec![Arc::new(Trend(3))];
+        let agg = Aggregate {
+            kind: AggKind::Forecast {
+                model: 0,
+                output: ForecastOutput::Value,
+            },
+            arg: 0,
+        };
+        let err = WindowOperator::try_new_with_forecasters(
+            Frame::Rows { preceding: 4 },
+            1,
+            vec![agg],
+            forecasters.clone(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("ROWS BETWEEN 3 PRECEDING"),
+            "{err}"
+        );
+        let missing = Aggregate {
+            kind: AggKind::Forecast {
+                model: 1,
+                output: ForecastOutput::Value,
+            },
+            arg: 0,
+        };
+        assert!(
+            WindowOperator::try_new_with_forecasters(
+                Frame::Rows { preceding: 3 },
+                1,
+                vec![missing],
+                forecasters
+            )
+            .is_err()
+        );
     }
 }

@@ -5,8 +5,10 @@
 //! | `zscore_severity(z DOUBLE)` | `'LOW'`, `'MEDIUM'`, `'HIGH'` or `'CRITICAL'` ([`Severity::from_zscore`]) |
 //! | `zscore_confidence(z DOUBLE)` | min(\|z\| / 10, 1), 0 for NaN or NULL |
 //!
-//! and the model functions of [`crate::models`] (`iforest_score`, `iforest_threshold`,
-//! `iforest_confidence`, `iforest_severity`).
+//! the model functions of [`crate::models`] (`iforest_score`, `iforest_threshold`,
+//! `iforest_confidence`, `iforest_severity`, `iforest_pvalue`), and those of
+//! [`crate::forecast`] (`lstm_forecast`, `lstm_residual`, `lstm_deviation`, `lstm_confidence`,
+//! `lstm_severity`, `zscore_pvalue`, `lstm_pvalue`, `fuse_confidence`).
 
 use std::sync::Arc;
 
@@ -82,11 +84,17 @@ pub fn zscore_confidence_udf() -> ScalarUDF {
     })
 }
 
-/// Registers every healer function on `ctx`; model functions load through `models`.
-pub fn register_all(ctx: &SessionContext, models: &Arc<crate::models::ModelRegistry>) {
+/// Registers every healer function on `ctx`; isolation forests load through `models`, LSTM
+/// forecasters through `forecasters`.
+pub fn register_all(
+    ctx: &SessionContext,
+    models: &Arc<crate::models::ModelRegistry>,
+    forecasters: &Arc<crate::forecast::ForecasterRegistry>,
+) {
     ctx.register_udf(zscore_severity_udf());
     ctx.register_udf(zscore_confidence_udf());
     for udf in crate::models::iforest_udfs(models) {
         ctx.register_udf(udf);
     }
+    crate::forecast::register(ctx, forecasters);
 }

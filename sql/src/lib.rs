@@ -12,6 +12,7 @@
 //! See the README's *Rule language* section for what a rule may contain.
 
 pub mod error;
+pub mod forecast;
 pub mod functions;
 pub mod lstm;
 pub mod models;

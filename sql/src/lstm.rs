@@ -158,14 +158,73 @@ pub struct Normalisation {
 }
 
 /// A loaded forecaster.
+///
+/// It holds one ONNX Runtime session per core, each single-threaded: the workers of a
+/// pipeline run inference at the same time, each on a free session, instead of queueing on
+/// one session's lock.
 #[derive(Debug)]
 pub struct Forecaster {
-    session: Mutex<Session>,
+    sessions: Vec<Mutex<Session>>,
+    next: std::sync::atomic::AtomicUsize,
     window: usize,
     batch: usize,
     norm: Normalisation,
     input: String,
     output: String,
+    calibration: Option<Calibration>,
+}
+
+/// The distribution of `|residual|` (see [`Forecaster::residual`]) on held-out windows of
+/// normal data, from the manifest's `calibration`: the tail probability of a residual.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Calibration {
+    /// `(|residual|, P(|R| ≥ |residual|))` with |residual| ascending, P descending; the first
+    /// point is `(0, 1)`.
+    points: Vec<(f64, f64)>,
+}
+
+impl Calibration {
+    /// From the manifest's `calibration.abs_residual_tail`: pairs `[value, tail]`.
+    fn from_manifest(v: &serde_json::Value) -> Result<Self, String> {
+        let pairs = v["abs_residual_tail"]
+            .as_array()
+            .ok_or("calibration.abs_residual_tail is missing")?;
+        let mut points = vec![(0.0, 1.0)];
+        for p in pairs {
+            let (Some(x), Some(t)) = (p[0].as_f64(), p[1].as_f64()) else {
+                return Err(format!("calibration point {p} is not [value, tail]"));
+            };
+            let &(px, pt) = points.last().expect("not empty");
+            if !(x > px && t < pt && t > 0.0) {
+                return Err(format!(
+                    "calibration points must rise in value and fall in tail probability: \
+                     [{x}, {t}] after [{px}, {pt}]"
+                ));
+            }
+            points.push((x, t));
+        }
+        if points.len() < 3 {
+            return Err("calibration needs at least two points".into());
+        }
+        Ok(Self { points })
+    }
+
+    /// `P(|R| ≥ |r|)` for normal data: log-linear interpolation between the measured points
+    /// (an exponential tail between them), extended beyond the last point with the last
+    /// segment's slope, floored at 1e-12. NaN for NaN.
+    pub fn tail(&self, r: f64) -> f64 {
+        if r.is_nan() {
+            return f64::NAN;
+        }
+        let r = r.abs();
+        let pts = &self.points;
+        let i = pts
+            .partition_point(|&(x, _)| x <= r)
+            .clamp(1, pts.len() - 1);
+        let ((x0, t0), (x1, t1)) = (pts[i - 1], pts[i]);
+        let log = t0.log10() + (r - x0) / (x1 - x0) * (t1.log10() - t0.log10());
+        10f64.powf(log.min(0.0)).max(1e-12)
+    }
 }
 
 impl Forecaster {
@@ -204,21 +263,56 @@ impl Forecaster {
                 .ok_or_else(|| model(format!("no {key}.name")))
         };
         let (input, output) = (name("input")?, name("output")?);
+        let calibration = match manifest.get("calibration") {
+            None => None,
+            Some(c) => Some(Calibration::from_manifest(c).map_err(model)?),
+        };
         let file = dir.join(manifest["file"].as_str().unwrap_or("forecaster.onnx"));
-        let session = Session::builder(&runtime.environment)
-            .and_then(|mut b| b.commit_from_file(&file))
-            .map_err(|e| LstmError::Model {
-                path: file.clone(),
-                reason: e.to_string(),
-            })?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let sessions = (0..cores)
+            .map(|_| {
+                let session = || -> Result<Session, String> {
+                    let builder =
+                        Session::builder(&runtime.environment).map_err(|e| e.to_string())?;
+                    let mut builder = builder.with_intra_threads(1).map_err(|e| e.to_string())?;
+                    builder.commit_from_file(&file).map_err(|e| e.to_string())
+                };
+                session()
+                    .map(Mutex::new)
+                    .map_err(|reason| LstmError::Model {
+                        path: file.clone(),
+                        reason,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
-            session: Mutex::new(session),
+            sessions,
+            next: std::sync::atomic::AtomicUsize::new(0),
             window,
             batch,
             norm: Normalisation { eps_rel },
             input,
             output,
+            calibration,
         })
+    }
+
+    /// The residual calibration of the manifest, if it has one.
+    pub fn calibration(&self) -> Option<&Calibration> {
+        self.calibration.as_ref()
+    }
+
+    /// A free session, or (all busy) the next one in turn.
+    fn session(&self) -> Result<std::sync::MutexGuard<'_, Session>, LstmError> {
+        for s in &self.sessions {
+            if let Ok(guard) = s.try_lock() {
+                return Ok(guard);
+            }
+        }
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.sessions.len();
+        self.sessions[i]
+            .lock()
+            .map_err(|_| LstmError::Inference("a previous inference panicked".into()))
     }
 
     /// Values per window.
@@ -237,17 +331,28 @@ impl Forecaster {
 
     /// The forecast of the value after each window (each `window()` values, oldest first).
     pub fn predict(&self, windows: &[&[f64]]) -> Result<Vec<f64>, LstmError> {
+        let mut out = Vec::with_capacity(windows.len());
+        self.predict_with_scale(windows, |value, _| out.push(value))?;
+        Ok(out)
+    }
+
+    /// Calls `emit(forecast, scale)` for each window in order, `scale` being the window's
+    /// floored deviation (see [`Forecaster::moments`]).
+    fn predict_with_scale(
+        &self,
+        windows: &[&[f64]],
+        mut emit: impl FnMut(f64, f64),
+    ) -> Result<(), LstmError> {
         if let Some(w) = windows.iter().find(|w| w.len() != self.window) {
             return Err(LstmError::Window {
                 got: w.len(),
                 want: self.window,
             });
         }
-        let mut out = Vec::with_capacity(windows.len());
-        let mut session = self
-            .session
-            .lock()
-            .map_err(|_| LstmError::Inference("a previous inference panicked".into()))?;
+        if windows.is_empty() {
+            return Ok(());
+        }
+        let mut session = self.session()?;
         for chunk in windows.chunks(self.batch) {
             let moments: Vec<(f64, f64)> = chunk.iter().map(|w| self.moments(w)).collect();
             // The batch is fixed: pad with zero windows and ignore their outputs.
@@ -266,9 +371,38 @@ impl Forecaster {
                 .try_extract_tensor::<f32>()
                 .map_err(|e| LstmError::Inference(e.to_string()))?;
             for (i, &(mean, s)) in moments.iter().enumerate() {
-                out.push(mean + s * f64::from(y[i]));
+                emit(mean + s * f64::from(y[i]), s);
             }
         }
-        Ok(out)
+        Ok(())
+    }
+}
+
+impl healer_operators::window::SeriesForecaster for Forecaster {
+    fn window(&self) -> usize {
+        self.window
+    }
+
+    fn forecast(
+        &self,
+        windows: &[f64],
+        out: &mut [healer_operators::window::Forecast],
+    ) -> Result<(), String> {
+        let refs: Vec<&[f64]> = windows.chunks_exact(self.window).collect();
+        if refs.len() != out.len() {
+            return Err(format!(
+                "{} values for {} windows of {}",
+                windows.len(),
+                out.len(),
+                self.window
+            ));
+        }
+        let mut slots = out.iter_mut();
+        self.predict_with_scale(&refs, |value, scale| {
+            if let Some(slot) = slots.next() {
+                *slot = healer_operators::window::Forecast { value, scale };
+            }
+        })
+        .map_err(|e| e.to_string())
     }
 }

@@ -6,6 +6,7 @@
 //! | `iforest_threshold('model.json')` | the score above which a row is an outlier at the training contamination |
 //! | `iforest_confidence('model.json', score)` | share of training rows that score lower (0..1) |
 //! | `iforest_severity('model.json', score)` | `LOW`, `MEDIUM`, `HIGH` or `CRITICAL` |
+//! | `iforest_pvalue('model.json', score)` | probability that a normal row scores at least `score` ([`IforestModel::pvalue`]) |
 //!
 //! The first argument is the path of a model file written by `healer train iforest` (see
 //! [`healer_operators::iforest_model`]), relative to the working directory. It must be a
@@ -119,6 +120,7 @@ enum Kind {
     Threshold,
     Confidence,
     Severity,
+    Pvalue,
 }
 
 impl Kind {
@@ -128,6 +130,7 @@ impl Kind {
             Kind::Threshold => "iforest_threshold",
             Kind::Confidence => "iforest_confidence",
             Kind::Severity => "iforest_severity",
+            Kind::Pvalue => "iforest_pvalue",
         }
     }
 }
@@ -187,7 +190,7 @@ impl ScalarUDFImpl for IforestUdf {
         let expected = match self.kind {
             Kind::Score => None,
             Kind::Threshold => Some(1),
-            Kind::Confidence | Kind::Severity => Some(2),
+            Kind::Confidence | Kind::Severity | Kind::Pvalue => Some(2),
         };
         if arg_types.is_empty() || expected.is_some_and(|n| n != arg_types.len()) {
             let usage = match self.kind {
@@ -195,6 +198,7 @@ impl ScalarUDFImpl for IforestUdf {
                 Kind::Threshold => "iforest_threshold('model.json')",
                 Kind::Confidence => "iforest_confidence('model.json', score)",
                 Kind::Severity => "iforest_severity('model.json', score)",
+                Kind::Pvalue => "iforest_pvalue('model.json', score)",
             };
             return plan_err!(
                 "{}: {} arguments given; usage: {usage}",
@@ -286,6 +290,14 @@ impl ScalarUDFImpl for IforestUdf {
                         .collect::<Float64Array>(),
                 )
             }
+            Kind::Pvalue => {
+                let s = as_f64(&args.args[1], rows)?;
+                Arc::new(
+                    s.iter()
+                        .map(|v| Some(model.pvalue(v.unwrap_or(f64::NAN))).filter(|p| !p.is_nan()))
+                        .collect::<Float64Array>(),
+                )
+            }
             Kind::Severity => {
                 let s = as_f64(&args.args[1], rows)?;
                 Arc::new(
@@ -306,6 +318,7 @@ pub fn iforest_udfs(registry: &Arc<ModelRegistry>) -> Vec<ScalarUDF> {
         Kind::Threshold,
         Kind::Confidence,
         Kind::Severity,
+        Kind::Pvalue,
     ]
     .into_iter()
     .map(|kind| {

@@ -19,9 +19,10 @@ use datafusion::sql::sqlparser::ast::{Spanned, Statement};
 use healer_operators::keys::KeyValue;
 use healer_operators::schema::TS;
 use healer_operators::unpivot::Unpivot;
-use healer_operators::window::{AggKind, Aggregate, Frame, GroupState};
+use healer_operators::window::{AggKind, Aggregate, Frame, GroupState, SeriesForecaster};
 
 use crate::error::{ExecError, RuleError, RuleErrors};
+use crate::forecast::LstmWindowUdf;
 use crate::output::OutputMapping;
 use crate::stage::{Stage, StageTemplate, WindowGroupTemplate};
 
@@ -203,7 +204,11 @@ impl RuleCompiler {
         let mut config = SessionConfig::new();
         config.options_mut().sql_parser.collect_spans = true;
         let ctx = SessionContext::new_with_config(config);
-        crate::functions::register_all(&ctx, &Arc::new(crate::models::ModelRegistry::new()));
+        crate::functions::register_all(
+            &ctx,
+            &Arc::new(crate::models::ModelRegistry::new()),
+            &Arc::new(crate::forecast::ForecasterRegistry::new()),
+        );
         for (name, schema) in [("metrics", &metrics), ("samples", &samples)] {
             let table =
                 MemTable::try_new(Arc::clone(schema), vec![vec![]]).map_err(|e| e.to_string())?;
@@ -650,6 +655,7 @@ impl Lowering<'_> {
             args: Vec<(String, Arc<dyn PhysicalExpr>)>,
             aggregates: Vec<Aggregate>,
             positions: Vec<usize>,
+            forecasters: Vec<(String, Arc<dyn SeriesForecaster>)>,
         }
         let mut groups: Vec<Group> = Vec::new();
         for (pos, expr) in window_exprs.iter().enumerate() {
@@ -662,22 +668,30 @@ impl Lowering<'_> {
                     "unsupported window expression {expr}"
                 )));
             };
-            let name = match &wf.fun {
-                WindowFunctionDefinition::AggregateUDF(udaf) => udaf.name().to_string(),
+            // An aggregate of healer's window operator, or a forecaster's function.
+            let (name, kind, lstm) = match &wf.fun {
+                WindowFunctionDefinition::AggregateUDF(udaf) => {
+                    let name = udaf.name().to_string();
+                    let kind = AggKind::from_sql_name(&name).ok_or_else(|| {
+                        CompileError::msg(format!(
+                            "aggregate `{name}` is not supported over a window; supported: COUNT, \
+                             SUM, AVG, MIN, MAX, STDDEV[_SAMP|_POP], VAR[_SAMP|_POP]"
+                        ))
+                    })?;
+                    (name, Some(kind), None)
+                }
                 WindowFunctionDefinition::WindowUDF(udwf) => {
-                    return Err(CompileError::msg(format!(
-                        "window function `{}` is not supported in streaming rules yet; supported: \
-                         COUNT, SUM, AVG, MIN, MAX, STDDEV[_SAMP|_POP], VAR[_SAMP|_POP]",
-                        udwf.name()
-                    )));
+                    let Some(lstm) = udwf.inner().downcast_ref::<LstmWindowUdf>() else {
+                        return Err(CompileError::msg(format!(
+                            "window function `{}` is not supported in streaming rules; \
+                             supported: COUNT, SUM, AVG, MIN, MAX, STDDEV[_SAMP|_POP], \
+                             VAR[_SAMP|_POP], lstm_forecast, lstm_residual",
+                            udwf.name()
+                        )));
+                    };
+                    (udwf.name().to_string(), None, Some(lstm))
                 }
             };
-            let kind = AggKind::from_sql_name(&name).ok_or_else(|| {
-                CompileError::msg(format!(
-                    "aggregate `{name}` is not supported over a window; supported: COUNT, SUM, AVG, \
-                     MIN, MAX, STDDEV[_SAMP|_POP], VAR[_SAMP|_POP]"
-                ))
-            })?;
             let p = &wf.params;
             if p.distinct || p.filter.is_some() || p.null_treatment.is_some() {
                 return Err(CompileError::msg(format!(
@@ -716,12 +730,44 @@ impl Lowering<'_> {
                 WindowFrameBound::CurrentRow => Frame::Rows { preceding: 0 },
                 WindowFrameBound::Following(_) => return Err(frame_error()),
             };
-            let arg = match p.args.as_slice() {
-                [] => Expr::Literal(ScalarValue::Int64(Some(1)), None),
-                [a] => a.clone(),
-                _ => {
+            // The forecaster of an LSTM function, checked against the frame.
+            let mut model = None;
+            let arg = match (lstm, p.args.as_slice()) {
+                (None, []) => Expr::Literal(ScalarValue::Int64(Some(1)), None),
+                (None, [a]) => a.clone(),
+                (None, _) => {
                     return Err(CompileError::msg(format!(
                         "`{name}` takes one argument over a window"
+                    )));
+                }
+                (Some(lstm), [path, a]) => {
+                    let path = match path {
+                        Expr::Literal(v, _) => crate::forecast::literal_path(v),
+                        _ => None,
+                    }
+                    .ok_or_else(|| {
+                        CompileError::msg(format!(
+                            "`{name}`: the first argument must be the model's directory, as a \
+                             string literal"
+                        ))
+                    })?;
+                    let forecaster = lstm
+                        .model(path)
+                        .map_err(|e| CompileError::msg(format!("`{name}`: {e}")))?;
+                    let window = forecaster.window();
+                    if frame != (Frame::Rows { preceding: window }) {
+                        return Err(CompileError::msg(format!(
+                            "`{name}`: model `{path}` forecasts from {window} values: its frame \
+                             must be ROWS BETWEEN {window} PRECEDING AND CURRENT ROW (got {})",
+                            p.window_frame
+                        )));
+                    }
+                    model = Some((path.to_string(), forecaster as Arc<dyn SeriesForecaster>));
+                    a.clone()
+                }
+                (Some(_), _) => {
+                    return Err(CompileError::msg(format!(
+                        "`{name}` takes the model's directory and one value: {name}('models/lstm', x)"
                     )));
                 }
             };
@@ -762,6 +808,7 @@ impl Lowering<'_> {
                         args: Vec::new(),
                         aggregates: Vec::new(),
                         positions: Vec::new(),
+                        forecasters: Vec::new(),
                     });
                     groups.len() - 1
                 }
@@ -781,6 +828,25 @@ impl Lowering<'_> {
                 }
             };
             let g = &mut groups[group_index];
+            let kind = match (kind, model, lstm) {
+                (Some(kind), _, _) => kind,
+                (None, Some((path, forecaster)), Some(lstm)) => {
+                    let index = match g.forecasters.iter().position(|(p, _)| *p == path) {
+                        Some(i) => i,
+                        None => {
+                            g.forecasters.push((path, forecaster));
+                            g.forecasters.len() - 1
+                        }
+                    };
+                    AggKind::Forecast {
+                        model: u16::try_from(index).map_err(|_| {
+                            CompileError::msg("too many forecasting models in one window")
+                        })?,
+                        output: lstm.output(),
+                    }
+                }
+                _ => unreachable!("a window function is an aggregate or a forecaster"),
+            };
             g.aggregates.push(Aggregate {
                 kind,
                 arg: arg_index,
@@ -797,6 +863,7 @@ impl Lowering<'_> {
                     frame: g.frame,
                     aggregates: g.aggregates,
                     positions: g.positions,
+                    forecasters: g.forecasters.into_iter().map(|(_, f)| f).collect(),
                 })
                 .collect(),
             schema: Arc::new(output.as_arrow().clone()),

@@ -14,7 +14,7 @@ use datafusion::common::Result as DFResult;
 use datafusion::physical_expr::PhysicalExpr;
 use healer_operators::keys::KeyInterner;
 use healer_operators::keys::KeyValue;
-use healer_operators::window::{Aggregate, Frame, GroupState, WindowOperator};
+use healer_operators::window::{Aggregate, Frame, GroupState, SeriesForecaster, WindowOperator};
 
 use crate::error::ExecError;
 
@@ -33,6 +33,8 @@ pub struct WindowGroupTemplate {
     pub aggregates: Vec<Aggregate>,
     /// For each aggregate, its position among the window node's output columns.
     pub positions: Vec<usize>,
+    /// The models of forecast aggregates.
+    pub forecasters: Vec<Arc<dyn SeriesForecaster>>,
 }
 
 /// A stage as compiled: no state.
@@ -70,7 +72,12 @@ impl StageTemplate {
                 .map(|g| {
                     Ok((
                         KeyInterner::new(g.partition.len()),
-                        WindowOperator::try_new(g.frame, g.args.len(), g.aggregates.clone())?,
+                        WindowOperator::try_new_with_forecasters(
+                            g.frame,
+                            g.args.len(),
+                            g.aggregates.clone(),
+                            g.forecasters.clone(),
+                        )?,
                     ))
                 })
                 .collect::<Result<_, healer_operators::OperatorError>>()?,

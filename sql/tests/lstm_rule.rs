@@ -1,0 +1,280 @@
+//! The LSTM forecaster inside rules: `lstm_forecast` / `lstm_residual` give the same rows
+//! whatever the batching and across a checkpoint, agree with DataFusion's own evaluation of the
+//! same query, and feed fusion. Runs on the process's backend (`HEALER_ONNXRUNTIME`: native
+//! under `.ci/test`, tract without it).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+};
+use arrow::compute::concat_batches;
+use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+use healer_operators::schema::ts_type;
+use healer_sql::forecast::ForecasterRegistry;
+use healer_sql::models::ModelRegistry;
+use healer_sql::{CompiledRule, RuleCompiler};
+
+fn model_dir() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/lstm")
+        .display()
+        .to_string()
+}
+
+fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("ts", ts_type(), false),
+        Field::new("resource", DataType::Utf8, false),
+        Field::new("cpu_percent", DataType::Float64, true),
+    ]))
+}
+
+/// Three resources, 420 samples each: daily-like cycles with noise, a spike, a level shift
+/// and a few NULLs.
+fn data() -> RecordBatch {
+    let mut state = 0x5eed_u64;
+    let mut noise = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 11) as f64) / ((1u64 << 53) as f64) - 0.5
+    };
+    let (mut ts, mut res, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
+    for t in 0..420i64 {
+        for r in 0..3 {
+            ts.push(1_700_000_000_000 + t * 60_000);
+            res.push(format!("host-{r}"));
+            let base = 40.0 + 10.0 * r as f64 + 15.0 * (t as f64 / (12.0 + r as f64)).sin();
+            let mut v = base + 2.0 * noise();
+            if r == 1 && t == 350 {
+                v += 60.0;
+            }
+            if r == 2 && t >= 380 {
+                v += 80.0;
+            }
+            cpu.push((!(r == 0 && (100..103).contains(&t))).then_some(v));
+        }
+    }
+    RecordBatch::try_new(
+        schema(),
+        vec![
+            Arc::new(TimestampMillisecondArray::from(ts).with_timezone("UTC")),
+            Arc::new(StringArray::from(res)),
+            Arc::new(Float64Array::from(cpu)),
+        ],
+    )
+    .unwrap()
+}
+
+fn query(frame: usize) -> String {
+    let m = model_dir();
+    format!(
+        "SELECT ts, resource, cpu_percent, \
+           lstm_forecast('{m}', cpu_percent) OVER w AS forecast, \
+           lstm_residual('{m}', cpu_percent) OVER w AS residual, \
+           avg(cpu_percent) OVER w AS mean \
+         FROM metrics \
+         WINDOW w AS (PARTITION BY resource ORDER BY ts ROWS BETWEEN {frame} PRECEDING AND CURRENT ROW)"
+    )
+}
+
+fn compile(sql: &str) -> Arc<CompiledRule> {
+    RuleCompiler::try_new(schema())
+        .unwrap()
+        .without_output_contract()
+        .compile_str(Path::new("lstm.sql"), sql)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .remove(0)
+}
+
+/// Runs `rule` over `input` in batches of `chunk` rows; at row `checkpoint` (if any) the state
+/// is saved and restored into a fresh instance, as a restart from a checkpoint does.
+fn run(
+    rule: &Arc<CompiledRule>,
+    input: &RecordBatch,
+    chunk: usize,
+    checkpoint: Option<usize>,
+) -> RecordBatch {
+    let mut instance = rule.instantiate().unwrap();
+    let mut out = Vec::new();
+    let mut offset = 0;
+    while offset < input.num_rows() {
+        if checkpoint == Some(offset) {
+            let state = instance.save();
+            instance = rule.instantiate().unwrap();
+            instance.restore(&state, &|_, _| true).unwrap();
+        }
+        let len = chunk.min(input.num_rows() - offset);
+        out.push(instance.process(input.slice(offset, len)).unwrap());
+        offset += len;
+    }
+    concat_batches(&out[0].schema(), &out).unwrap()
+}
+
+fn f64s(batch: &RecordBatch, name: &str) -> Vec<Option<f64>> {
+    let a = batch
+        .column_by_name(name)
+        .unwrap()
+        .as_primitive::<Float64Type>();
+    (0..a.len())
+        .map(|i| a.is_valid(i).then(|| a.value(i)))
+        .collect()
+}
+
+#[test]
+fn forecasts_do_not_depend_on_batching_or_checkpoints() {
+    let rule = compile(&format!("CREATE VIEW f AS {}", query(60)));
+    let input = data();
+    let whole = run(&rule, &input, input.num_rows(), None);
+    let forecast = f64s(&whole, "forecast");
+    // 3 series × (420 − 60) rows have 60 earlier rows; the 62 of host-0 whose 60 earlier
+    // rows hold one of its NULLs (t = 100..=102) have no forecast: t = 101..=162.
+    let present = forecast.iter().flatten().count();
+    assert_eq!(present, 3 * 360 - 62, "forecasts present");
+    for (chunk, checkpoint) in [(1, Some(600)), (7, None), (64, Some(384)), (333, Some(333))] {
+        let got = run(&rule, &input, chunk, checkpoint);
+        for column in ["forecast", "residual", "mean"] {
+            assert_eq!(
+                f64s(&got, column),
+                f64s(&whole, column),
+                "{column}, batches of {chunk}, checkpoint {checkpoint:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn healer_agrees_with_datafusions_own_evaluation() {
+    let input = data();
+    let rule = compile(&format!("CREATE VIEW f AS {}", query(60)));
+    let healer = run(&rule, &input, 50, None);
+
+    // The same query executed by DataFusion, frame by frame, through the registered functions.
+    let ctx = SessionContext::new();
+    healer_sql::functions::register_all(
+        &ctx,
+        &Arc::new(ModelRegistry::new()),
+        &Arc::new(ForecasterRegistry::new()),
+    );
+    let table = MemTable::try_new(schema(), vec![vec![input.clone()]]).unwrap();
+    ctx.register_table("metrics", Arc::new(table)).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let batches = runtime.block_on(async {
+        let sql = format!("SELECT * FROM ({}) ORDER BY ts, resource", query(60));
+        ctx.sql(&sql).await.unwrap().collect().await.unwrap()
+    });
+    let reference = concat_batches(&batches[0].schema(), &batches).unwrap();
+    assert_eq!(reference.num_rows(), healer.num_rows());
+    // healer's rows are in input order, which is (ts, resource) order here.
+    for column in ["forecast", "residual"] {
+        let (a, b) = (f64s(&healer, column), f64s(&reference, column));
+        let mut compared = 0;
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            match (x, y) {
+                (Some(x), Some(y)) => {
+                    // Same windows, different batch positions inside the fixed batch of 64.
+                    assert!(
+                        (x - y).abs() <= 1e-6 * y.abs().max(1.0),
+                        "{column} row {i}: {x} vs {y}"
+                    );
+                    compared += 1;
+                }
+                (None, None) => {}
+                _ => panic!("{column} row {i}: {x:?} vs {y:?}"),
+            }
+        }
+        assert!(compared > 400, "{column}: {compared} rows compared");
+    }
+    // The forecaster follows the cycle far better than the window mean does.
+    let cpu = f64s(&healer, "cpu_percent");
+    let (forecast, mean) = (f64s(&healer, "forecast"), f64s(&healer, "mean"));
+    let (mut err_f, mut err_m) = (0.0, 0.0);
+    for i in 0..cpu.len() {
+        if let (Some(x), Some(f), Some(m)) = (cpu[i], forecast[i], mean[i]) {
+            err_f += (x - f).abs();
+            err_m += (x - m).abs();
+        }
+    }
+    assert!(
+        err_f < 0.5 * err_m,
+        "forecast error {err_f}, window-mean error {err_m}"
+    );
+}
+
+#[test]
+fn fused_rule_flags_the_injected_faults() {
+    let sql =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/fused.sql"))
+            .unwrap()
+            .replace("'models/lstm'", &format!("'{}'", model_dir()));
+    let rules = RuleCompiler::try_new(schema())
+        .unwrap()
+        .compile_str(Path::new("fused.sql"), &sql)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let input = data();
+    let mut instance = rules[0].instantiate().unwrap();
+    let unpivot = healer_operators::unpivot::Unpivot::try_new(&schema()).unwrap();
+    let out = instance.anomalies(unpivot.apply(&input).unwrap()).unwrap();
+    let ts = out.column_by_name("ts").unwrap();
+    let resource = out.column_by_name("resource").unwrap().as_string::<i32>();
+    let confidence = f64s(&out, "confidence");
+    let flagged: Vec<(String, i64)> = (0..out.num_rows())
+        .map(|i| {
+            let t = ts
+                .as_primitive::<arrow::datatypes::TimestampMillisecondType>()
+                .value(i);
+            (
+                resource.value(i).to_string(),
+                (t - 1_700_000_000_000) / 60_000,
+            )
+        })
+        .collect();
+    assert!(
+        confidence.iter().all(|c| c.is_some_and(|c| c >= 0.8)),
+        "{confidence:?}"
+    );
+    // The spike and the level shift, and nothing in the quiet series.
+    assert!(flagged.contains(&("host-1".into(), 350)), "{flagged:?}");
+    assert!(flagged.contains(&("host-2".into(), 380)), "{flagged:?}");
+    assert!(!flagged.iter().any(|(r, _)| r == "host-0"), "{flagged:?}");
+}
+
+#[test]
+fn frames_and_models_are_checked_at_load() {
+    let compiler = RuleCompiler::try_new(schema())
+        .unwrap()
+        .without_output_contract();
+    let err = compiler
+        .compile_str(
+            Path::new("r.sql"),
+            &format!("CREATE VIEW f AS {}", query(59)),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("ROWS BETWEEN 60 PRECEDING AND CURRENT ROW"),
+        "{err}"
+    );
+    let missing = query(60).replace(&model_dir(), "/nonexistent/model");
+    let err = compiler
+        .compile_str(Path::new("r.sql"), &format!("CREATE VIEW f AS {missing}"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("/nonexistent/model"), "{err}");
+    let err = compiler
+        .compile_str(
+            Path::new("r.sql"),
+            "CREATE VIEW f AS SELECT ts, resource, lstm_forecast(cpu_percent, cpu_percent) \
+             OVER (PARTITION BY resource ORDER BY ts ROWS BETWEEN 60 PRECEDING AND CURRENT ROW) \
+             AS f FROM metrics",
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("string literal"), "{err}");
+}
