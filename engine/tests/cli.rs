@@ -450,3 +450,44 @@ fn eval_smd_on_the_shared_machines() {
     }
     assert!(stdout.contains("TCN AE"), "{stdout}");
 }
+
+/// The fused rule (z-score and LSTM p-values) replayed by 1 and by 2 workers in batches of
+/// different sizes: the same anomaly rows, and the injected faults among them.
+#[test]
+fn fused_lstm_rule_replays_identically_on_any_worker_count() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    succeeded(
+        &healer()
+            .args(["demo", "--out", demo.to_str().unwrap()])
+            .args(["--resources", "4", "--hours", "2", "--faults", "3"])
+            .output()
+            .unwrap(),
+    );
+    let mut rows = Vec::new();
+    for (partitions, batch) in [("1", "4096"), ("2", "97")] {
+        let log = dir.path().join(format!("log-{partitions}"));
+        let run = healer()
+            .current_dir(&root)
+            .args(["replay", "--input", demo.join("input/fleet.parquet").to_str().unwrap()])
+            .args(["--rules", "sql/examples/fused.sql", "--out", log.to_str().unwrap()])
+            .args(["--partitions", partitions, "--batch-rows", batch, "--speed", "max"])
+            .output()
+            .unwrap();
+        succeeded(&run);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(stderr.contains("lstm: model `models/lstm` on the"), "{stderr}");
+        let query = healer()
+            .args(["incidents", log.to_str().unwrap(), "--sql"])
+            .arg(
+                "SELECT rule, ts, resource, metric, value, round(confidence, 9) AS c \
+                 FROM anomalies ORDER BY ts, resource, metric",
+            )
+            .output()
+            .unwrap();
+        rows.push(succeeded(&query));
+    }
+    assert_eq!(rows[0], rows[1]);
+    assert!(rows[0].contains("fused"), "{}", rows[0]);
+}
