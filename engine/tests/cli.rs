@@ -470,14 +470,33 @@ fn fused_lstm_rule_replays_identically_on_any_worker_count() {
         let log = dir.path().join(format!("log-{partitions}"));
         let run = healer()
             .current_dir(&root)
-            .args(["replay", "--input", demo.join("input/fleet.parquet").to_str().unwrap()])
-            .args(["--rules", "sql/examples/fused.sql", "--out", log.to_str().unwrap()])
-            .args(["--partitions", partitions, "--batch-rows", batch, "--speed", "max"])
+            .args([
+                "replay",
+                "--input",
+                demo.join("input/fleet.parquet").to_str().unwrap(),
+            ])
+            .args([
+                "--rules",
+                "sql/examples/fused.sql",
+                "--out",
+                log.to_str().unwrap(),
+            ])
+            .args([
+                "--partitions",
+                partitions,
+                "--batch-rows",
+                batch,
+                "--speed",
+                "max",
+            ])
             .output()
             .unwrap();
         succeeded(&run);
         let stderr = String::from_utf8_lossy(&run.stderr);
-        assert!(stderr.contains("lstm: model `models/lstm` on the"), "{stderr}");
+        assert!(
+            stderr.contains("lstm: model `models/lstm` on the"),
+            "{stderr}"
+        );
         let query = healer()
             .args(["incidents", log.to_str().unwrap(), "--sql"])
             .arg(

@@ -53,7 +53,9 @@ fn main() {
     assert_eq!(values.len() % n, 0, "windows of {n} values");
     let windows: Vec<&[f64]> = values.chunks_exact(n).collect();
 
-    let first = forecaster.predict(&windows).unwrap_or_else(|e| panic!("{e}"));
+    let first = forecaster
+        .predict(&windows)
+        .unwrap_or_else(|e| panic!("{e}"));
     let raw: Vec<u8> = first.iter().flat_map(|v| v.to_le_bytes()).collect();
     std::fs::write(&out, raw).expect("write --out");
 
