@@ -83,7 +83,7 @@ pub enum AggKind {
     /// is missing.
     Forecast {
         /// Index of the model among the operator's forecasters
-        /// ([`WindowOperator::with_forecasters`]).
+        /// ([`WindowOperator::try_new_with_forecasters`]).
         model: u16,
         /// What to return for the row.
         output: ForecastOutput,

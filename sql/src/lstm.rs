@@ -174,7 +174,7 @@ pub struct Forecaster {
     calibration: Option<Calibration>,
 }
 
-/// The distribution of `|residual|` (see [`Forecaster::residual`]) on held-out windows of
+/// The distribution of `|residual|` (`lstm_residual`, see [`crate::forecast`]) on held-out windows of
 /// normal data, from the manifest's `calibration`: the tail probability of a residual.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Calibration {
