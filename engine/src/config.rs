@@ -30,6 +30,7 @@
 //!
 //! [rules]
 //! paths = []                 # rule files or directories; empty = the bundled rules
+//! onnxruntime = "/opt/ort/libonnxruntime.so.1.32.0"  # LSTM backend; unset: HEALER_ONNXRUNTIME, else tract
 //!
 //! [event_time]
 //! max_out_of_orderness = "0s" # rows later than this behind the newest are dead-lettered
@@ -200,12 +201,19 @@ impl Default for CheckpointConfig {
 pub struct RulesConfig {
     /// Rule files or directories of `*.sql` files; empty means the bundled rules.
     pub paths: Vec<PathBuf>,
+    /// ONNX Runtime's shared library (`libonnxruntime.so.1.32.0` from the `onnxruntime`
+    /// wheel) for rules that call the LSTM forecaster. Unset: `HEALER_ONNXRUNTIME`, else the
+    /// built-in pure-Rust tract backend.
+    pub onnxruntime: Option<PathBuf>,
 }
 
 impl Default for RulesConfig {
-    /// No paths: the rules bundled with healer.
+    /// No paths: the rules bundled with healer; the ONNX Runtime backend from the environment.
     fn default() -> Self {
-        Self { paths: Vec::new() }
+        Self {
+            paths: Vec::new(),
+            onnxruntime: None,
+        }
     }
 }
 
@@ -492,6 +500,14 @@ impl PipelineConfig {
         }
         if self.checkpoint.retain == 0 {
             problems.push(("checkpoint.retain".into(), "must be at least 1".into()));
+        }
+        if let Some(lib) = &self.rules.onnxruntime
+            && !lib.is_file()
+        {
+            problems.push((
+                "rules.onnxruntime".into(),
+                format!("no such file: {}", lib.display()),
+            ));
         }
         if let Err(e) = parse_speed(&self.source.speed) {
             problems.push(("source.speed".into(), e));

@@ -112,6 +112,17 @@ pub fn compile_rules(
     config: &PipelineConfig,
     schema: SchemaRef,
 ) -> Result<Vec<Arc<CompiledRule>>, JobError> {
+    if let Some(lib) = &config.rules.onnxruntime {
+        // Installed before any rule loads a forecaster: the process has one ONNX Runtime.
+        let runtime = healer_sql::lstm::runtime(healer_sql::lstm::Backend::Native(lib.clone()))
+            .map_err(|e| JobError::Config(format!("rules.onnxruntime: {e}")))?;
+        if runtime.backend.name() != "native" {
+            return Err(JobError::Config(format!(
+                "rules.onnxruntime: the {} backend was already in use in this process",
+                runtime.backend.name()
+            )));
+        }
+    }
     let compiler = RuleCompiler::try_new(schema).map_err(JobError::Config)?;
     if config.rules.paths.is_empty() {
         let mut rules = Vec::new();

@@ -452,9 +452,15 @@ fn eval_smd_on_the_shared_machines() {
 }
 
 /// The fused rule (z-score and LSTM p-values) replayed by 1 and by 2 workers in batches of
-/// different sizes: the same anomaly rows, and the injected faults among them.
+/// different sizes: the same anomaly rows. ONNX Runtime's library comes from
+/// `HEALER_ONNXRUNTIME` in the first run and from `rules.onnxruntime` in the config of the
+/// second; a config naming a missing library is rejected.
 #[test]
 fn fused_lstm_rule_replays_identically_on_any_worker_count() {
+    let lib = std::env::var("HEALER_ONNXRUNTIME").expect(
+        "HEALER_ONNXRUNTIME names libonnxruntime.so from the onnxruntime wheel: run the suite \
+         with .ci/test, which installs it",
+    );
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let dir = tempfile::tempdir().unwrap();
     let demo = dir.path().join("demo");
@@ -465,22 +471,17 @@ fn fused_lstm_rule_replays_identically_on_any_worker_count() {
             .output()
             .unwrap(),
     );
+    let config = dir.path().join("pipeline.toml");
+    std::fs::write(&config, format!("[rules]\nonnxruntime = {lib:?}\n")).unwrap();
     let mut rows = Vec::new();
     for (partitions, batch) in [("1", "4096"), ("2", "97")] {
         let log = dir.path().join(format!("log-{partitions}"));
-        let run = healer()
-            .current_dir(&root)
-            .args([
-                "replay",
-                "--input",
-                demo.join("input/fleet.parquet").to_str().unwrap(),
-            ])
-            .args([
-                "--rules",
-                "sql/examples/fused.sql",
-                "--out",
-                log.to_str().unwrap(),
-            ])
+        let mut cmd = healer();
+        cmd.current_dir(&root)
+            .args(["replay", "--input"])
+            .arg(demo.join("input/fleet.parquet"))
+            .args(["--rules", "sql/examples/fused.sql", "--out"])
+            .arg(&log)
             .args([
                 "--partitions",
                 partitions,
@@ -488,13 +489,17 @@ fn fused_lstm_rule_replays_identically_on_any_worker_count() {
                 batch,
                 "--speed",
                 "max",
-            ])
-            .output()
-            .unwrap();
+            ]);
+        if partitions == "2" {
+            cmd.env_remove("HEALER_ONNXRUNTIME")
+                .arg("--config")
+                .arg(&config);
+        }
+        let run = cmd.output().unwrap();
         succeeded(&run);
         let stderr = String::from_utf8_lossy(&run.stderr);
         assert!(
-            stderr.contains("lstm: model `models/lstm` on the"),
+            stderr.contains("lstm: model `models/lstm` on the native ONNX Runtime backend"),
             "{stderr}"
         );
         let query = healer()
@@ -509,4 +514,17 @@ fn fused_lstm_rule_replays_identically_on_any_worker_count() {
     }
     assert_eq!(rows[0], rows[1]);
     assert!(rows[0].contains("fused"), "{}", rows[0]);
+
+    std::fs::write(
+        &config,
+        "[rules]\nonnxruntime = \"/nonexistent/libonnxruntime.so\"\n",
+    )
+    .unwrap();
+    let bad = healer().arg("validate").arg(&config).output().unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("rules.onnxruntime") && err.contains("/nonexistent/libonnxruntime.so"),
+        "{err}"
+    );
 }
