@@ -8,8 +8,8 @@
 --   * LSTM residual, the current value against the forecast from the 60 samples before it,
 --     in units of that window's scale: its measured tail on held-out data (the model's
 --     manifest, `calibration`).
--- `fuse_confidence` combines them (Šidák on the smallest) into decades of surprise:
--- confidence = min(1, -log10(p) / 5). The seed's line 0.8 is p <= 1e-4, about one false
+-- `fuse_confidence` combines them (Šidák on the smallest) into decades of surprise
+-- d = -log10(p), confidence = d / (d + 1). The seed's line 0.8 is p <= 1e-4, about one false
 -- candidate a week per normal series sampled once a minute.
 --
 -- The model path is relative to the working directory (run from the repository root).
@@ -38,8 +38,8 @@ scored AS (
 SELECT
     ts, resource, metric, value,
     confidence AS score,
-    CASE WHEN confidence >= 1.0 THEN 'CRITICAL'
-         WHEN confidence >= 0.9 THEN 'HIGH'
+    CASE WHEN confidence >= 0.95 THEN 'CRITICAL'   -- p <= 1e-19
+         WHEN confidence >= 0.9 THEN 'HIGH'        -- p <= 1e-9
          ELSE 'MEDIUM' END AS severity,
     confidence,
     mean - 3 * std AS expected_low,

@@ -33,9 +33,12 @@
 //! `calibration`). `fuse_confidence` combines the p-values present (NULLs are skipped) with
 //! Šidák's correction for the smallest, `p = 1 − (1 − min pᵢ)^k`, exact for independent
 //! detectors and conservative when they agree because they see the same event, and reports
-//! the surprise in decades: `confidence = min(1, −log₁₀(p) / 5)`. Confidence ≥ 0.8 then means
-//! `p ≤ 10⁻⁴`: at one sample a minute a normal series crosses the seed's 0.8 line about once
-//! a week, and 1.0 means one in 100,000. With no p-value present the confidence is 0.
+//! the surprise in decades, `d = −log₁₀(p)`, as `confidence = d / (d + 1)`. Confidence ≥ 0.8
+//! then means `p ≤ 10⁻⁴`: at one sample a minute a normal series crosses the seed's 0.8 line
+//! about once a week; 0.5 is `p = 0.1`, 0.9 is `10⁻⁹`. The mapping never saturates, so the
+//! confidence still ranks the rarest events (a cap at some p would tie them all at 1, and a
+//! threshold could no longer tell a gross outlier from a merely unusual value). With no
+//! p-value present the confidence is 0.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -313,7 +316,8 @@ pub fn fuse_confidence(pvalues: impl IntoIterator<Item = f64>) -> f64 {
     }
     // 1 − (1 − min)^k without cancellation for tiny `min`.
     let p = -(f64::from(k) * (-min).ln_1p()).exp_m1();
-    (-p.max(1e-300).log10() / 5.0).clamp(0.0, 1.0)
+    let decades = (-p.max(1e-300).log10()).max(0.0);
+    decades / (decades + 1.0)
 }
 
 fn values(args: &[ColumnarValue], rows: usize) -> Result<Vec<Float64Array>> {
@@ -583,11 +587,15 @@ mod tests {
         assert!((fuse_confidence([1e-4]) - 0.8).abs() < 1e-12);
         // The same smallest p among three detectors is three times as likely by chance.
         let three = fuse_confidence([1e-4, 0.5, 0.9]);
-        assert!((three - (-(3e-4f64 - 3e-8 + 1e-12).log10() / 5.0)).abs() < 1e-9);
+        let d = -(3e-4f64 - 3e-8 + 1e-12).log10();
+        assert!((three - d / (d + 1.0)).abs() < 1e-9);
         // Missing detectors do not count.
         assert_eq!(fuse_confidence([1e-4, f64::NAN]), fuse_confidence([1e-4]));
-        assert_eq!(fuse_confidence([1e-9]), 1.0);
-        assert_eq!(fuse_confidence([0.0]), 1.0);
+        assert!((fuse_confidence([0.1]) - 0.5).abs() < 1e-12);
+        assert!((fuse_confidence([1e-9]) - 0.9).abs() < 1e-12);
+        // Rarer stays higher: no saturation.
+        assert!(fuse_confidence([1e-20]) > fuse_confidence([1e-10]));
+        assert!(fuse_confidence([0.0]) > 0.99 && fuse_confidence([0.0]) < 1.0);
     }
 
     #[test]
