@@ -116,10 +116,10 @@ pub fn compile_rules(
         // Installed before any rule loads a forecaster: the process has one ONNX Runtime.
         let runtime = healer_sql::lstm::runtime(healer_sql::lstm::Backend::Native(lib.clone()))
             .map_err(|e| JobError::Config(format!("rules.onnxruntime: {e}")))?;
-        if runtime.backend.name() != "native" {
+        if runtime.backend != healer_sql::lstm::Backend::Native(lib.clone()) {
             return Err(JobError::Config(format!(
-                "rules.onnxruntime: the {} backend was already in use in this process",
-                runtime.backend.name()
+                "rules.onnxruntime: this process already runs ONNX Runtime on {:?}",
+                runtime.backend
             )));
         }
     }

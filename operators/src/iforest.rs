@@ -104,7 +104,8 @@ impl Tree {
     /// The invariants the scorer relies on: children index the tree, features are below
     /// `features`, one leaf value per node.
     fn check(&self, features: usize) -> bool {
-        self.leaf_value.len() == self.nodes.len()
+        !self.nodes.is_empty()
+            && self.leaf_value.len() == self.nodes.len()
             && self.nodes.iter().all(|n| {
                 (n.feature as usize) < features
                     && n.children.iter().all(|&c| (c as usize) < self.nodes.len())
@@ -493,6 +494,32 @@ impl IsolationForest {
                 });
                 tree.leaf_value.push(0.0);
             }
+            // One tree in pre-order: walking from the root reaches every node exactly once,
+            // in index order (so a right child starts right after its parent's left subtree,
+            // no node has two parents and none is unreachable).
+            let mut stack = vec![0u32];
+            let mut next = 0usize;
+            while let Some(i) = stack.pop() {
+                if i as usize != next {
+                    return bad(format!(
+                        "tree {t}: node {i} is reached where node {next} should be: the nodes \
+                         are not one tree in pre-order"
+                    ));
+                }
+                next += 1;
+                let node = &nodes[next - 1];
+                if node.feature != LEAF {
+                    stack.push(node.right);
+                    stack.push(node.left);
+                }
+            }
+            if next != nodes.len() {
+                return bad(format!(
+                    "tree {t}: {} of {} nodes are not reachable from the root",
+                    nodes.len() - next,
+                    nodes.len()
+                ));
+            }
             trees.push(tree);
         }
         Ok(Self {
@@ -666,6 +693,15 @@ mod tests {
             .unwrap();
         parts.trees[0][inner].left = 0;
         assert!(IsolationForest::from_parts(parts).is_err());
+        // In range but not a tree: the root's right child moved into its left subtree (the
+        // nodes between become unreachable, one node gets two parents).
+        let mut parts = forest.to_parts();
+        let root = parts.trees[0][0];
+        assert_ne!(root.feature, LEAF);
+        assert!(root.right > 2, "the left subtree has more than one node");
+        parts.trees[0][0].right = root.right - 1;
+        let err = IsolationForest::from_parts(parts).unwrap_err().to_string();
+        assert!(err.contains("not one tree in pre-order"), "{err}");
     }
 
     #[test]

@@ -165,7 +165,8 @@ impl IforestModel {
     /// The probability that a normal row scores at least `score`: `1 − confidence` up to the
     /// 99.9th percentile of the training scores; above it, log-linear from 10⁻³ there to
     /// `1 / (rows + 1)` at the highest training score, and on with that slope beyond it (an
-    /// exponential tail), floored at 10⁻¹². NaN for NaN.
+    /// exponential tail), floored at 10⁻¹²; with fewer than 999 training rows it stays at 10⁻³
+    /// above the 99.9th percentile. NaN for NaN.
     pub fn pvalue(&self, score: f64) -> f64 {
         if score.is_nan() {
             return f64::NAN;
@@ -175,13 +176,15 @@ impl IforestModel {
         if score <= p999 {
             return 1.0 - self.confidence(score);
         }
+        // With fewer than ~1000 training rows there is nothing to measure beyond the 99.9th
+        // percentile: the tail stops at 10⁻³ rather than being extrapolated from nothing.
         let floor = 1.0 / (self.training.rows as f64 + 1.0);
-        if top <= p999 {
-            return floor;
+        if top <= p999 || floor >= 1e-3 {
+            return floor.min(1e-3);
         }
         let (lo, hi) = (1e-3f64.log10(), floor.log10());
         let log = lo + (score - p999) / (top - p999) * (hi - lo);
-        10f64.powf(log).max(1e-12)
+        10f64.powf(log).clamp(1e-12, 1e-3)
     }
 
     /// The severity of `score` (see the [module docs](self)).
@@ -449,6 +452,43 @@ mod tests {
             let c = m.confidence(i as f64 / 100.0);
             assert!(c >= last && (0.0..=1.0).contains(&c));
             last = c;
+        }
+    }
+
+    #[test]
+    fn pvalue_is_the_training_tail_and_never_rises() {
+        let (m, cols) = model();
+        let t = m.threshold();
+        // At the threshold 1 % of training rows score at least as high.
+        assert!((m.pvalue(t) - 0.01).abs() < 0.002, "{}", m.pvalue(t));
+        assert_eq!(m.pvalue(0.0), 1.0);
+        assert!(m.pvalue(f64::NAN).is_nan());
+        let mut last = 1.0;
+        for i in 0..=1000 {
+            let p = m.pvalue(i as f64 / 1000.0);
+            assert!(
+                p <= last && p >= 1e-12,
+                "score {}: {p} after {last}",
+                i as f64 / 1000.0
+            );
+            last = p;
+        }
+        // Past the top training score the tail is below 1 / (rows + 1).
+        assert!(m.pvalue(1.0) < 1.0 / 2995.0, "{}", m.pvalue(1.0));
+
+        // With fewer than 999 rows the tail stops at 1e-3 instead of rising.
+        let small: Vec<&[f64]> = cols.iter().map(|c| &c[..200]).collect();
+        let names = vec!["cpu".to_string(), "load".into(), "conns".into()];
+        let s = IforestModel::train(names, &small, &ForestConfig::default(), vec![]).unwrap();
+        let mut last = 1.0;
+        for i in 0..=1000 {
+            let p = s.pvalue(i as f64 / 1000.0);
+            assert!(
+                p <= last && p >= 1e-3,
+                "small model, score {}: {p}",
+                i as f64 / 1000.0
+            );
+            last = p;
         }
     }
 

@@ -241,6 +241,9 @@ struct Gathered {
     rows: Vec<usize>,
     /// The forecasts, parallel to `rows`.
     forecasts: Vec<Forecast>,
+    /// The model whose forecasts `forecasts` holds for the current argument, if any: a
+    /// model's `lstm_forecast` and `lstm_residual` share one inference.
+    forecast_of: Option<u16>,
 }
 
 impl WindowOperator {
@@ -381,6 +384,7 @@ impl WindowOperator {
             let forecast = self.forecast_args[arg];
             self.gathered.values.clear();
             self.gathered.rows.clear();
+            self.gathered.forecast_of = None;
             let input = &args[arg];
             let raw = input.values();
             let nulls = input.nulls();
@@ -424,7 +428,8 @@ impl WindowOperator {
                         self.gathered.values.push(self.slab[slot * self.stride + s]);
                         slot = if slot + 1 == cap { 0 } else { slot + 1 };
                     }
-                    if self.gathered.values[start..].iter().any(|v| v.is_nan()) {
+                    // A missing (or infinite) value anywhere in the window: no forecast.
+                    if self.gathered.values[start..].iter().any(|v| !v.is_finite()) {
                         self.gathered.values.truncate(start);
                     } else {
                         self.gathered.rows.push(i);
@@ -448,13 +453,15 @@ impl WindowOperator {
                 }
                 out_of[o] = Some(match agg.kind {
                     AggKind::Forecast { model, output } => {
-                        let model = &self.forecasters[usize::from(model)];
                         let g = &mut self.gathered;
-                        g.forecasts.clear();
-                        g.forecasts.resize(g.rows.len(), Forecast::default());
-                        model
-                            .forecast(&g.values, &mut g.forecasts)
-                            .map_err(OperatorError::Model)?;
+                        if g.forecast_of != Some(model) {
+                            g.forecasts.clear();
+                            g.forecasts.resize(g.rows.len(), Forecast::default());
+                            self.forecasters[usize::from(model)]
+                                .forecast(&g.values, &mut g.forecasts)
+                                .map_err(OperatorError::Model)?;
+                            g.forecast_of = Some(model);
+                        }
                         forecast_column(g, input, rows, output)
                     }
                     kind => finish(snap, rows, self.frame, kind),
@@ -620,10 +627,11 @@ fn forecast_column(
             ForecastOutput::Value => f.value,
             ForecastOutput::Residual => (input.value(row) - f.value) / f.scale,
         };
-        let present = match output {
-            ForecastOutput::Value => true,
-            ForecastOutput::Residual => input.is_valid(row) && !v.is_nan(),
-        };
+        let present = !v.is_nan()
+            && match output {
+                ForecastOutput::Value => true,
+                ForecastOutput::Residual => input.is_valid(row),
+            };
         values[row] = v;
         valid[row] = present;
     }
@@ -1115,7 +1123,13 @@ mod state_tests {
     /// A forecaster for the tests: the window's last value plus its mean step, with the
     /// window's range (at least 1) as its scale.
     #[derive(Debug)]
-    struct Trend(usize);
+    struct Trend(usize, std::sync::atomic::AtomicUsize);
+
+    impl Trend {
+        fn new(window: usize) -> Self {
+            Trend(window, std::sync::atomic::AtomicUsize::new(0))
+        }
+    }
 
     impl SeriesForecaster for Trend {
         fn window(&self) -> usize {
@@ -1126,6 +1140,7 @@ mod state_tests {
             windows: &[f64],
             out: &mut [Forecast],
         ) -> std::result::Result<(), String> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             assert_eq!(windows.len(), out.len() * self.0);
             for (w, f) in windows.chunks_exact(self.0).zip(out) {
                 let step = (w[self.0 - 1] - w[0]) / (self.0 - 1) as f64;
@@ -1142,7 +1157,13 @@ mod state_tests {
     }
 
     fn forecast_op(window: usize) -> WindowOperator {
-        let forecasters: Vec<Arc<dyn SeriesForecaster>> = vec![Arc::new(Trend(window))];
+        forecast_op_with(Arc::new(Trend::new(window)))
+    }
+
+    /// Forecast value, residual (one model) and AVG over the model's frame.
+    fn forecast_op_with(trend: Arc<Trend>) -> WindowOperator {
+        let window = trend.0;
+        let forecasters: Vec<Arc<dyn SeriesForecaster>> = vec![trend];
         let aggs = vec![
             Aggregate {
                 kind: AggKind::Forecast {
@@ -1181,7 +1202,8 @@ mod state_tests {
 
     #[test]
     fn forecasts_from_the_rows_before_the_current_one() {
-        let mut op = forecast_op(3);
+        let trend = Arc::new(Trend::new(3));
+        let mut op = forecast_op_with(Arc::clone(&trend));
         // Two interleaved series; series 1 has a missing value.
         let groups = [0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0];
         let xs = Float64Array::from(vec![
@@ -1198,6 +1220,8 @@ mod state_tests {
             Some(6.0),
         ]);
         let out = op.process(&groups, &[xs]).unwrap();
+        // Value and residual of one model share one inference per call.
+        assert_eq!(trend.1.load(std::sync::atomic::Ordering::Relaxed), 1);
         let value = column(&out[0]);
         let residual = column(&out[1]);
         // Series 0: 1, 2, 3, 10, 5, 6. Row 6 (x = 10) is forecast from [1, 2, 3]: 4.
@@ -1264,7 +1288,7 @@ mod state_tests {
 
     #[test]
     fn forecast_needs_its_models_frame() {
-        let forecasters: Vec<Arc<dyn SeriesForecaster>> = vec![Arc::new(Trend(3))];
+        let forecasters: Vec<Arc<dyn SeriesForecaster>> = vec![Arc::new(Trend::new(3))];
         let agg = Aggregate {
             kind: AggKind::Forecast {
                 model: 0,

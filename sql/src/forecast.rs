@@ -9,7 +9,7 @@
 //! | `lstm_confidence(deviation)` | `min(deviation / 0.2, 1)` |
 //! | `lstm_severity(deviation)` | `HIGH` above 0.15, `MEDIUM` above 0.05 (the seed's anomaly line), else `LOW` |
 //! | `zscore_pvalue(z)` | two-sided Gaussian tail `P(\|Z\| ≥ \|z\|)` |
-//! | `iforest_pvalue('model.json', score)` | share of the model's training rows that score at least `score` |
+//! | `iforest_pvalue('model.json', score)` | share of the model's training rows that score at least `score`; an exponential tail beyond their 99.9th percentile |
 //! | `lstm_pvalue('models/lstm', residual)` | `P(\|R\| ≥ \|residual\|)` on the model's held-out windows |
 //! | `fuse_confidence(p1, p2, …)` | one anomaly confidence in [0, 1] from detector p-values |
 //!

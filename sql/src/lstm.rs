@@ -253,9 +253,19 @@ impl Forecaster {
                 "input shape {shape:?}, expected [batch, window, 1]"
             )));
         };
+        if batch == 0 || window == 0 {
+            return Err(model(format!(
+                "input shape {shape:?}: batch and window must be positive"
+            )));
+        }
         let eps_rel = manifest["normalisation"]["eps_rel"]
             .as_f64()
             .ok_or_else(|| model("no normalisation.eps_rel".into()))?;
+        if !(eps_rel.is_finite() && eps_rel > 0.0) {
+            return Err(model(format!(
+                "normalisation.eps_rel is {eps_rel}: the scale floor must be positive"
+            )));
+        }
         let name = |key: &str| {
             manifest[key]["name"]
                 .as_str()
@@ -310,9 +320,11 @@ impl Forecaster {
             }
         }
         let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.sessions.len();
-        self.sessions[i]
+        // A panic while a session was held poisons its lock but leaves the session usable:
+        // inference has no state between runs.
+        Ok(self.sessions[i]
             .lock()
-            .map_err(|_| LstmError::Inference("a previous inference panicked".into()))
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     /// Values per window.
@@ -389,7 +401,7 @@ impl healer_operators::window::SeriesForecaster for Forecaster {
         out: &mut [healer_operators::window::Forecast],
     ) -> Result<(), String> {
         let refs: Vec<&[f64]> = windows.chunks_exact(self.window).collect();
-        if refs.len() != out.len() {
+        if windows.len() != out.len() * self.window {
             return Err(format!(
                 "{} values for {} windows of {}",
                 windows.len(),
