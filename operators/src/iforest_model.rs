@@ -463,16 +463,17 @@ mod tests {
         assert!((m.pvalue(t) - 0.01).abs() < 0.002, "{}", m.pvalue(t));
         assert_eq!(m.pvalue(0.0), 1.0);
         assert!(m.pvalue(f64::NAN).is_nan());
-        let mut last = 1.0;
-        for i in 0..=1000 {
-            let p = m.pvalue(i as f64 / 1000.0);
-            assert!(
-                p <= last && p >= 1e-12,
-                "score {}: {p} after {last}",
-                i as f64 / 1000.0
-            );
-            last = p;
-        }
+        // Non-increasing in the score over [0, 1], never below `floor`.
+        let falls = |m: &IforestModel, floor: f64| {
+            let mut last = 1.0;
+            for i in 0..=1000 {
+                let score = i as f64 / 1000.0;
+                let p = m.pvalue(score);
+                assert!(p <= last && p >= floor, "score {score}: {p} after {last}");
+                last = p;
+            }
+        };
+        falls(&m, 1e-12);
         // Past the top training score the tail is below 1 / (rows + 1).
         assert!(m.pvalue(1.0) < 1.0 / 2995.0, "{}", m.pvalue(1.0));
 
@@ -480,16 +481,7 @@ mod tests {
         let small: Vec<&[f64]> = cols.iter().map(|c| &c[..200]).collect();
         let names = vec!["cpu".to_string(), "load".into(), "conns".into()];
         let s = IforestModel::train(names, &small, &ForestConfig::default(), vec![]).unwrap();
-        let mut last = 1.0;
-        for i in 0..=1000 {
-            let p = s.pvalue(i as f64 / 1000.0);
-            assert!(
-                p <= last && p >= 1e-3,
-                "small model, score {}: {p}",
-                i as f64 / 1000.0
-            );
-            last = p;
-        }
+        falls(&s, 1e-3);
     }
 
     #[test]

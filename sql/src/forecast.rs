@@ -142,6 +142,17 @@ pub(crate) fn literal_path(value: &ScalarValue) -> Option<&str> {
     }
 }
 
+/// The argument types of a function called as `f('model', value)`.
+fn model_and_value(name: &str, arg_types: &[DataType], usage: &str) -> Result<Vec<DataType>> {
+    if arg_types.len() != 2 {
+        return plan_err!(
+            "{name}: {} arguments given; usage: {usage}",
+            arg_types.len()
+        );
+    }
+    Ok(vec![DataType::Utf8, DataType::Float64])
+}
+
 impl WindowUDFImpl for LstmWindowUdf {
     fn name(&self) -> &str {
         match self.output {
@@ -155,15 +166,7 @@ impl WindowUDFImpl for LstmWindowUdf {
     }
 
     fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
-        if arg_types.len() != 2 {
-            return plan_err!(
-                "{}: {} arguments given; usage: {}",
-                self.name(),
-                arg_types.len(),
-                self.usage()
-            );
-        }
-        Ok(vec![DataType::Utf8, DataType::Float64])
+        model_and_value(self.name(), arg_types, &self.usage())
     }
 
     fn field(&self, field_args: WindowUDFFieldArgs) -> Result<FieldRef> {
@@ -320,6 +323,16 @@ pub fn fuse_confidence(pvalues: impl IntoIterator<Item = f64>) -> f64 {
     decades / (decades + 1.0)
 }
 
+/// Rows of a call: the length of its array arguments, 1 when all are scalars.
+fn batch_rows(args: &[ColumnarValue]) -> usize {
+    args.iter()
+        .find_map(|a| match a {
+            ColumnarValue::Array(a) => Some(a.len()),
+            ColumnarValue::Scalar(_) => None,
+        })
+        .unwrap_or(1)
+}
+
 fn values(args: &[ColumnarValue], rows: usize) -> Result<Vec<Float64Array>> {
     args.iter()
         .map(|a| {
@@ -346,13 +359,7 @@ fn rowwise_udf(name: &str, arity: usize, f: fn(&[f64]) -> f64) -> ScalarUDF {
         DataType::Float64,
         Volatility::Immutable,
         Arc::new(move |args: &[ColumnarValue]| {
-            let rows = args
-                .iter()
-                .find_map(|a| match a {
-                    ColumnarValue::Array(a) => Some(a.len()),
-                    ColumnarValue::Scalar(_) => None,
-                })
-                .unwrap_or(1);
+            let rows = batch_rows(args);
             let cols = values(args, rows)?;
             let mut row = vec![0.0; cols.len()];
             let out: Float64Array = (0..rows)
@@ -381,13 +388,7 @@ fn fuse_udfs() -> Vec<ScalarUDF> {
 }
 
 fn fuse_columns(args: &[ColumnarValue]) -> Result<ColumnarValue> {
-    let rows = args
-        .iter()
-        .find_map(|a| match a {
-            ColumnarValue::Array(a) => Some(a.len()),
-            ColumnarValue::Scalar(_) => None,
-        })
-        .unwrap_or(1);
+    let rows = batch_rows(args);
     let cols = values(args, rows)?;
     let out: Float64Array = (0..rows)
         .map(|i| Some(fuse_confidence(cols.iter().map(|c| get(c, i)))))
@@ -488,13 +489,11 @@ impl datafusion::logical_expr::ScalarUDFImpl for LstmPvalueUdf {
     }
 
     fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
-        if arg_types.len() != 2 {
-            return plan_err!(
-                "lstm_pvalue: {} arguments given; usage: lstm_pvalue('models/lstm', residual)",
-                arg_types.len()
-            );
-        }
-        Ok(vec![DataType::Utf8, DataType::Float64])
+        model_and_value(
+            self.name(),
+            arg_types,
+            "lstm_pvalue('models/lstm', residual)",
+        )
     }
 
     fn return_type(&self, _: &[DataType]) -> Result<DataType> {
@@ -543,10 +542,7 @@ pub fn register(ctx: &datafusion::prelude::SessionContext, registry: &Arc<Foreca
         DataType::Utf8,
         Volatility::Immutable,
         Arc::new(|args: &[ColumnarValue]| {
-            let rows = match &args[0] {
-                ColumnarValue::Array(a) => a.len(),
-                ColumnarValue::Scalar(_) => 1,
-            };
+            let rows = batch_rows(args);
             let d = &values(args, rows)?[0];
             let out: StringArray = (0..rows)
                 .map(|i| Some(deviation_severity(get(d, i)).as_str()))
