@@ -23,7 +23,9 @@
 //!
 //! The model path is a directory holding `manifest.json` and the ONNX file it names, relative
 //! to the working directory, as a string literal. It is loaded when the rule is compiled, on
-//! the process's ONNX Runtime backend ([`crate::lstm::Backend::detect`]).
+//! the process's ONNX Runtime backend ([`crate::lstm::Backend::detect`]), and reloaded when
+//! `manifest.json` or `forecaster.onnx` changes (at most once a second; see [`LstmModel`]):
+//! write the new files next to the old ones and rename them over.
 //!
 //! # Fusion
 //! Each detector's statistic becomes a p-value: the probability that normal data scores at
@@ -43,8 +45,9 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::ops::Range;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use arrow::array::{Array, ArrayRef, AsArray, Float64Array, StringArray};
 use arrow::datatypes::{DataType, Field, FieldRef, Float64Type};
@@ -60,10 +63,13 @@ use healer_operators::window::{ForecastOutput, SeriesForecaster};
 
 use crate::lstm::{Backend, Forecaster, runtime};
 
+/// How often a model directory is checked for changes.
+const RECHECK: Duration = Duration::from_secs(1);
+
 /// Loaded forecasters by directory.
 #[derive(Debug, Default)]
 pub struct ForecasterRegistry {
-    models: Mutex<HashMap<PathBuf, Arc<Forecaster>>>,
+    models: Mutex<HashMap<PathBuf, Arc<LstmModel>>>,
 }
 
 impl ForecasterRegistry {
@@ -73,20 +79,108 @@ impl ForecasterRegistry {
     }
 
     /// The forecaster in `dir`, loaded on first use on the process's backend.
-    pub fn get(&self, dir: &str) -> std::result::Result<Arc<Forecaster>, String> {
+    pub fn get(&self, dir: &str) -> std::result::Result<Arc<LstmModel>, String> {
         let key = PathBuf::from(dir);
         let mut models = self.models.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(m) = models.get(&key) {
             return Ok(Arc::clone(m));
         }
-        let runtime = runtime(Backend::detect()).map_err(|e| e.to_string())?;
-        let model = Arc::new(Forecaster::load(&key, runtime).map_err(|e| e.to_string())?);
+        let model = Arc::new(LstmModel::load(key.clone())?);
         eprintln!(
             "lstm: model `{dir}` on the {} ONNX Runtime backend",
-            runtime.backend.name()
+            model.current().backend()
         );
         models.insert(key, Arc::clone(&model));
         Ok(model)
+    }
+}
+
+/// A forecaster directory, reloaded when its files change (checked at most once a second,
+/// when the model is next used), so a retrained model takes effect without a restart. A
+/// replacement with another window length, or one that fails to load, is refused with a
+/// warning and the previous model stays.
+#[derive(Debug)]
+pub struct LstmModel {
+    dir: PathBuf,
+    window: usize,
+    current: RwLock<Arc<Forecaster>>,
+    /// When the files were last checked, and their (modified, length) then.
+    checked: Mutex<(Instant, Stamp)>,
+}
+
+type Stamp = Vec<Option<(SystemTime, u64)>>;
+
+fn stamp(dir: &Path) -> Stamp {
+    ["manifest.json", "forecaster.onnx"]
+        .iter()
+        .map(|f| {
+            let meta = std::fs::metadata(dir.join(f)).ok()?;
+            Some((meta.modified().ok()?, meta.len()))
+        })
+        .collect()
+}
+
+impl LstmModel {
+    fn load(dir: PathBuf) -> std::result::Result<Self, String> {
+        let before = stamp(&dir);
+        let runtime = runtime(Backend::detect()).map_err(|e| e.to_string())?;
+        let model = Forecaster::load(&dir, runtime).map_err(|e| e.to_string())?;
+        Ok(Self {
+            window: model.window(),
+            dir,
+            current: RwLock::new(Arc::new(model)),
+            checked: Mutex::new((Instant::now(), before)),
+        })
+    }
+
+    /// The model in use, after reloading it if its files changed.
+    pub fn current(&self) -> Arc<Forecaster> {
+        self.reload_if_changed();
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn reload_if_changed(&self) {
+        let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        if checked.0.elapsed() < RECHECK {
+            return;
+        }
+        checked.0 = Instant::now();
+        let now = stamp(&self.dir);
+        if now == checked.1 {
+            return;
+        }
+        checked.1 = now;
+        let dir = self.dir.display();
+        let loaded = runtime(Backend::detect())
+            .map_err(|e| e.to_string())
+            .and_then(|rt| Forecaster::load(&self.dir, rt).map_err(|e| e.to_string()));
+        match loaded {
+            Ok(m) if m.window() == self.window => {
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(m);
+                eprintln!("lstm: model `{dir}` reloaded");
+            }
+            Ok(m) => eprintln!(
+                "warning: model `{dir}` changed its window to {} values; rules were checked \
+                 against {}, so they keep the previous model",
+                m.window(),
+                self.window
+            ),
+            Err(e) => eprintln!("warning: model `{dir}`: {e}; keeping the previous model"),
+        }
+    }
+}
+
+impl SeriesForecaster for LstmModel {
+    fn window(&self) -> usize {
+        self.window
+    }
+
+    fn forecast(
+        &self,
+        windows: &[f64],
+        out: &mut [healer_operators::window::Forecast],
+    ) -> std::result::Result<(), String> {
+        self.current().forecast(windows, out)
     }
 }
 
@@ -119,7 +213,7 @@ impl LstmWindowUdf {
     }
 
     /// The forecaster a call names with its first argument.
-    pub fn model(&self, path: &str) -> std::result::Result<Arc<Forecaster>, String> {
+    pub fn model(&self, path: &str) -> std::result::Result<Arc<LstmModel>, String> {
         self.registry.get(path)
     }
 
@@ -206,7 +300,7 @@ impl WindowUDFImpl for LstmWindowUdf {
 /// DataFusion (rather than healer's pipeline) computes, and a reference for healer's operator.
 #[derive(Debug)]
 struct FrameEvaluator {
-    model: Arc<Forecaster>,
+    model: Arc<LstmModel>,
     output: ForecastOutput,
 }
 
@@ -460,6 +554,7 @@ impl Hash for LstmPvalueUdf {
 
 impl LstmPvalueUdf {
     fn model(&self, value: Option<&ScalarValue>) -> Result<Arc<Forecaster>> {
+        // The model in use now (a reload may bring a new calibration).
         let Some(path) = value.and_then(literal_path) else {
             return plan_err!(
                 "lstm_pvalue: the first argument must be the model's directory, as a string \
@@ -467,7 +562,7 @@ impl LstmPvalueUdf {
             );
         };
         let model = match self.registry.get(path) {
-            Ok(m) => m,
+            Ok(m) => m.current(),
             Err(e) => return plan_err!("lstm_pvalue: {e}"),
         };
         if model.calibration().is_none() {

@@ -172,6 +172,7 @@ pub struct Forecaster {
     input: String,
     output: String,
     calibration: Option<Calibration>,
+    backend: &'static str,
 }
 
 /// The distribution of `|residual|` (`lstm_residual`, see [`crate::forecast`]) on held-out windows of
@@ -304,7 +305,13 @@ impl Forecaster {
             input,
             output,
             calibration,
+            backend: runtime.backend.name(),
         })
+    }
+
+    /// The backend's short name (`native` or `tract`).
+    pub fn backend(&self) -> &'static str {
+        self.backend
     }
 
     /// The residual calibration of the manifest, if it has one.

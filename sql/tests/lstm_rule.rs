@@ -278,3 +278,43 @@ fn frames_and_models_are_checked_at_load() {
         .to_string();
     assert!(err.contains("string literal"), "{err}");
 }
+
+#[test]
+fn a_changed_model_is_reloaded() {
+    // A copy of the model in a scratch directory; the rule reads it there.
+    let dir = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/lstm");
+    for f in ["manifest.json", "forecaster.onnx"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let m = dir.path().display().to_string();
+    let sql = query(60).replace(&model_dir(), &m);
+    let rule = compile(&format!("CREATE VIEW f AS {sql}"));
+    let input = data();
+    let mut instance = rule.instantiate().unwrap();
+    let before = f64s(&instance.process(input.clone()).unwrap(), "forecast");
+
+    // "Retrain": the same network with another scale floor, written and renamed over.
+    let manifest = std::fs::read_to_string(dir.path().join("manifest.json")).unwrap();
+    let changed = manifest.replace("\"eps_rel\": 0.001", "\"eps_rel\": 0.5");
+    assert_ne!(changed, manifest);
+    std::fs::write(dir.path().join("manifest.new"), changed).unwrap();
+    std::fs::rename(
+        dir.path().join("manifest.new"),
+        dir.path().join("manifest.json"),
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+
+    // A fresh instance of the same compiled rule now forecasts with the new floor, exactly as
+    // a rule compiled against the new files does.
+    let mut again = rule.instantiate().unwrap();
+    let after = f64s(&again.process(input.clone()).unwrap(), "forecast");
+    let fresh = compile(&format!("CREATE VIEW f AS {sql}"));
+    let expected = f64s(
+        &fresh.instantiate().unwrap().process(input).unwrap(),
+        "forecast",
+    );
+    assert_ne!(after, before, "the reloaded model forecasts differently");
+    assert_eq!(after, expected);
+}
