@@ -176,7 +176,7 @@ pub struct Aggregate {
 }
 
 /// Running statistics of one series (one partition key × one argument).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Series {
     /// Rows currently in the frame, present or not.
     rows: usize,
@@ -478,14 +478,8 @@ impl WindowOperator {
 /// The saved state of one series: everything needed to continue it bit for bit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SeriesState {
-    rows: usize,
-    head: usize,
-    n: u64,
-    shift: f64,
-    s1: f64,
-    s2: f64,
-    evictions: usize,
-    seq: u64,
+    /// The running statistics.
+    stats: Series,
     /// Bounded frames: the ring in slot order (not oldest first), so that an exact
     /// recomputation after a restore sums in the same order as before it.
     ring: Vec<f64>,
@@ -514,7 +508,6 @@ impl WindowOperator {
         let cap = self.frame.capacity();
         let series = (0..self.n_args)
             .map(|a| {
-                let s = &self.series[base + a];
                 let ring = (0..cap)
                     .map(|k| self.slab[k * self.stride + base + a])
                     .collect();
@@ -526,14 +519,7 @@ impl WindowOperator {
                     None => (Vec::new(), Vec::new()),
                 };
                 SeriesState {
-                    rows: s.rows,
-                    head: s.head,
-                    n: s.n,
-                    shift: s.shift,
-                    s1: s.s1,
-                    s2: s.s2,
-                    evictions: s.evictions,
-                    seq: s.seq,
+                    stats: self.series[base + a].clone(),
                     ring,
                     min,
                     max,
@@ -560,19 +546,21 @@ impl WindowOperator {
                 s.ring.len()
             )));
         }
+        if cap > 0
+            && let Some(s) = state
+                .series
+                .iter()
+                .find(|s| s.stats.head >= cap || s.stats.rows > cap)
+        {
+            return Err(OperatorError::InvalidInput(format!(
+                "saved window state is inconsistent: {} rows, next slot {}, frame {cap}",
+                s.stats.rows, s.stats.head
+            )));
+        }
         self.ensure_groups(group as usize + 1);
         let base = group as usize * self.n_args;
         for (a, saved) in state.series.iter().enumerate() {
-            self.series[base + a] = Series {
-                rows: saved.rows,
-                head: saved.head,
-                n: saved.n,
-                shift: saved.shift,
-                s1: saved.s1,
-                s2: saved.s2,
-                evictions: saved.evictions,
-                seq: saved.seq,
-            };
+            self.series[base + a] = saved.stats.clone();
             for (k, &v) in saved.ring.iter().enumerate() {
                 self.slab[k * self.stride + base + a] = v;
             }
