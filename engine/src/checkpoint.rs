@@ -42,6 +42,14 @@ pub enum CheckpointError {
     /// The store failed.
     #[error("checkpoint store: {0}")]
     Store(#[from] object_store::Error),
+    /// A lease of the checkpoint is held by another worker now: nothing was committed.
+    #[error("checkpoint {epoch} not committed: {reason}")]
+    Fenced {
+        /// The epoch.
+        epoch: u64,
+        /// Which lease moved.
+        reason: String,
+    },
     /// An object could not be decoded.
     #[error("checkpoint {path}: {reason}")]
     Corrupt {
@@ -101,6 +109,15 @@ pub struct Checkpoint {
     pub gate: GateState,
     /// The keyed workers (any number: state is restored by key, not by worker).
     pub workers: Vec<WorkerState>,
+}
+
+/// Saved state a job starts from, and which resources' state it supplies (`None`: all).
+#[derive(Debug, Clone)]
+pub struct Restore {
+    /// The checkpoint.
+    pub checkpoint: Checkpoint,
+    /// Resources whose partition key hashes into these ranges (a shard's keys).
+    pub keys: Option<crate::lease::KeyRanges>,
 }
 
 /// A part of a checkpoint, reported by a stage when a barrier passed it.
@@ -265,13 +282,39 @@ pub async fn discard_after(
     Ok(removed)
 }
 
-/// Collects the parts of each epoch and writes the checkpoint once all have arrived.
+/// Where a completed checkpoint goes.
+pub trait CommitTarget: Send + Sync + std::fmt::Debug {
+    /// Makes `checkpoint` durable; a later restore resumes from it.
+    fn commit<'a>(
+        &'a self,
+        checkpoint: &'a Checkpoint,
+    ) -> futures::future::BoxFuture<'a, Result<(), CheckpointError>>;
+}
+
+/// The single-worker target: [`CheckpointStore::write`], keeping the newest `retain`.
+#[derive(Debug, Clone)]
+pub struct StoreTarget {
+    /// The store.
+    pub store: CheckpointStore,
+    /// Checkpoints kept.
+    pub retain: usize,
+}
+
+impl CommitTarget for StoreTarget {
+    fn commit<'a>(
+        &'a self,
+        checkpoint: &'a Checkpoint,
+    ) -> futures::future::BoxFuture<'a, Result<(), CheckpointError>> {
+        Box::pin(self.store.write(checkpoint, self.retain))
+    }
+}
+
+/// Collects the parts of each epoch and commits the checkpoint once all have arrived.
 #[derive(Debug)]
 pub struct Coordinator {
-    store: CheckpointStore,
+    target: std::sync::Arc<dyn CommitTarget>,
     workers: usize,
     sinks: usize,
-    retain: usize,
 }
 
 #[derive(Debug, Default)]
@@ -284,12 +327,11 @@ struct Partial {
 
 impl Coordinator {
     /// A coordinator expecting `workers` worker parts and `sinks` commits per epoch.
-    pub fn new(store: CheckpointStore, workers: usize, sinks: usize, retain: usize) -> Self {
+    pub fn new(target: std::sync::Arc<dyn CommitTarget>, workers: usize, sinks: usize) -> Self {
         Self {
-            store,
+            target,
             workers,
             sinks,
-            retain,
         }
     }
 
@@ -333,8 +375,10 @@ impl Coordinator {
             // from the previous checkpoint).
             let mut attempt = 0;
             loop {
-                match self.store.write(&checkpoint, self.retain).await {
+                match self.target.commit(&checkpoint).await {
                     Ok(()) => break,
+                    // Another worker owns a lease now: retrying cannot help.
+                    Err(e @ CheckpointError::Fenced { .. }) => return Err(e),
                     Err(e) if attempt < 4 => {
                         tracing::warn!(epoch, error = %e, "checkpoint write failed; retrying");
                         tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;

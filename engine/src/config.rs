@@ -47,6 +47,19 @@
 //! [checkpoint]                # streaming (`healer run`) only
 //! location = ""               # default: <sink.out>/checkpoints
 //! interval = "10s"
+//!
+//! [lease]                     # `healer run` only: several workers share the stream
+//! table = ""                  # DynamoDB lease table (KCL schema); empty = one worker, no leases
+//! endpoint = ""               # unset: the AWS endpoint (region and keys as for Kinesis)
+//! create_table = true         # create the table when it is missing …
+//! billing_mode = "PAY_PER_REQUEST"  # … on demand, or "PROVISIONED" (read/write_capacity)
+//! read_capacity = 10
+//! write_capacity = 10
+//! duration = "10s"            # a lease not renewed for this long may be taken
+//! renew_interval = "3s"       # owned leases are renewed this often
+//! sync_interval = "30s"       # new shards become leases this often (and at every shard end)
+//! max_steals = 1              # leases asked from the most loaded worker per round
+//! max_leases = 100            # leases one worker holds at most (one transaction per checkpoint)
 //! ```
 //!
 //! Every section and key is optional; the defaults are the ones shown. Unknown keys are
@@ -293,6 +306,115 @@ pub struct PipelineConfig {
     pub sink: SinkConfig,
     /// Checkpoints of the streaming job.
     pub checkpoint: CheckpointConfig,
+    /// Scale-out: the lease table shared by the workers.
+    pub lease: LeaseConfig,
+}
+
+/// Lease settings (`[lease]`): several workers share the stream's shards through a
+/// DynamoDB table with the Kinesis Client Library's lease schema.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseConfig {
+    /// Table name; empty means a single worker without leases.
+    pub table: String,
+    /// Endpoint URL (a local DynamoDB); unset: the AWS endpoint.
+    pub endpoint: Option<String>,
+    /// Create the table when it does not exist.
+    pub create_table: bool,
+    /// `PAY_PER_REQUEST` or `PROVISIONED`.
+    pub billing_mode: String,
+    /// Provisioned read capacity units.
+    pub read_capacity: i64,
+    /// Provisioned write capacity units.
+    pub write_capacity: i64,
+    /// A lease whose counter has not changed for this long may be taken.
+    pub duration: String,
+    /// Owned leases are renewed this often (well under `duration`).
+    pub renew_interval: String,
+    /// The shard list is turned into leases this often.
+    pub sync_interval: String,
+    /// Leases asked from the most loaded worker in one round.
+    pub max_steals: usize,
+    /// Leases one worker holds at most.
+    pub max_leases: usize,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            table: String::new(),
+            endpoint: None,
+            create_table: true,
+            billing_mode: "PAY_PER_REQUEST".into(),
+            read_capacity: 10,
+            write_capacity: 10,
+            duration: "10s".into(),
+            renew_interval: "3s".into(),
+            sync_interval: "30s".into(),
+            max_steals: 1,
+            max_leases: 100,
+        }
+    }
+}
+
+impl LeaseConfig {
+    /// Whether leases are on.
+    pub fn enabled(&self) -> bool {
+        !self.table.trim().is_empty()
+    }
+
+    fn validate(&self, problems: &mut Vec<(String, String)>) {
+        if !self.enabled() {
+            return;
+        }
+        let mut durations = Vec::new();
+        for (key, value) in [
+            ("lease.duration", &self.duration),
+            ("lease.renew_interval", &self.renew_interval),
+            ("lease.sync_interval", &self.sync_interval),
+        ] {
+            match parse_duration(value) {
+                Ok(d) if d.is_zero() => problems.push((key.into(), "must be positive".into())),
+                Ok(d) => durations.push(d),
+                Err(e) => problems.push((key.into(), e)),
+            }
+        }
+        if let [duration, renew, _] = durations[..]
+            && renew * 2 > duration
+        {
+            problems.push((
+                "lease.renew_interval".into(),
+                format!(
+                    "must be at most half of lease.duration ({}), or a slow renewal loses leases",
+                    self.duration
+                ),
+            ));
+        }
+        if !matches!(
+            self.billing_mode.as_str(),
+            "PAY_PER_REQUEST" | "PROVISIONED"
+        ) {
+            problems.push((
+                "lease.billing_mode".into(),
+                format!(
+                    "`{}`: expected PAY_PER_REQUEST or PROVISIONED",
+                    self.billing_mode
+                ),
+            ));
+        }
+        if self.read_capacity < 1 || self.write_capacity < 1 {
+            problems.push((
+                "lease.read_capacity".into(),
+                "capacities must be at least 1".into(),
+            ));
+        }
+        if !(1..=100).contains(&self.max_leases) {
+            problems.push((
+                "lease.max_leases".into(),
+                "must be 1 to 100 (a checkpoint commits every lease in one transaction)".into(),
+            ));
+        }
+    }
 }
 
 /// Replay pace.
@@ -429,11 +551,12 @@ impl PipelineConfig {
                 "engine" => value.clone().try_into().map(|v| config.engine = v),
                 "sink" => value.clone().try_into().map(|v| config.sink = v),
                 "checkpoint" => value.clone().try_into().map(|v| config.checkpoint = v),
+                "lease" => value.clone().try_into().map(|v| config.lease = v),
                 other => {
                     problems.push(problem(
                         locate(text, other, ""),
                         other,
-                        "unknown section (expected source, rules, event_time, engine, sink, checkpoint)"
+                        "unknown section (expected source, rules, event_time, engine, sink, checkpoint, lease)"
                             .into(),
                     ));
                     continue;
@@ -498,6 +621,7 @@ impl PipelineConfig {
                 Err(e) => problems.push((key.into(), e)),
             }
         }
+        self.lease.validate(&mut problems);
         if self.checkpoint.retain == 0 {
             problems.push(("checkpoint.retain".into(), "must be at least 1".into()));
         }

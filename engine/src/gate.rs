@@ -145,6 +145,52 @@ impl EventTimeGate {
         Ok(())
     }
 
+    /// Replaces the gate's state with the union of saved parts, each restricted to the
+    /// resources of its key ranges (`None`: all of its rows): a scaled-out worker gathers its
+    /// shards' held rows from the checkpoints of their previous owners. The clocks are the
+    /// most conservative of the parts: the newest `max_ts`, the oldest watermark.
+    pub fn restore_parts(
+        &mut self,
+        parts: &[(&GateState, Option<&crate::lease::KeyRanges>)],
+    ) -> Result<(), ArrowError> {
+        let mut pending = Vec::new();
+        let (mut max_ts, mut watermark) = (i64::MIN, i64::MAX);
+        for (state, keys) in parts {
+            self.restore(state)?;
+            max_ts = max_ts.max(self.max_ts);
+            watermark = watermark.min(self.watermark);
+            for (batch, ts) in self.pending.drain(..) {
+                let Some(keys) = keys else {
+                    pending.push((batch, ts));
+                    continue;
+                };
+                let resource = batch
+                    .column_by_name(RESOURCE)
+                    .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+                    .ok_or_else(|| {
+                        ArrowError::SchemaError("the gate's rows have no resource".into())
+                    })?;
+                let keep: BooleanArray = resource
+                    .iter()
+                    .map(|r| Some(r.is_some_and(|r| keys.contains_key(r))))
+                    .collect();
+                let kept = filter_record_batch(&batch, &keep)?;
+                if kept.num_rows() > 0 {
+                    let ts = ts_values(&kept);
+                    pending.push((kept, ts));
+                }
+            }
+        }
+        self.pending = pending;
+        self.max_ts = max_ts;
+        self.watermark = if parts.is_empty() {
+            i64::MIN
+        } else {
+            watermark
+        };
+        Ok(())
+    }
+
     /// The current watermark.
     pub fn watermark(&self) -> i64 {
         self.watermark

@@ -27,9 +27,10 @@ use healer_sql::rule::required_columns;
 use healer_sql::{CompiledRule, RuleCompiler, RuleErrors, RuleInstance, StreamTable};
 use tokio::sync::mpsc;
 
-use crate::checkpoint::{Ack, Checkpoint, Part, WorkerState};
+use crate::checkpoint::{Ack, Part, Restore, WorkerState};
 use crate::config::{PipelineConfig, parse_speed};
 use crate::gate::EventTimeGate;
+use crate::lease::KeyRanges;
 use crate::message::{MAX_WATERMARK, Message};
 use crate::metrics::{MetricsSnapshot, PipelineMetrics};
 use crate::sink::{DeadLetter, IncidentLog, SinkError, WrittenFile};
@@ -311,8 +312,8 @@ impl PipelineOutput {
 pub(crate) struct Streaming {
     /// Where stages report their checkpoint parts.
     pub acks: mpsc::Sender<Ack>,
-    /// The checkpoint to restore, if any.
-    pub restore: Option<Checkpoint>,
+    /// The saved state to start from (none: a fresh start).
+    pub restore: Vec<Restore>,
     /// The epoch rows written now belong to.
     pub open_epoch: u64,
     /// The sinks write buffered rows at least this often.
@@ -373,11 +374,8 @@ impl Pipeline {
         let metrics = Arc::clone(&self.metrics);
         let partitions = self.partitions;
         let acks = streaming.as_ref().map(|s| s.acks.clone());
-        let restore = streaming.as_ref().and_then(|s| s.restore.as_ref());
-        let routing = self
-            .partition_by
-            .map(|i| schema.field(i).name().clone())
-            .filter(|_| partitions > 1);
+        let restore: &[Restore] = streaming.as_ref().map_or(&[], |s| &s.restore);
+        let routing = self.partition_by.map(|i| schema.field(i).name().clone());
 
         let (dead_tx, dead_rx) = mpsc::channel::<Message>(capacity);
         let (merge_tx, merge_rx) = mpsc::channel::<(usize, Step)>(capacity * partitions);
@@ -400,13 +398,19 @@ impl Pipeline {
                 None
             };
             let mut tags = TagFiller::new(&schema);
-            if let Some(checkpoint) = restore {
+            for part in restore {
                 let owner = Owner {
                     routing: routing.clone(),
                     worker,
                     partitions,
+                    keys: part.keys.clone(),
                 };
-                restore_worker(&mut instances, tags.as_mut(), &checkpoint.workers, &owner)?;
+                restore_worker(
+                    &mut instances,
+                    tags.as_mut(),
+                    &part.checkpoint.workers,
+                    &owner,
+                )?;
             }
             let merge_tx = merge_tx.clone();
             let metrics = Arc::clone(&metrics);
@@ -425,8 +429,12 @@ impl Pipeline {
         if streaming.is_some() {
             gate = gate.with_external_watermarks();
         }
-        if let Some(checkpoint) = restore {
-            gate.restore(&checkpoint.gate)?;
+        let gates: Vec<_> = restore
+            .iter()
+            .map(|p| (&p.checkpoint.gate, p.keys.as_ref()))
+            .collect();
+        if !gates.is_empty() {
+            gate.restore_parts(&gates)?;
         }
         let key = self.partition_by;
         let m = Arc::clone(&metrics);
@@ -610,19 +618,25 @@ pub(crate) async fn run_dead_letter(
     }
 }
 
-/// Which worker owns a saved key: the one the router sends its rows to.
+/// Which worker takes a saved key: the one the router sends its rows to, if the saved
+/// state supplies the key at all (a scaled-out worker restores a shard's resources only).
 #[derive(Debug, Clone)]
 struct Owner {
     /// The routing column (`None`: one worker owns everything).
     routing: Option<String>,
     worker: usize,
     partitions: usize,
+    keys: Option<KeyRanges>,
 }
 
 impl Owner {
     fn owns_value(&self, value: Option<&str>) -> bool {
         let h = value.map_or(0, |v| healer_operators::id::fnv1a64(v.as_bytes()));
-        (h % self.partitions as u64) as usize == self.worker
+        (self.partitions <= 1 || (h % self.partitions as u64) as usize == self.worker)
+            && self
+                .keys
+                .as_ref()
+                .is_none_or(|k| value.is_some_and(|v| k.contains_key(v)))
     }
 
     fn owns(&self, key_names: &[String], key: &[KeyValue]) -> bool {
@@ -631,7 +645,7 @@ impl Owner {
         };
         match key_names.iter().position(|n| n == routing) {
             Some(i) => self.owns_value(key[i].as_text().as_deref()),
-            None => self.worker == 0,
+            None => self.worker == 0 && self.keys.is_none(),
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod diagnose;
 pub mod gate;
 pub mod job;
 pub mod kinesis;
+pub mod lease;
 pub mod llm;
 pub mod message;
 pub mod metrics;

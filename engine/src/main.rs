@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -241,6 +242,16 @@ struct RunArgs {
     /// Time between checkpoints, e.g. `10s`.
     #[arg(long)]
     checkpoint_interval: Option<String>,
+    /// Scale-out: this worker's id in the lease table (`[lease] table` set); default: host
+    /// name and process id.
+    #[arg(long)]
+    worker_id: Option<String>,
+    /// Scale-out: the lease table (overrides `[lease] table`).
+    #[arg(long)]
+    lease_table: Option<String>,
+    /// Scale-out: the lease table's endpoint (a local DynamoDB).
+    #[arg(long)]
+    lease_endpoint: Option<String>,
     /// Also write the summary as JSON to this file when stopping.
     #[arg(long)]
     summary_json: Option<PathBuf>,
@@ -558,6 +569,20 @@ fn run_config(args: &RunArgs) -> Result<PipelineConfig> {
     if let Some(d) = &args.checkpoint_interval {
         config.checkpoint.interval = d.clone();
     }
+    if let Some(t) = &args.lease_table {
+        config.lease.table = t.clone();
+    }
+    if let Some(e) = &args.lease_endpoint {
+        config.lease.endpoint = Some(e.clone());
+    }
+    let problems = config.validate();
+    if !problems.is_empty() {
+        let lines: Vec<String> = problems
+            .iter()
+            .map(|(k, m)| format!("  {k}: {m}"))
+            .collect();
+        bail!("invalid configuration:\n{}", lines.join("\n"));
+    }
     Ok(config)
 }
 
@@ -588,9 +613,13 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = run_config(&args)?;
     let shutdown = shutdown_signal()?;
+    if config.lease.enabled() {
+        return run_leased(&args, &config, shutdown).await;
+    }
     let job = match healer_engine::stream::StreamJob::prepare(&config).await {
         Ok(job) => job,
         Err(JobError::Rules(errors)) => bail!("rules rejected:\n{errors}"),
@@ -637,6 +666,61 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         json["rejected_records"] = s.summary.metrics.rejected_records.into();
         json["last_checkpoint"] = s.last_checkpoint.into();
         std::fs::write(path, serde_json::to_vec_pretty(&json)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `healer run` as one worker of many, sharing the stream through the lease table.
+async fn run_leased(
+    args: &RunArgs,
+    config: &PipelineConfig,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<ExitCode> {
+    use healer_engine::lease::worker::{WorkerStatus, default_worker_id, run_worker};
+    let worker = args.worker_id.clone().unwrap_or_else(default_worker_id);
+    eprintln!(
+        "worker `{worker}` reading stream `{}` through lease table `{}`; incident log {}; \
+         SIGINT or SIGTERM to hand its shards over and stop",
+        config.source.kinesis.stream, config.lease.table, config.sink.out
+    );
+    let status = Arc::new(WorkerStatus::default());
+    let writer = args.status_file.clone().map(|path| {
+        let status = Arc::clone(&status);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let json = serde_json::to_string(&status.snapshot()).unwrap_or_default();
+                let tmp = path.with_extension("tmp");
+                if std::fs::write(&tmp, json).is_ok() {
+                    let _ = std::fs::rename(&tmp, &path);
+                }
+            }
+        })
+    });
+    let summary = run_worker(config, &worker, shutdown, Arc::clone(&status)).await;
+    if let Some(w) = writer {
+        w.abort();
+    }
+    let summary = match summary {
+        Ok(s) => s,
+        Err(JobError::Rules(errors)) => bail!("rules rejected:\n{errors}"),
+        Err(e) => return Err(e.into()),
+    };
+    let s = &summary.status;
+    println!(
+        "worker {}: {} runs, {} checkpoints, {} files published; leases taken {}, asked {}, released {}, lost {}",
+        summary.worker,
+        s.runs,
+        s.checkpoints,
+        s.published_files,
+        s.lease_takes,
+        s.lease_steals,
+        s.lease_releases,
+        s.lease_losses
+    );
+    if let Some(path) = &args.summary_json {
+        std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(ExitCode::SUCCESS)

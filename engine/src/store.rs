@@ -135,6 +135,15 @@ impl Location {
         p
     }
 
+    /// The location of a folder below this one.
+    pub fn sub(&self, child: &str) -> Location {
+        Location {
+            store: Arc::clone(&self.store),
+            path: self.child(child),
+            url: self.url.clone(),
+        }
+    }
+
     /// A human-readable form.
     pub fn display(&self) -> String {
         if self.url.scheme() == "file" {

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-use crate::checkpoint::{Ack, Checkpoint, CheckpointStore, Coordinator, discard_after};
+use crate::checkpoint::{
+    Ack, CheckpointStore, CommitTarget, Coordinator, Restore, StoreTarget, discard_after,
+};
 use crate::config::PipelineConfig;
 use crate::job::{
     JobError, Pipeline, SinkOptions, Streaming, Summary, compile_rules, first_error,
@@ -50,8 +52,10 @@ pub struct StreamSummary {
 pub struct StreamJob {
     source: KinesisSource,
     pipeline: Pipeline,
-    store: CheckpointStore,
-    restore: Option<Checkpoint>,
+    target: Arc<dyn CommitTarget>,
+    restore: Vec<Restore>,
+    restored_epoch: Option<u64>,
+    open_epoch: u64,
     discarded: usize,
     config: PipelineConfig,
 }
@@ -98,12 +102,60 @@ impl StreamJob {
         let source = KinesisSource::new(config, restore.as_ref().map(|c| &c.source)).await;
         let schema = Arc::clone(source.schema());
         let rules = compile_rules(config, Arc::clone(&schema))?;
+        let restored_epoch = restore.as_ref().map(|c| c.epoch);
         Ok(Self {
             source,
             pipeline: Pipeline::new(config, schema, rules, out),
-            store,
-            restore,
+            target: Arc::new(StoreTarget {
+                store,
+                retain: config.checkpoint.retain,
+            }),
+            restore: restore
+                .into_iter()
+                .map(|checkpoint| Restore {
+                    checkpoint,
+                    keys: None,
+                })
+                .collect(),
+            restored_epoch,
+            open_epoch: restored_epoch.map_or(1, |e| e + 1),
             discarded,
+            config: config.clone(),
+        })
+    }
+
+    /// A job of one worker of a scaled-out stream: `source` reads the shards it leases,
+    /// the pipeline starts from `restore` (the saved state of those shards' resources),
+    /// writes its log under `out` and commits checkpoints to `target`.
+    pub(crate) fn leased(
+        config: &PipelineConfig,
+        source: KinesisSource,
+        restore: Vec<Restore>,
+        out: Location,
+        target: Arc<dyn CommitTarget>,
+    ) -> Result<Self, JobError> {
+        let schema = Arc::clone(source.schema());
+        let rules = compile_rules(config, Arc::clone(&schema))?;
+        let pipeline = Pipeline::new(config, schema, rules, out);
+        let routing = pipeline
+            .partition_by
+            .map(|i| pipeline.schema.field(i).name().clone());
+        if routing.as_deref() != Some(healer_operators::schema::RESOURCE) {
+            return Err(JobError::Config(format!(
+                "scale-out moves state with shards, so every window must partition by `{}` \
+                 (the records' partition key); these rules partition by {}",
+                healer_operators::schema::RESOURCE,
+                routing.map_or("nothing in common".to_string(), |r| format!("`{r}`"))
+            )));
+        }
+        Ok(Self {
+            source,
+            pipeline,
+            target,
+            restore,
+            restored_epoch: None,
+            open_epoch: 1,
+            discarded: 0,
             config: config.clone(),
         })
     }
@@ -123,8 +175,8 @@ impl StreamJob {
         let started = Instant::now();
         let capacity = self.config.engine.channel_capacity.max(1);
         let partitions = self.pipeline.partitions;
-        let restored_epoch = self.restore.as_ref().map(|c| c.epoch);
-        let open_epoch = restored_epoch.map_or(1, |e| e + 1);
+        let restored_epoch = self.restored_epoch;
+        let open_epoch = self.open_epoch;
         let flush_interval = PipelineConfig::duration(&self.config.sink.flush_interval);
         let checkpoint_every = PipelineConfig::duration(&self.config.checkpoint.interval);
 
@@ -132,12 +184,7 @@ impl StreamJob {
         let (completed_tx, completed_rx) = watch::channel(restored_epoch.unwrap_or(0));
         // Parts: the source's, the gate's, one per worker; commits: anomalies, dead letters
         // of the gate, dead letters of the decoder.
-        let coordinator = Coordinator::new(
-            self.store.clone(),
-            partitions,
-            3,
-            self.config.checkpoint.retain,
-        );
+        let coordinator = Coordinator::new(self.target, partitions, 3);
         let coordinator = tokio::spawn(coordinator.run(acks_rx, completed_tx));
 
         let (data_tx, data_rx) = mpsc::channel::<Message>(capacity);

@@ -113,6 +113,9 @@ pub struct KinesisSource {
     consumer: Option<(String, Option<String>)>,
     shards: BTreeMap<String, Track>,
     counters: Arc<ReaderCounters>,
+    /// Leased mode: the only shards read, each with where it starts without a sequence
+    /// number (`None`: its trim horizon). Their children are left to the lease table.
+    only: Option<BTreeMap<String, Option<i64>>>,
 }
 
 impl KinesisSource {
@@ -176,7 +179,24 @@ impl KinesisSource {
             consumer: (k.mode == "enhanced_fan_out").then(|| (k.consumer_name.clone(), None)),
             shards,
             counters: Arc::new(ReaderCounters::default()),
+            only: None,
         }
+    }
+
+    /// The same source restricted to `shards` (leased mode): each starts after its
+    /// restored sequence number, else at its given start (ms; `None`: the trim horizon).
+    /// Other shards, and the children of these, are not read.
+    pub fn only(mut self, shards: BTreeMap<String, Option<i64>>) -> Self {
+        self.shards.retain(|id, _| shards.contains_key(id));
+        for (id, track) in &mut self.shards {
+            // Parents were read by whoever held them: nothing to wait for here.
+            track.parents.clear();
+            if track.state == State::Finished {
+                tracing::warn!(shard = %id, "leased shard already finished");
+            }
+        }
+        self.only = Some(shards);
+        self
     }
 
     /// The schema of the rows this source produces.
@@ -240,7 +260,13 @@ impl KinesisSource {
         readers: &mut JoinSet<()>,
         events: &mpsc::Sender<ShardEvent>,
     ) -> Result<(), SourceError> {
-        let listed = self.list().await?;
+        let mut listed = self.list().await?;
+        if let Some(only) = &self.only {
+            listed.retain(|(id, _)| only.contains_key(id));
+            for (_, parents) in &mut listed {
+                parents.clear();
+            }
+        }
         for (id, parents) in &listed {
             let track = self
                 .shards
@@ -271,9 +297,14 @@ impl KinesisSource {
             let track = self.shards.get_mut(&id).expect("listed");
             // Children too start at the job's start: with `trim_horizon` they are read whole,
             // with a time only from that time on (a parent closed before it adds nothing).
-            let start = match &track.sequence {
-                Some(seq) => StartAt::After(seq.clone()),
-                None => self.start.clone(),
+            let start = match (&track.sequence, &self.only) {
+                (Some(seq), _) => StartAt::After(seq.clone()),
+                (None, Some(only)) => only
+                    .get(&id)
+                    .copied()
+                    .flatten()
+                    .map_or(StartAt::TrimHorizon, StartAt::AtTimestamp),
+                (None, None) => self.start.clone(),
             };
             track.state = State::Reading;
             tracing::info!(shard = %id, ?start, "reading shard");
@@ -503,6 +534,10 @@ impl KinesisSource {
         if let Some(children) = ended {
             tracing::info!(%shard, ?children, "shard read to its end");
             track.state = State::Finished;
+            if self.only.is_some() {
+                // Leased: the children become leases; whoever takes them reads them.
+                return true;
+            }
             for (child, parents) in children {
                 let parents = if parents.is_empty() {
                     vec![shard.clone()]

@@ -1,0 +1,934 @@
+//! One worker of a scaled-out `healer run`.
+//!
+//! ```text
+//!  lease loop (every renew_interval)          runner
+//!   sync shards → leases (parents first)       wait for an assignment
+//!   renew held leases                          restore: each lease's healerState object,
+//!   release finished ones                        only its hash range (a new child: its
+//!   take / ask to reach the share                parents' objects, their ranges ∩ its own)
+//!   publish the assignment ─────────────────►  run the pipeline over those shards
+//!                                              restart when the assignment changes
+//!  checkpoint (every interval):                release what was asked for, after the last
+//!   state object → one transaction over          checkpoint
+//!   all leases → publish the epoch's files
+//! ```
+//!
+//! # Exactly-once output
+//! A run writes its log files under `<out>/_staging/<run>/`. A checkpoint first writes the
+//! run's state to `<checkpoints>/state/<run>/chk-<epoch>.bin`, then sets `checkpoint` and
+//! `healerState` of every lease of the run in one DynamoDB transaction, conditional on each
+//! counter, and only then moves the epoch's files to `<out>/` (renamed `<run>-<file>`).
+//! If the worker dies after the transaction, whoever restores from that state object moves
+//! them first. If the transaction fails (a lease moved), nothing of the epoch is published
+//! and the run restarts from its last committed state. So each row reaches the log once:
+//! from the run that committed it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_sdk_kinesis::Client as KinesisClient;
+use futures::StreamExt;
+use object_store::{ObjectStoreExt, PutPayload};
+use serde::Serialize;
+use tokio::sync::{Notify, watch};
+
+use super::book::{LeaseBook, LeaseCounters, LeaseSettings};
+use super::table::{Lease, LeaseError, LeaseTable};
+use super::{AT_TIMESTAMP, HashRange, KeyRanges, SHARD_END, TRIM_HORIZON};
+use crate::checkpoint::{
+    Checkpoint, CheckpointError, CommitTarget, Restore, ShardPosition, SourcePositions,
+    epoch_of_file,
+};
+use crate::config::PipelineConfig;
+use crate::job::JobError;
+use crate::kinesis::reader::ReaderCounters;
+use crate::kinesis::source::KinesisSource;
+use crate::kinesis::{Failure, classify, describe, pause, stream_ref};
+use crate::metrics::PipelineMetrics;
+use crate::store::Location;
+use crate::stream::StreamJob;
+
+/// What a worker reports while it runs (the status file of `healer run`).
+#[derive(Debug, Default)]
+pub struct WorkerStatus {
+    inner: Mutex<StatusInner>,
+}
+
+#[derive(Debug, Default)]
+struct StatusInner {
+    owned: Vec<String>,
+    counters: LeaseCounters,
+    runs: u64,
+    checkpoints: u64,
+    last_checkpoint: Option<Instant>,
+    published_files: u64,
+    current: Option<(Arc<PipelineMetrics>, Arc<ReaderCounters>)>,
+}
+
+/// A point-in-time copy of [`WorkerStatus`].
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusSnapshot {
+    /// Leases processed now.
+    pub owned_leases: Vec<String>,
+    /// Leases taken so far.
+    pub lease_takes: u64,
+    /// Handoffs asked of other workers.
+    pub lease_steals: u64,
+    /// Leases handed over or released.
+    pub lease_releases: u64,
+    /// Leases lost.
+    pub lease_losses: u64,
+    /// Pipelines started (one per change of the owned set).
+    pub runs: u64,
+    /// Checkpoints committed.
+    pub checkpoints: u64,
+    /// Seconds since the last committed checkpoint.
+    pub checkpoint_age_s: Option<f64>,
+    /// Log files published.
+    pub published_files: u64,
+    /// Milliseconds behind the tip, per shard read now.
+    pub millis_behind: BTreeMap<String, i64>,
+    /// Records read by the current run.
+    pub records: u64,
+    /// Anomalies of the current run.
+    pub anomalies: u64,
+}
+
+impl WorkerStatus {
+    /// The current figures.
+    pub fn snapshot(&self) -> StatusSnapshot {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = self.inner.lock().expect("not poisoned");
+        let (millis_behind, records, anomalies) = match &s.current {
+            Some((m, r)) => (
+                m.shard_lag(),
+                r.records.load(Relaxed),
+                m.snapshot().anomalies,
+            ),
+            None => (BTreeMap::new(), 0, 0),
+        };
+        StatusSnapshot {
+            owned_leases: s.owned.clone(),
+            lease_takes: s.counters.taken,
+            lease_steals: s.counters.asked,
+            lease_releases: s.counters.released,
+            lease_losses: s.counters.lost,
+            runs: s.runs,
+            checkpoints: s.checkpoints,
+            checkpoint_age_s: s.last_checkpoint.map(|t| t.elapsed().as_secs_f64()),
+            published_files: s.published_files,
+            millis_behind,
+            records,
+            anomalies,
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut StatusInner)) {
+        f(&mut self.inner.lock().expect("not poisoned"));
+    }
+}
+
+/// What a worker did, when it stops.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerSummary {
+    /// The worker id.
+    pub worker: String,
+    /// The figures at the end.
+    pub status: StatusSnapshot,
+}
+
+/// State shared by the lease loop, the runner and the checkpoint target.
+#[derive(Debug)]
+struct Shared {
+    table: LeaseTable,
+    book: tokio::sync::Mutex<LeaseBook>,
+    origin: Instant,
+    assignment: watch::Sender<BTreeMap<String, Lease>>,
+    sync_now: Notify,
+    status: Arc<WorkerStatus>,
+}
+
+impl Shared {
+    fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+}
+
+/// A worker id usable in object paths and logs: the host name and the process id.
+pub fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "healer".into());
+    format!("{}-{}", host.trim(), std::process::id())
+}
+
+/// One shard as `ListShards` gives it.
+#[derive(Debug, Clone)]
+struct ShardInfo {
+    id: String,
+    parents: Vec<String>,
+    range: HashRange,
+    closed: bool,
+}
+
+async fn list_shards(client: &KinesisClient, stream: &str) -> Result<Vec<ShardInfo>, JobError> {
+    let (name, arn) = stream_ref(stream);
+    let mut shards = Vec::new();
+    let mut token: Option<String> = None;
+    let mut attempt = 0;
+    loop {
+        let call = match &token {
+            Some(t) => client.list_shards().next_token(t),
+            None => client
+                .list_shards()
+                .set_stream_name(name.clone())
+                .set_stream_arn(arn.clone()),
+        };
+        match call.send().await {
+            Ok(out) => {
+                attempt = 0;
+                for s in out.shards() {
+                    let range = s
+                        .hash_key_range()
+                        .and_then(|r| HashRange::parse(r.starting_hash_key(), r.ending_hash_key()))
+                        .unwrap_or(HashRange::ALL);
+                    shards.push(ShardInfo {
+                        id: s.shard_id().to_string(),
+                        parents: [s.parent_shard_id(), s.adjacent_parent_shard_id()]
+                            .into_iter()
+                            .flatten()
+                            .map(str::to_string)
+                            .collect(),
+                        range,
+                        closed: s
+                            .sequence_number_range()
+                            .and_then(|r| r.ending_sequence_number())
+                            .is_some(),
+                    });
+                }
+                match out.next_token() {
+                    Some(t) if !t.is_empty() => token = Some(t.to_string()),
+                    _ => return Ok(shards),
+                }
+            }
+            Err(e) => match classify(&e) {
+                Failure::Throttled | Failure::Transient if attempt < 8 => {
+                    pause(&mut attempt, Duration::from_millis(200)).await;
+                }
+                _ => {
+                    return Err(JobError::Config(format!(
+                        "ListShards on `{stream}`: {}",
+                        describe(&e)
+                    )));
+                }
+            },
+        }
+    }
+}
+
+/// Creates a lease for every shard that has none, parents before children (a child with a
+/// lease and no parent lease would look processable). A shard whose parents have leases
+/// starts at its trim horizon; the others where the configuration says.
+async fn sync_shards(
+    client: &KinesisClient,
+    table: &LeaseTable,
+    config: &PipelineConfig,
+) -> Result<usize, JobError> {
+    let shards = list_shards(client, &config.source.kinesis.stream).await?;
+    let existing: BTreeSet<String> = table
+        .list()
+        .await
+        .map_err(lease_error)?
+        .into_iter()
+        .map(|l| l.key)
+        .collect();
+    let listed: BTreeSet<&str> = shards.iter().map(|s| s.id.as_str()).collect();
+    let k = &config.source.kinesis;
+    let start_ms = match k.start.as_str() {
+        "latest" => Some(chrono::Utc::now().timestamp_millis()),
+        "at_timestamp" => k
+            .start_timestamp
+            .as_deref()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.timestamp_millis()),
+        _ => None,
+    };
+    // Topological order: a shard after its listed parents.
+    let mut order: Vec<&ShardInfo> = Vec::new();
+    let mut placed: BTreeSet<&str> = BTreeSet::new();
+    while order.len() < shards.len() {
+        let before = order.len();
+        for s in &shards {
+            if !placed.contains(s.id.as_str())
+                && s.parents
+                    .iter()
+                    .all(|p| placed.contains(p.as_str()) || !listed.contains(p.as_str()))
+            {
+                placed.insert(&s.id);
+                order.push(s);
+            }
+        }
+        if order.len() == before {
+            return Err(JobError::Config(
+                "ListShards returned a parent cycle".into(),
+            ));
+        }
+    }
+    let mut created = 0;
+    for s in order {
+        if existing.contains(&s.id) {
+            continue;
+        }
+        let has_parent = s
+            .parents
+            .iter()
+            .any(|p| existing.contains(p) || listed.contains(p.as_str()));
+        let mut lease = Lease::new(&s.id, s.parents.clone(), s.range, TRIM_HORIZON);
+        if !has_parent {
+            match (k.start.as_str(), start_ms) {
+                // Started at "latest": a shard closed before now has nothing new.
+                ("latest", _) if s.closed => lease.checkpoint = SHARD_END.into(),
+                (_, Some(ms)) => {
+                    lease.checkpoint = AT_TIMESTAMP.into();
+                    lease.start_ms = Some(ms);
+                }
+                _ => {}
+            }
+        }
+        if table.create(&lease).await.map_err(lease_error)? {
+            tracing::info!(shard = %s.id, checkpoint = %lease.checkpoint, "lease created");
+            created += 1;
+        }
+        for p in &s.parents {
+            table.add_child(p, &s.id).await.map_err(lease_error)?;
+        }
+    }
+    Ok(created)
+}
+
+fn lease_error(e: LeaseError) -> JobError {
+    JobError::Config(e.to_string())
+}
+
+/// The checkpoint target of one run: state object, lease transaction, publication.
+#[derive(Debug)]
+struct LeaseCommitter {
+    shared: Arc<Shared>,
+    run: String,
+    checkpoints: Location,
+    out: Location,
+    /// The `checkpoint` sentinel of each shard until it has a sequence number.
+    initial: BTreeMap<String, String>,
+    /// Shards whose `SHARD_END` is committed (their leases are then released).
+    ended: Mutex<BTreeSet<String>>,
+    /// Epochs whose state objects a finished lease points to: never pruned.
+    pinned: Mutex<BTreeSet<u64>>,
+    previous: Mutex<Option<u64>>,
+}
+
+/// The object holding run `run`'s state at `epoch`, relative to the checkpoint location.
+fn state_path(run: &str, epoch: u64) -> String {
+    format!("state/{run}/chk-{epoch:010}.bin")
+}
+
+/// The run and epoch of a state object path.
+fn parse_state_path(path: &str) -> Option<(&str, u64)> {
+    let rest = path.strip_prefix("state/")?;
+    let (run, file) = rest.split_once('/')?;
+    let epoch = file
+        .strip_prefix("chk-")?
+        .strip_suffix(".bin")?
+        .parse()
+        .ok()?;
+    Some((run, epoch))
+}
+
+/// Moves the files run `run` staged for epochs up to `upto` into the log. Idempotent: a
+/// file already moved is gone from the staging area.
+pub async fn publish(out: &Location, run: &str, upto: u64) -> Result<usize, object_store::Error> {
+    let staged = out.child(&format!("_staging/{run}"));
+    let mut files = Vec::new();
+    let mut listing = out.store.list(Some(&staged));
+    while let Some(meta) = listing.next().await {
+        let meta = meta?;
+        let Some(name) = meta.location.filename() else {
+            continue;
+        };
+        if epoch_of_file(name).is_some_and(|e| e <= upto) {
+            let rel: Vec<String> = match meta.location.prefix_match(&staged) {
+                Some(parts) => parts.map(|p| p.as_ref().to_string()).collect(),
+                None => continue,
+            };
+            files.push((meta.location.clone(), rel));
+        }
+    }
+    let mut moved = 0;
+    for (from, mut rel) in files {
+        let name = rel.pop().expect("a file name");
+        rel.push(format!("{run}-{name}"));
+        let to = out.child(&rel.join("/"));
+        match out.store.copy(&from, &to).await {
+            Ok(()) => {}
+            // Moved by someone else meanwhile.
+            Err(object_store::Error::NotFound { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+        match out.store.delete(&from).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => moved += 1,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(moved)
+}
+
+impl LeaseCommitter {
+    async fn commit_inner(&self, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
+        let epoch = checkpoint.epoch;
+        let rel = state_path(&self.run, epoch);
+        let bytes = postcard::to_stdvec(checkpoint).map_err(|e| CheckpointError::Corrupt {
+            path: rel.clone(),
+            reason: e.to_string(),
+        })?;
+        self.checkpoints
+            .store
+            .put(&self.checkpoints.child(&rel), PutPayload::from(bytes))
+            .await?;
+        let ended = self.ended.lock().expect("not poisoned").clone();
+        let mut updates = Vec::new();
+        let mut finishing = Vec::new();
+        for (id, pos) in &checkpoint.source.shards {
+            if ended.contains(id) {
+                continue;
+            }
+            let cp = if pos.finished {
+                finishing.push(id.clone());
+                SHARD_END.to_string()
+            } else if let Some(seq) = &pos.sequence {
+                seq.clone()
+            } else {
+                self.initial
+                    .get(id)
+                    .cloned()
+                    .unwrap_or_else(|| TRIM_HORIZON.into())
+            };
+            updates.push((id.clone(), cp, rel.clone(), pos.max_ts));
+        }
+        let committed = {
+            let mut book = self.shared.book.lock().await;
+            let now = self.shared.now();
+            book.commit(&self.shared.table, now, updates).await
+        };
+        match committed {
+            Ok(()) => {}
+            Err(LeaseError::Conflict(key)) => {
+                return Err(CheckpointError::Fenced {
+                    epoch,
+                    reason: format!("lease {key} is no longer ours"),
+                });
+            }
+            Err(e) => {
+                return Err(CheckpointError::Fenced {
+                    epoch,
+                    reason: e.to_string(),
+                });
+            }
+        }
+        if !finishing.is_empty() {
+            tracing::info!(shards = ?finishing, epoch, "shards committed at their end");
+            self.ended.lock().expect("not poisoned").extend(finishing);
+            self.pinned.lock().expect("not poisoned").insert(epoch);
+            self.shared.sync_now.notify_one();
+        }
+        // The epoch is committed: its files go into the log. A failure here loses nothing
+        // (the next checkpoint, or whoever restores this state, moves them).
+        let moved = match publish(&self.out, &self.run, epoch).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(epoch, error = %e, "publishing the epoch's files failed; retried later");
+                0
+            }
+        };
+        // The state object before the previous one is not needed, unless pinned.
+        let prune = self.previous.lock().expect("not poisoned").replace(epoch);
+        if let Some(old) = prune
+            && !self.pinned.lock().expect("not poisoned").contains(&old)
+        {
+            let path = self.checkpoints.child(&state_path(&self.run, old));
+            if let Err(e) = self.checkpoints.store.delete(&path).await {
+                tracing::debug!(error = %e, "pruning an old state object failed");
+            }
+        }
+        self.shared.status.update(|s| {
+            s.checkpoints += 1;
+            s.last_checkpoint = Some(Instant::now());
+            s.published_files += moved as u64;
+        });
+        Ok(())
+    }
+}
+
+impl CommitTarget for LeaseCommitter {
+    fn commit<'a>(
+        &'a self,
+        checkpoint: &'a Checkpoint,
+    ) -> futures::future::BoxFuture<'a, Result<(), CheckpointError>> {
+        Box::pin(self.commit_inner(checkpoint))
+    }
+}
+
+/// Where each saved object's resources go: for every lease, its own state object over its
+/// range; for a lease never checkpointed, its parents' objects over the overlap of ranges
+/// (recursively, for parents never checkpointed either).
+fn restore_sources(
+    leases: &BTreeMap<String, Lease>,
+    table: &[Lease],
+) -> BTreeMap<String, Vec<HashRange>> {
+    let all: BTreeMap<&str, &Lease> = table.iter().map(|l| (l.key.as_str(), l)).collect();
+    let mut sources: BTreeMap<String, Vec<HashRange>> = BTreeMap::new();
+    fn walk<'a>(
+        lease: &'a Lease,
+        range: HashRange,
+        all: &BTreeMap<&str, &'a Lease>,
+        sources: &mut BTreeMap<String, Vec<HashRange>>,
+        depth: usize,
+    ) {
+        if let Some(state) = &lease.state {
+            if let Some(r) = lease.range.intersect(&range) {
+                sources.entry(state.clone()).or_default().push(r);
+            }
+            return;
+        }
+        if depth > 16 {
+            return;
+        }
+        for p in &lease.parents {
+            if let Some(parent) = all.get(p.as_str())
+                && let Some(r) = parent.range.intersect(&range)
+            {
+                walk(parent, r, all, sources, depth + 1);
+            }
+        }
+    }
+    for lease in leases.values() {
+        walk(lease, lease.range, &all, &mut sources, 0);
+    }
+    sources
+}
+
+/// Runs one worker until `shutdown`; then checkpoints and releases its leases.
+pub async fn run_worker(
+    config: &PipelineConfig,
+    worker_id: &str,
+    shutdown: watch::Receiver<bool>,
+    status: Arc<WorkerStatus>,
+) -> Result<WorkerSummary, JobError> {
+    crate::job::validated(config)?;
+    let lease_config = &config.lease;
+    let table = LeaseTable::dynamodb(lease_config, &config.source.kinesis)
+        .await
+        .map_err(lease_error)?;
+    let out = Location::parse(&config.sink.out, &config.sink.s3, true)?;
+    let checkpoints = if config.checkpoint.location.trim().is_empty() {
+        format!("{}/checkpoints", config.sink.out.trim_end_matches('/'))
+    } else {
+        config.checkpoint.location.clone()
+    };
+    let checkpoints = Location::parse(&checkpoints, &config.sink.s3, true)?;
+    let settings = LeaseSettings {
+        duration: PipelineConfig::duration(&lease_config.duration),
+        max_steals: lease_config.max_steals.max(1),
+        max_leases: lease_config.max_leases,
+    };
+    let (assignment, _) = watch::channel(BTreeMap::new());
+    let shared = Arc::new(Shared {
+        table,
+        book: tokio::sync::Mutex::new(LeaseBook::new(worker_id, settings)),
+        origin: Instant::now(),
+        assignment,
+        sync_now: Notify::new(),
+        status: Arc::clone(&status),
+    });
+    let kinesis = crate::kinesis::client(&config.source.kinesis).await;
+    // The first sync before anything else, so the table has leases to take.
+    sync_shards(&kinesis, &shared.table, config).await?;
+    tracing::info!(worker = %worker_id, table = %lease_config.table, "lease worker started");
+
+    let (loop_stop_tx, loop_stop) = watch::channel(false);
+    let lease_loop = tokio::spawn(lease_loop(
+        Arc::clone(&shared),
+        kinesis,
+        config.clone(),
+        loop_stop,
+    ));
+    let result = runner(&shared, config, &out, &checkpoints, shutdown).await;
+    loop_stop_tx.send_replace(true);
+    let _ = lease_loop.await;
+    // Graceful end: every lease is free at once for the others.
+    {
+        let mut book = shared.book.lock().await;
+        let held = book.held();
+        if let Err(e) = book.release(&shared.table, &held).await {
+            tracing::warn!(error = %e, "releasing leases at shutdown failed; they expire");
+        }
+        let counters = book.counters();
+        status.update(|s| {
+            s.counters = counters;
+            s.owned.clear();
+        });
+    }
+    result?;
+    Ok(WorkerSummary {
+        worker: worker_id.to_string(),
+        status: status.snapshot(),
+    })
+}
+
+async fn lease_loop(
+    shared: Arc<Shared>,
+    kinesis: KinesisClient,
+    config: PipelineConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let renew_every = PipelineConfig::duration(&config.lease.renew_interval);
+    let sync_every = PipelineConfig::duration(&config.lease.sync_interval);
+    let mut tick = tokio::time::interval(renew_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sync = Instant::now();
+    loop {
+        let mut sync = last_sync.elapsed() >= sync_every;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.sync_now.notified() => sync = true,
+            _ = stop.changed() => return,
+        }
+        if sync {
+            last_sync = Instant::now();
+            if let Err(e) = sync_shards(&kinesis, &shared.table, &config).await {
+                tracing::warn!(error = %e, "syncing shards to leases failed; trying again later");
+            }
+        }
+        let mut book = shared.book.lock().await;
+        if let Err(e) = book.renew(&shared.table, shared.now()).await {
+            tracing::warn!(error = %e, "renewing leases failed");
+        }
+        // Finished leases are free for the table's bookkeeping; their state stays.
+        let finished = book.finished_held();
+        if !finished.is_empty()
+            && let Err(e) = book.release(&shared.table, &finished).await
+        {
+            tracing::warn!(error = %e, "releasing finished leases failed");
+        }
+        if let Err(e) = book.balance(&shared.table, shared.now()).await {
+            tracing::warn!(error = %e, "balancing leases failed");
+        }
+        let assignment = book.assignment();
+        let counters = book.counters();
+        drop(book);
+        shared.status.update(|s| {
+            s.counters = counters;
+            s.owned = assignment.keys().cloned().collect();
+        });
+        shared.assignment.send_if_modified(|current| {
+            let changed = current.keys().ne(assignment.keys());
+            *current = assignment;
+            changed
+        });
+    }
+}
+
+/// Runs pipelines over the assigned shards until `shutdown`.
+async fn runner(
+    shared: &Arc<Shared>,
+    config: &PipelineConfig,
+    out: &Location,
+    checkpoints: &Location,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), JobError> {
+    let mut assignment = shared.assignment.subscribe();
+    let settle = PipelineConfig::duration(&config.lease.renew_interval);
+    let mut failures = 0u32;
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        // Leases handed over while no run processes them can go now: the run that last
+        // processed them has stopped after its last checkpoint (or failed, and then
+        // nothing after its last checkpoint was published).
+        {
+            let mut book = shared.book.lock().await;
+            let release = book.to_release();
+            if let Err(e) = book.release(&shared.table, &release).await {
+                tracing::warn!(error = %e, "releasing leases failed; they expire");
+            }
+        }
+        let leases = assignment.borrow_and_update().clone();
+        if leases.is_empty() {
+            tokio::select! {
+                _ = assignment.changed() => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
+        let run = format!("r{:016x}", fastrand::u64(..));
+        let committer = Arc::new(LeaseCommitter {
+            shared: Arc::clone(shared),
+            run: run.clone(),
+            checkpoints: checkpoints.clone(),
+            out: out.clone(),
+            initial: leases
+                .iter()
+                .map(|(k, l)| {
+                    let initial = if l.checkpoint == AT_TIMESTAMP {
+                        AT_TIMESTAMP
+                    } else {
+                        TRIM_HORIZON
+                    };
+                    (k.clone(), initial.to_string())
+                })
+                .collect(),
+            ended: Mutex::default(),
+            pinned: Mutex::default(),
+            previous: Mutex::default(),
+        });
+        let job = match prepare_run(
+            shared,
+            config,
+            out,
+            checkpoints,
+            &leases,
+            &run,
+            Arc::clone(&committer) as Arc<dyn CommitTarget>,
+        )
+        .await
+        {
+            Ok(job) => job,
+            Err(e) => {
+                failures += 1;
+                tracing::error!(error = %e, "preparing a run failed; retrying");
+                tokio::time::sleep(crate::kinesis::backoff(
+                    failures,
+                    Duration::from_millis(500),
+                    Duration::from_secs(30),
+                ))
+                .await;
+                continue;
+            }
+        };
+        shared.status.update(|s| {
+            s.runs += 1;
+            s.current = Some((job.metrics(), job.reader_counters()));
+        });
+        tracing::info!(%run, shards = ?leases.keys().collect::<Vec<_>>(), "run started");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut task = tokio::spawn(job.run(stop_rx));
+        let mut finished: Option<Result<(), JobError>> = None;
+        loop {
+            tokio::select! {
+                changed = assignment.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let now = assignment.borrow().clone();
+                    let ended = committer.ended.lock().expect("not poisoned").clone();
+                    let running: Vec<&String> = leases.keys().filter(|k| !ended.contains(*k)).collect();
+                    if now.keys().ne(running.into_iter()) {
+                        // More changes often follow in the same round: let them land.
+                        tokio::time::sleep(settle).await;
+                        break;
+                    }
+                }
+                _ = shutdown.changed() => break,
+                joined = &mut task => {
+                    finished = Some(match joined {
+                        Ok(r) => r.map(|_| ()),
+                        Err(e) => Err(JobError::Panic(e.to_string())),
+                    });
+                    break;
+                }
+            }
+        }
+        if finished.is_none() {
+            stop_tx.send_replace(true);
+            finished = Some(
+                match tokio::time::timeout(Duration::from_secs(120), &mut task).await {
+                    Ok(Ok(r)) => r.map(|_| ()),
+                    Ok(Err(e)) => Err(JobError::Panic(e.to_string())),
+                    Err(_) => {
+                        task.abort();
+                        Err(JobError::Closed("run did not stop"))
+                    }
+                },
+            );
+        }
+        shared.status.update(|s| s.current = None);
+        match finished.expect("set") {
+            Ok(()) => {
+                failures = 0;
+                tracing::info!(%run, "run stopped");
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(%run, error = %e, "run ended with an error; restarting from the last committed checkpoint");
+                tokio::time::sleep(crate::kinesis::backoff(
+                    failures.min(6),
+                    Duration::from_millis(200),
+                    Duration::from_secs(10),
+                ))
+                .await;
+            }
+        }
+    }
+}
+
+/// Restores the state of `leases` and builds the run's job.
+async fn prepare_run(
+    shared: &Arc<Shared>,
+    config: &PipelineConfig,
+    out: &Location,
+    checkpoints: &Location,
+    leases: &BTreeMap<String, Lease>,
+    run: &str,
+    target: Arc<dyn CommitTarget>,
+) -> Result<StreamJob, JobError> {
+    // The leases as they are now (the assignment may be older than the last checkpoint).
+    let table = shared.table.list().await.map_err(lease_error)?;
+    let mut fresh = BTreeMap::new();
+    for l in &table {
+        if leases.contains_key(&l.key) {
+            if l.owner.as_deref() != Some(shared.book.lock().await.me()) {
+                return Err(JobError::Config(format!(
+                    "lease {} moved to {:?}",
+                    l.key, l.owner
+                )));
+            }
+            fresh.insert(l.key.clone(), l.clone());
+        }
+    }
+    let leases = &fresh;
+    let sources = restore_sources(leases, &table);
+    let mut restore = Vec::new();
+    for (path, ranges) in sources {
+        // A committed epoch's files are published before its state is used.
+        if let Some((prev_run, epoch)) = parse_state_path(&path) {
+            let moved = publish(out, prev_run, epoch)
+                .await
+                .map_err(CheckpointError::from)?;
+            if moved > 0 {
+                tracing::info!(
+                    run = prev_run,
+                    epoch,
+                    moved,
+                    "published files of a committed epoch"
+                );
+            }
+        }
+        let bytes = checkpoints
+            .store
+            .get(&checkpoints.child(&path))
+            .await
+            .map_err(crate::checkpoint::CheckpointError::from)?
+            .bytes()
+            .await
+            .map_err(crate::checkpoint::CheckpointError::from)?;
+        let checkpoint: Checkpoint = postcard::from_bytes(&bytes).map_err(|e| {
+            JobError::from(CheckpointError::Corrupt {
+                path: path.clone(),
+                reason: e.to_string(),
+            })
+        })?;
+        restore.push(Restore {
+            checkpoint,
+            keys: Some(KeyRanges::new(ranges)),
+        });
+    }
+    let positions = SourcePositions {
+        stream: config.source.kinesis.stream.clone(),
+        start_ms: None,
+        shards: leases
+            .iter()
+            .map(|(k, l)| {
+                (
+                    k.clone(),
+                    ShardPosition {
+                        parents: Vec::new(),
+                        sequence: l.sequence().map(str::to_string),
+                        finished: false,
+                        max_ts: l.max_ts,
+                    },
+                )
+            })
+            .collect(),
+    };
+    let starts = leases
+        .iter()
+        .map(|(k, l)| {
+            (
+                k.clone(),
+                (l.checkpoint == AT_TIMESTAMP)
+                    .then_some(l.start_ms)
+                    .flatten(),
+            )
+        })
+        .collect();
+    let source = KinesisSource::new(config, Some(&positions))
+        .await
+        .only(starts);
+    let staging = out.sub(&format!("_staging/{run}"));
+    StreamJob::leased(config, source, restore, staging, target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(key: &str, parents: &[&str], range: (u128, u128), state: Option<&str>) -> Lease {
+        let mut l = Lease::new(
+            key,
+            parents.iter().map(|p| p.to_string()).collect(),
+            HashRange {
+                start: range.0,
+                end: range.1,
+            },
+            TRIM_HORIZON,
+        );
+        l.state = state.map(str::to_string);
+        l
+    }
+
+    #[test]
+    fn state_paths_round_trip() {
+        let p = state_path("r00ff", 42);
+        assert_eq!(parse_state_path(&p), Some(("r00ff", 42)));
+        assert_eq!(parse_state_path("state/x/other.bin"), None);
+    }
+
+    #[test]
+    fn children_restore_from_their_parents_ranges() {
+        // A split: p (0..=99) into a (0..=49) and b (50..=99); then a merge of b and c.
+        let table = vec![
+            lease("p", &[], (0, 99), Some("state/r1/chk-0000000003.bin")),
+            lease("a", &["p"], (0, 49), Some("state/r2/chk-0000000007.bin")),
+            lease("b", &["p"], (50, 99), None),
+            lease("c", &[], (100, 199), Some("state/r3/chk-0000000001.bin")),
+            lease("m", &["b", "c"], (50, 199), None),
+        ];
+        let wanted: BTreeMap<String, Lease> = ["a", "m"]
+            .iter()
+            .map(|k| {
+                (
+                    k.to_string(),
+                    table.iter().find(|l| l.key == *k).unwrap().clone(),
+                )
+            })
+            .collect();
+        let sources = restore_sources(&wanted, &table);
+        let r = |a, b| HashRange { start: a, end: b };
+        assert_eq!(sources["state/r2/chk-0000000007.bin"], vec![r(0, 49)]);
+        // m's keys 50..=99 come from p through b (never checkpointed), 100..=199 from c.
+        assert_eq!(sources["state/r1/chk-0000000003.bin"], vec![r(50, 99)]);
+        assert_eq!(sources["state/r3/chk-0000000001.bin"], vec![r(100, 199)]);
+        assert_eq!(sources.len(), 3);
+    }
+}
