@@ -42,12 +42,22 @@ pub enum CheckpointError {
     /// The store failed.
     #[error("checkpoint store: {0}")]
     Store(#[from] object_store::Error),
-    /// A lease of the checkpoint is held by another worker now: nothing was committed.
+    /// The checkpoint was refused: a lease of it moved to another worker, or its run is
+    /// over. Nothing of it was committed.
     #[error("checkpoint {epoch} not committed: {reason}")]
     Fenced {
         /// The epoch.
         epoch: u64,
-        /// Which lease moved.
+        /// Why.
+        reason: String,
+    },
+    /// The lease table did not confirm the checkpoint (it may or may not have landed);
+    /// trying again with the same idempotency token settles it.
+    #[error("checkpoint {epoch} not confirmed: {reason}")]
+    Unconfirmed {
+        /// The epoch.
+        epoch: u64,
+        /// What the table said.
         reason: String,
     },
     /// An object could not be decoded.

@@ -147,8 +147,14 @@ impl EventTimeGate {
 
     /// Replaces the gate's state with the union of saved parts, each restricted to the
     /// resources of its key ranges (`None`: all of its rows): a scaled-out worker gathers its
-    /// shards' held rows from the checkpoints of their previous owners. The clocks are the
-    /// most conservative of the parts: the newest `max_ts`, the oldest watermark.
+    /// shards' held rows from the checkpoints of their previous owners. `max_ts` is the
+    /// newest of the parts. The watermark is the oldest of them, except when a part is
+    /// restricted: then it starts unset and the source's restored shard positions set it.
+    /// A saved watermark is the previous owner's, made of *its* shards: after a shard's end
+    /// its sibling moved it on while the shard's children had not been read, and rows of
+    /// those children would wrongly count as late under it. Starting lower is safe: held
+    /// rows stay held until the new watermark passes them, and a resource's new rows come
+    /// after its old ones.
     pub fn restore_parts(
         &mut self,
         parts: &[(&GateState, Option<&crate::lease::KeyRanges>)],
@@ -183,7 +189,8 @@ impl EventTimeGate {
         }
         self.pending = pending;
         self.max_ts = max_ts;
-        self.watermark = if parts.is_empty() {
+        let restricted = parts.iter().any(|(_, keys)| keys.is_some());
+        self.watermark = if parts.is_empty() || restricted {
             i64::MIN
         } else {
             watermark

@@ -670,11 +670,14 @@ fn restore_worker(
         }
     }
     // Tags are looked up by resource, which need not be the routing column: every worker
-    // gets them all (extra entries are never read).
+    // gets them all (extra entries are never read), but only of the resources this saved
+    // state supplies (a scaled-out worker's shards).
     if let Some(tags) = tags {
         for state in saved {
             for (resource, values) in &state.tags {
-                tags.latest.insert(resource.clone(), values.clone());
+                if owner.keys.as_ref().is_none_or(|k| k.contains_key(resource)) {
+                    tags.latest.insert(resource.clone(), values.clone());
+                }
             }
         }
     }

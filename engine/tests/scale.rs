@@ -50,7 +50,12 @@ impl Cluster {
         let endpoint = kinesis.endpoint();
         let client = client(&endpoint).await;
         create_stream(&client, "metrics", shards).await;
-        let dir = tempfile::tempdir().unwrap();
+        // HEALER_KEEP_TEST_DIR=1 keeps the logs, lease table dumps and outputs of a run.
+        let dir = tempfile::Builder::new()
+            .disable_cleanup(std::env::var_os("HEALER_KEEP_TEST_DIR").is_some())
+            .tempdir()
+            .unwrap();
+        eprintln!("test directory {}", dir.path().display());
         let expected = replay(&batches, dir.path()).await;
         let out = dir.path().join("log");
         let config = dir.path().join("worker.toml");
@@ -320,18 +325,22 @@ async fn added_worker_takes_a_share_and_a_killed_ones_shards_move_without_loss()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_and_merge_while_two_workers_run() {
     let c = Cluster::new(Server::kinesis_local(), 2, fleet(10, 600, 3)).await;
-    let mut workers = vec![("w1", c.spawn("w1")), ("w2", c.spawn("w2"))];
-    wait(
-        &c,
-        "2 workers share 2 leases",
-        Duration::from_secs(60),
-        || c.owned("w1").len() == 1 && c.owned("w2").len() == 1,
-    )
+    // One worker reads both shards through the split (a parent ends while its sibling
+    // goes on in the same run), then a second one joins for the merge.
+    let mut workers = vec![("w1", c.spawn("w1"))];
+    wait(&c, "w1 takes both leases", Duration::from_secs(60), || {
+        c.owned("w1").len() == 2
+    })
     .await;
     let third = c.batches.len() / 3;
     produce(&c.endpoint, "metrics", &c.batches[..third], 10).await;
     let first = split_first_shard(&c.kinesis).await;
     produce(&c.endpoint, "metrics", &c.batches[third..2 * third], 10).await;
+    workers.push(("w2", c.spawn("w2")));
+    wait(&c, "w2 gets a share", Duration::from_secs(60), || {
+        !c.owned("w2").is_empty()
+    })
+    .await;
     let shards = c
         .kinesis
         .list_shards()

@@ -1,11 +1,11 @@
 //! One worker's leases and the protocol that moves them.
 //!
 //! # Ownership
-//! A worker *holds* a lease from a successful take until `duration` after it last sent a
-//! successful write to it (a renewal, a take or a checkpoint), measured on its own clock from
-//! when it *sent* the write. Another worker takes a lease only when its counter has not
-//! changed for `duration` on *its* clock since it first saw that counter, which is after the
-//! owner sent its last write: so the old owner's hold has ended before the new one begins
+//! A worker *holds* a lease from a successful take until `duration − safety` after it last
+//! sent a successful write to it (a renewal, a take or a checkpoint), measured on its own
+//! clock from when it *sent* the write; `safety` leaves it time to stop reading the shard. Another worker takes a lease only when its counter has not
+//! changed for `duration` on *its* clock since it first saw that counter (the clock read after
+//! the listing that showed it), which is after the owner sent its last write: so the old owner's hold has ended before the new one begins
 //! (clocks may be offset, not run at different rates). Every write is conditional on the
 //! counter, so a worker that lost a lease without noticing cannot write to it either.
 //!
@@ -13,8 +13,8 @@
 //! A lease is *processable* when it is not read to its end and each of its parents is
 //! (or has no lease). Each round a worker aims at `ceil(processable / workers)` leases,
 //! where workers are the owners of live leases plus itself. Below that it takes expired or
-//! free leases; when there are none, it asks the most loaded worker (if that one holds more
-//! at least two more than this one) to hand over at most `max_steals` leases by writing `healerHandoffTo`.
+//! free leases; when there are none, it asks the most loaded worker (if that one holds at
+//! least two more than this one) to hand over at most `max_steals` leases by writing `healerHandoffTo`.
 //! The owner sees the request at its next renewal, stops processing the lease, checkpoints
 //! it and releases it, and the asker takes it at once: a handoff has neither a gap of
 //! `duration` nor two workers reading one shard (a KCL steal has both risks).
@@ -33,6 +33,8 @@ pub struct LeaseSettings {
     pub max_steals: usize,
     /// Leases held at most.
     pub max_leases: usize,
+    /// A hold ends this long before others may take the lease (time to stop reading).
+    pub safety: Duration,
 }
 
 /// Counters of one worker's lease activity.
@@ -63,7 +65,7 @@ pub struct LeaseBook {
     held: BTreeMap<String, Held>,
     /// Per lease in the table: the counter last seen and since when (local time).
     seen: HashMap<String, (u64, Duration)>,
-    /// Leases another worker asked for: not processed, released after their checkpoint.
+    /// Leases another worker asked for: not processed, released once no run reads them.
     releasing: BTreeSet<String>,
     /// Handoffs this worker asked for, and when.
     asked: HashMap<String, Duration>,
@@ -146,21 +148,27 @@ impl LeaseBook {
     /// Renews every held lease. A lease that changed under us is lost; one that cannot be
     /// renewed (the table unreachable) is dropped once its hold has run out.
     pub async fn renew(&mut self, table: &LeaseTable, now: Duration) -> Result<(), LeaseError> {
-        let mut failure = None;
         let keys: Vec<(String, u64)> = self
             .held
             .iter()
             .map(|(k, h)| (k.clone(), h.lease.counter))
             .collect();
-        for (key, counter) in keys {
-            match table.renew(&key, &self.me, counter).await {
+        // All at once: one slow write must not make the others late.
+        let results = futures::future::join_all(
+            keys.iter()
+                .map(|(key, counter)| table.renew(key, &self.me, *counter)),
+        )
+        .await;
+        let mut failure = None;
+        for ((key, _), result) in keys.into_iter().zip(results) {
+            match result {
                 Ok(lease) => {
                     if lease.handoff_to.as_ref().is_some_and(|w| *w != self.me)
                         && self.releasing.insert(key.clone())
                     {
                         tracing::info!(lease = %key, to = ?lease.handoff_to, "handing lease over");
                     }
-                    let until = now + self.settings.duration;
+                    let until = self.hold_from(now);
                     self.held.insert(key, Held { lease, until });
                 }
                 Err(LeaseError::Conflict(_)) => self.lose(&key, "changed by another worker"),
@@ -175,9 +183,21 @@ impl LeaseBook {
         failure.map_or(Ok(()), Err)
     }
 
+    /// The end of a hold confirmed by a write sent at `sent`.
+    fn hold_from(&self, sent: Duration) -> Duration {
+        sent + self.settings.duration.saturating_sub(self.settings.safety)
+    }
+
     /// Lists the table, then takes leases or asks for them to reach this worker's share.
-    pub async fn balance(&mut self, table: &LeaseTable, now: Duration) -> Result<(), LeaseError> {
+    /// `clock` is the local time, read after the listing arrives (a write the listing missed
+    /// was sent before that).
+    pub async fn balance(
+        &mut self,
+        table: &LeaseTable,
+        clock: &(dyn Fn() -> Duration + Sync),
+    ) -> Result<(), LeaseError> {
         let leases = table.list().await?;
+        let now = clock();
         for l in &leases {
             let entry = self.seen.entry(l.key.clone()).or_insert((l.counter, now));
             if entry.0 != l.counter {
@@ -331,7 +351,7 @@ impl LeaseBook {
                     self.counters.asked += 1;
                 }
                 Err(LeaseError::Conflict(_)) => {}
-                Err(e) => return Err(e),
+                Err(e) => tracing::warn!(lease = %l.key, error = %e, "asking for a lease failed"),
             }
         }
         Ok(())
@@ -349,28 +369,31 @@ impl LeaseBook {
                 tracing::info!(lease = %lease.key, worker = %self.me, from = ?l.owner, "lease taken");
                 self.asked.remove(&lease.key);
                 self.seen.insert(lease.key.clone(), (lease.counter, now));
-                self.held.insert(
-                    lease.key.clone(),
-                    Held {
-                        lease,
-                        until: now + self.settings.duration,
-                    },
-                );
+                let until = self.hold_from(now);
+                self.held.insert(lease.key.clone(), Held { lease, until });
                 self.counters.taken += 1;
                 Ok(true)
             }
             Err(LeaseError::Conflict(_)) => Ok(false),
-            Err(e) => Err(e),
+            // One lease the table will not take now does not stop the others.
+            Err(e) => {
+                tracing::warn!(lease = %l.key, error = %e, "taking a lease failed");
+                Ok(false)
+            }
         }
     }
 
     /// Writes a checkpoint to every lease in `updates` in one transaction. Every key must be
-    /// held; on a conflict nothing is written and the lease is lost.
+    /// held; on a conflict nothing is written and the lease is lost. A store error is tried
+    /// again (with the same idempotency `token`, so a commit that went through is not
+    /// mistaken for a conflict); if it persists, the outcome is unknown and the caller must
+    /// not publish.
     pub async fn commit(
         &mut self,
         table: &LeaseTable,
         now: Duration,
         updates: Vec<(String, String, String, Option<i64>)>,
+        token: &str,
     ) -> Result<(), LeaseError> {
         let mut writes = Vec::with_capacity(updates.len());
         for (key, checkpoint, state, max_ts) in updates {
@@ -386,7 +409,18 @@ impl LeaseBook {
                 max_ts,
             });
         }
-        match table.commit(&self.me, &writes).await {
+        let mut attempt = 0;
+        let result = loop {
+            match table.commit(&self.me, &writes, token).await {
+                Err(LeaseError::Store(e)) if attempt < 3 => {
+                    tracing::warn!(error = %e, "lease commit failed; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+                other => break other,
+            }
+        };
+        match result {
             Ok(()) => {
                 for w in writes {
                     let h = self.held.get_mut(&w.key).expect("checked");
@@ -395,7 +429,7 @@ impl LeaseBook {
                     h.lease.state = Some(w.state);
                     h.lease.max_ts = w.max_ts;
                     h.lease.owner_switches = 0;
-                    h.until = now + self.settings.duration;
+                    h.until = now + self.settings.duration.saturating_sub(self.settings.safety);
                 }
                 Ok(())
             }
@@ -407,8 +441,8 @@ impl LeaseBook {
         }
     }
 
-    /// Releases held leases (after their last checkpoint): a free lease is taken at once
-    /// by whoever needs it.
+    /// Releases held leases (once no run reads them): a free lease is taken at once by
+    /// whoever needs it.
     pub async fn release(&mut self, table: &LeaseTable, keys: &[String]) -> Result<(), LeaseError> {
         for key in keys {
             let Some(held) = self.held.get(key) else {
@@ -484,6 +518,7 @@ mod tests {
             duration: DURATION,
             max_steals: 1,
             max_leases: 100,
+            safety: Duration::from_secs(1),
         }
     }
 
@@ -549,7 +584,7 @@ mod tests {
                         Op::Round(w) if w < workers => {
                             let t = local(now, w);
                             books[w].renew(&table, t).await.unwrap();
-                            books[w].balance(&table, t).await.unwrap();
+                            books[w].balance(&table, &|| t).await.unwrap();
                         }
                         Op::Checkpoint(w, finish) if w < workers => {
                             let t = local(now, w);
@@ -563,7 +598,7 @@ mod tests {
                                 })
                                 .collect();
                             let before = table.list().await.unwrap();
-                            let ok = books[w].commit(&table, t, updates.clone()).await.is_ok();
+                            let ok = books[w].commit(&table, t, updates.clone(), "t").await.is_ok();
                             if ok {
                                 // Only the holder wrote, and only leases it owned.
                                 for (k, _, _, _) in &updates {
@@ -592,7 +627,7 @@ mod tests {
                         book.renew(&table, t).await.unwrap();
                         let release = book.to_release();
                         book.release(&table, &release).await.unwrap();
-                        book.balance(&table, t).await.unwrap();
+                        book.balance(&table, &|| t).await.unwrap();
                     }
                     check_single_holder(&books, now, &keys);
                     now += Duration::from_secs(3);

@@ -29,10 +29,11 @@ use aws_config::timeout::TimeoutConfig;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::{Credentials, Region};
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
-    ProvisionedThroughput, ReturnValue, ScalarAttributeType, TableStatus, TransactWriteItem,
-    Update,
+    ProvisionedThroughput, ReturnValue, ReturnValuesOnConditionCheckFailure, ScalarAttributeType,
+    TableStatus, TransactWriteItem, Update,
 };
 
 use super::HashRange;
@@ -409,7 +410,8 @@ impl LeaseTable {
         }
     }
 
-    /// Adds `child` to the `childShardIds` of `parent` (no condition: it only grows).
+    /// Adds `child` to the `childShardIds` of `parent` (a set: adding twice is harmless;
+    /// only a missing parent lease is skipped).
     pub async fn add_child(&self, parent: &str, child: &str) -> Result<(), LeaseError> {
         match self {
             Self::Memory(m) => {
@@ -458,6 +460,9 @@ impl LeaseTable {
         }
     }
 
+    /// One conditional `UpdateItem`. The SDK retries a call whose answer was lost, and
+    /// the retry of a write that was applied fails its condition: when the item as it is
+    /// now shows our write (`applied`), that is success, not a conflict.
     async fn dynamo_update(
         client: &Client,
         table: &str,
@@ -465,6 +470,7 @@ impl LeaseTable {
         update: &str,
         condition: &str,
         values: Vec<(&str, AttributeValue)>,
+        applied: impl Fn(&Lease) -> bool,
     ) -> Result<Lease, LeaseError> {
         let mut call = client
             .update_item()
@@ -472,7 +478,8 @@ impl LeaseTable {
             .key("leaseKey", s(key))
             .update_expression(update)
             .condition_expression(condition)
-            .return_values(ReturnValue::AllNew);
+            .return_values(ReturnValue::AllNew)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
         for (k, v) in values {
             call = call.expression_attribute_values(k, v);
         }
@@ -480,7 +487,18 @@ impl LeaseTable {
             Ok(out) => lease_of(out.attributes().ok_or_else(|| {
                 LeaseError::Store(format!("lease {key}: UpdateItem returned no item"))
             })?),
-            Err(e) if is_conditional(&e) => Err(LeaseError::Conflict(key.to_string())),
+            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => {
+                let now = match e.err() {
+                    UpdateItemError::ConditionalCheckFailedException(c) => {
+                        c.item().map(lease_of).transpose()?
+                    }
+                    _ => None,
+                };
+                match now {
+                    Some(lease) if applied(&lease) => Ok(lease),
+                    _ => Err(LeaseError::Conflict(key.to_string())),
+                }
+            }
             Err(e) => Err(store_error("UpdateItem", &e)),
         }
     }
@@ -507,6 +525,7 @@ impl LeaseTable {
                         (":c", n(counter)),
                         (":me", s(me)),
                     ],
+                    |l| l.counter == counter + 1 && l.owner.as_deref() == Some(me),
                 )
                 .await
             }
@@ -535,7 +554,8 @@ impl LeaseTable {
                     table,
                     key,
                     "SET leaseOwner = :me, leaseCounter = :next, \
-                     ownerSwitchesSinceCheckpoint = ownerSwitchesSinceCheckpoint + :one \
+                     ownerSwitchesSinceCheckpoint = \
+                     if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one \
                      REMOVE healerHandoffTo",
                     "leaseCounter = :c",
                     vec![
@@ -543,7 +563,9 @@ impl LeaseTable {
                         (":next", n(counter + 1)),
                         (":c", n(counter)),
                         (":one", n(1)),
+                        (":zero", n(0)),
                     ],
+                    |l| l.counter == counter + 1 && l.owner.as_deref() == Some(me),
                 )
                 .await
             }
@@ -562,7 +584,11 @@ impl LeaseTable {
             Self::Memory(m) => Self::memory_update(
                 m,
                 key,
-                |l| l.counter == counter && l.owner.as_deref() == Some(owner),
+                |l| {
+                    l.counter == counter
+                        && l.owner.as_deref() == Some(owner)
+                        && l.handoff_to.is_none()
+                },
                 |l| l.handoff_to = Some(me.to_string()),
             )
             .map(|_| ()),
@@ -571,8 +597,10 @@ impl LeaseTable {
                 table,
                 key,
                 "SET healerHandoffTo = :me",
-                "leaseCounter = :c AND leaseOwner = :owner",
+                "leaseCounter = :c AND leaseOwner = :owner \
+                 AND attribute_not_exists(healerHandoffTo)",
                 vec![(":me", s(me)), (":c", n(counter)), (":owner", s(owner))],
+                |l| l.counter == counter && l.handoff_to.as_deref() == Some(me),
             )
             .await
             .map(|_| ()),
@@ -604,6 +632,7 @@ impl LeaseTable {
                         (":c", n(counter)),
                         (":me", s(me)),
                     ],
+                    |l| l.counter == counter + 1 && l.owner.is_none(),
                 )
                 .await
             }
@@ -613,7 +642,15 @@ impl LeaseTable {
     /// Writes one checkpoint to every lease in `updates`, all or none: each write is
     /// conditional on `me` owning the lease at its counter, and bumps the counter. On a
     /// conflict nothing is written and the error names a lease that changed.
-    pub async fn commit(&self, me: &str, updates: &[LeaseCheckpoint]) -> Result<(), LeaseError> {
+    ///
+    /// `token` makes the transaction idempotent for ten minutes: a retry of a commit whose
+    /// answer was lost succeeds instead of failing its conditions.
+    pub async fn commit(
+        &self,
+        me: &str,
+        updates: &[LeaseCheckpoint],
+        token: &str,
+    ) -> Result<(), LeaseError> {
         if updates.is_empty() {
             return Ok(());
         }
@@ -637,7 +674,7 @@ impl LeaseTable {
                 Ok(())
             }
             Self::Dynamo { client, table } => {
-                let mut call = client.transact_write_items();
+                let mut call = client.transact_write_items().client_request_token(token);
                 for u in updates {
                     let mut update = Update::builder()
                         .table_name(table)

@@ -147,6 +147,8 @@ struct Shared {
     assignment: watch::Sender<BTreeMap<String, Lease>>,
     sync_now: Notify,
     status: Arc<WorkerStatus>,
+    /// The shards the current run reads (guarded by the book's lock for writers).
+    running: Mutex<BTreeSet<String>>,
 }
 
 impl Shared {
@@ -237,12 +239,13 @@ async fn sync_shards(
     config: &PipelineConfig,
 ) -> Result<usize, JobError> {
     let shards = list_shards(client, &config.source.kinesis.stream).await?;
-    let existing: BTreeSet<String> = table
+    // Each lease's start time (ms) when it starts at one: its children start there too.
+    let mut starts: BTreeMap<String, Option<i64>> = table
         .list()
         .await
         .map_err(lease_error)?
         .into_iter()
-        .map(|l| l.key)
+        .map(|l| (l.key, l.start_ms))
         .collect();
     let listed: BTreeSet<&str> = shards.iter().map(|s| s.id.as_str()).collect();
     let k = &config.source.kinesis;
@@ -278,25 +281,30 @@ async fn sync_shards(
     }
     let mut created = 0;
     for s in order {
-        if existing.contains(&s.id) {
+        if starts.contains_key(&s.id) {
             continue;
         }
-        let has_parent = s
+        let parents: Vec<Option<i64>> = s
             .parents
             .iter()
-            .any(|p| existing.contains(p) || listed.contains(p.as_str()));
+            .filter_map(|p| starts.get(p).copied())
+            .collect();
         let mut lease = Lease::new(&s.id, s.parents.clone(), s.range, TRIM_HORIZON);
-        if !has_parent {
+        if parents.is_empty() {
+            lease.start_ms = start_ms;
             match (k.start.as_str(), start_ms) {
                 // Started at "latest": a shard closed before now has nothing new.
                 ("latest", _) if s.closed => lease.checkpoint = SHARD_END.into(),
-                (_, Some(ms)) => {
-                    lease.checkpoint = AT_TIMESTAMP.into();
-                    lease.start_ms = Some(ms);
-                }
+                (_, Some(_)) => lease.checkpoint = AT_TIMESTAMP.into(),
                 _ => {}
             }
+        } else if let Some(ms) = parents.into_iter().flatten().min() {
+            // A child starts where the job starts, like its parents: the whole child if it
+            // was made after that time, none of its history from before.
+            lease.checkpoint = AT_TIMESTAMP.into();
+            lease.start_ms = Some(ms);
         }
+        starts.insert(s.id.clone(), lease.start_ms);
         if table.create(&lease).await.map_err(lease_error)? {
             tracing::info!(shard = %s.id, checkpoint = %lease.checkpoint, "lease created");
             created += 1;
@@ -326,6 +334,15 @@ struct LeaseCommitter {
     /// Epochs whose state objects a finished lease points to: never pruned.
     pinned: Mutex<BTreeSet<u64>>,
     previous: Mutex<Option<u64>>,
+    /// Set when a shard's end was committed: the run still holds that shard's resources
+    /// (rows waiting in the gate, windows), which its children now restore, so nothing
+    /// the run does later may be committed. It is restarted without the shard.
+    superseded: std::sync::atomic::AtomicBool,
+    /// Set by the runner when the run is over (stopped, failed or abandoned): a commit
+    /// still in flight from it must not land next to the next run's.
+    closed: std::sync::atomic::AtomicBool,
+    /// Wakes the runner when the run is superseded.
+    restart: Notify,
 }
 
 /// The object holding run `run`'s state at `epoch`, relative to the checkpoint location.
@@ -416,9 +433,21 @@ impl LeaseCommitter {
             updates.push((id.clone(), cp, rel.clone(), pos.max_ts));
         }
         let committed = {
+            use std::sync::atomic::Ordering::SeqCst;
             let mut book = self.shared.book.lock().await;
+            if self.closed.load(SeqCst) || self.superseded.load(SeqCst) {
+                return Err(CheckpointError::Fenced {
+                    epoch,
+                    reason: format!("run {} is over", self.run),
+                });
+            }
             let now = self.shared.now();
-            book.commit(&self.shared.table, now, updates).await
+            let token = format!("{}-{epoch}", self.run);
+            let committed = book.commit(&self.shared.table, now, updates, &token).await;
+            if committed.is_ok() && !finishing.is_empty() {
+                self.superseded.store(true, SeqCst);
+            }
+            committed
         };
         match committed {
             Ok(()) => {}
@@ -428,18 +457,17 @@ impl LeaseCommitter {
                     reason: format!("lease {key} is no longer ours"),
                 });
             }
-            Err(e) => {
-                return Err(CheckpointError::Fenced {
-                    epoch,
-                    reason: e.to_string(),
-                });
+            // The outcome is unknown: the coordinator tries again with the same token.
+            Err(LeaseError::Store(reason)) => {
+                return Err(CheckpointError::Unconfirmed { epoch, reason });
             }
         }
         if !finishing.is_empty() {
-            tracing::info!(shards = ?finishing, epoch, "shards committed at their end");
+            tracing::info!(shards = ?finishing, epoch, "shards committed at their end; the run restarts without them");
             self.ended.lock().expect("not poisoned").extend(finishing);
             self.pinned.lock().expect("not poisoned").insert(epoch);
             self.shared.sync_now.notify_one();
+            self.restart.notify_one();
         }
         // The epoch is committed: its files go into the log. A failure here loses nothing
         // (the next checkpoint, or whoever restores this state, moves them).
@@ -450,7 +478,8 @@ impl LeaseCommitter {
                 0
             }
         };
-        // The state object before the previous one is not needed, unless pinned.
+        // The previous state object is not needed any more (every lease of the run points to
+        // this one now), unless a finished lease points to it.
         let prune = self.previous.lock().expect("not poisoned").replace(epoch);
         if let Some(old) = prune
             && !self.pinned.lock().expect("not poisoned").contains(&old)
@@ -525,6 +554,18 @@ pub async fn run_worker(
     status: Arc<WorkerStatus>,
 ) -> Result<WorkerSummary, JobError> {
     crate::job::validated(config)?;
+    // Rules that cannot move with shards are rejected before joining the table.
+    let schema = crate::kinesis::decode::record_schema(&config.source.schema);
+    let rules = crate::job::compile_rules(config, Arc::clone(&schema))?;
+    let routing = crate::job::partition_column(&rules, &schema);
+    if routing.as_deref() != Some(healer_operators::schema::RESOURCE) {
+        return Err(JobError::Config(format!(
+            "scale-out moves state with shards, so every window must partition by `{}` (the \
+             records' partition key); these rules partition by {}",
+            healer_operators::schema::RESOURCE,
+            routing.map_or("nothing in common".to_string(), |r| format!("`{r}`"))
+        )));
+    }
     let lease_config = &config.lease;
     let table = LeaseTable::dynamodb(lease_config, &config.source.kinesis)
         .await
@@ -540,6 +581,8 @@ pub async fn run_worker(
         duration: PipelineConfig::duration(&lease_config.duration),
         max_steals: lease_config.max_steals.max(1),
         max_leases: lease_config.max_leases,
+        // Time to notice a lost hold and stop reading the shard before anyone may take it.
+        safety: PipelineConfig::duration(&lease_config.renew_interval),
     };
     let (assignment, _) = watch::channel(BTreeMap::new());
     let shared = Arc::new(Shared {
@@ -549,6 +592,7 @@ pub async fn run_worker(
         assignment,
         sync_now: Notify::new(),
         status: Arc::clone(&status),
+        running: Mutex::default(),
     });
     let kinesis = crate::kinesis::client(&config.source.kinesis).await;
     // The first sync before anything else, so the table has leases to take.
@@ -613,14 +657,20 @@ async fn lease_loop(
         if let Err(e) = book.renew(&shared.table, shared.now()).await {
             tracing::warn!(error = %e, "renewing leases failed");
         }
-        // Finished leases are free for the table's bookkeeping; their state stays.
-        let finished = book.finished_held();
-        if !finished.is_empty()
-            && let Err(e) = book.release(&shared.table, &finished).await
+        // Finished leases, and leases asked for that no run reads any more, go now.
+        let running = shared.running.lock().expect("not poisoned").clone();
+        let release: Vec<String> = book
+            .to_release()
+            .into_iter()
+            .filter(|k| !running.contains(k))
+            .collect();
+        if !release.is_empty()
+            && let Err(e) = book.release(&shared.table, &release).await
         {
-            tracing::warn!(error = %e, "releasing finished leases failed");
+            tracing::warn!(error = %e, "releasing leases failed; trying again next round");
         }
-        if let Err(e) = book.balance(&shared.table, shared.now()).await {
+        let clock = || shared.now();
+        if let Err(e) = book.balance(&shared.table, &clock).await {
             tracing::warn!(error = %e, "balancing leases failed");
         }
         let assignment = book.assignment();
@@ -635,6 +685,14 @@ async fn lease_loop(
             *current = assignment;
             changed
         });
+    }
+}
+
+/// Sleeps `d`, or less if `shutdown` turns true.
+async fn nap(d: Duration, shutdown: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = shutdown.changed() => {}
     }
 }
 
@@ -653,17 +711,20 @@ async fn runner(
         if *shutdown.borrow() {
             return Ok(());
         }
-        // Leases handed over while no run processes them can go now: the run that last
-        // processed them has stopped after its last checkpoint (or failed, and then
-        // nothing after its last checkpoint was published).
-        {
-            let mut book = shared.book.lock().await;
-            let release = book.to_release();
-            if let Err(e) = book.release(&shared.table, &release).await {
-                tracing::warn!(error = %e, "releasing leases failed; they expire");
-            }
-        }
-        let leases = assignment.borrow_and_update().clone();
+        assignment.borrow_and_update();
+        // What to read, straight from the book (the published assignment may be a round
+        // old), marked as running under the book's lock so the lease loop keeps it.
+        let leases = {
+            let book = shared.book.lock().await;
+            let now = shared.now();
+            let leases: BTreeMap<String, Lease> = book
+                .assignment()
+                .into_iter()
+                .filter(|(k, _)| book.holds(k, now))
+                .collect();
+            *shared.running.lock().expect("not poisoned") = leases.keys().cloned().collect();
+            leases
+        };
         if leases.is_empty() {
             tokio::select! {
                 _ = assignment.changed() => {}
@@ -691,27 +752,30 @@ async fn runner(
             ended: Mutex::default(),
             pinned: Mutex::default(),
             previous: Mutex::default(),
+            superseded: Default::default(),
+            closed: Default::default(),
+            restart: Notify::new(),
         });
-        let job = match prepare_run(
-            shared,
-            config,
-            out,
-            checkpoints,
-            &leases,
-            &run,
-            Arc::clone(&committer) as Arc<dyn CommitTarget>,
-        )
-        .await
-        {
+        let target = Arc::clone(&committer) as Arc<dyn CommitTarget>;
+        let job = match prepare_run(shared, config, out, checkpoints, &leases, &run, target).await {
             Ok(job) => job,
             Err(e) => {
                 failures += 1;
-                tracing::error!(error = %e, "preparing a run failed; retrying");
-                tokio::time::sleep(crate::kinesis::backoff(
-                    failures,
-                    Duration::from_millis(500),
-                    Duration::from_secs(30),
-                ))
+                shared.running.lock().expect("not poisoned").clear();
+                if failures >= 5 {
+                    // Holding leases that cannot be processed would stall their shards for
+                    // everyone: give up, and the leases go to the other workers.
+                    return Err(e);
+                }
+                tracing::error!(error = %e, failures, "preparing a run failed; retrying");
+                nap(
+                    crate::kinesis::backoff(
+                        failures,
+                        Duration::from_millis(500),
+                        Duration::from_secs(30),
+                    ),
+                    &mut shutdown,
+                )
                 .await;
                 continue;
             }
@@ -732,13 +796,19 @@ async fn runner(
                     }
                     let now = assignment.borrow().clone();
                     let ended = committer.ended.lock().expect("not poisoned").clone();
-                    let running: Vec<&String> = leases.keys().filter(|k| !ended.contains(*k)).collect();
-                    if now.keys().ne(running.into_iter()) {
-                        // More changes often follow in the same round: let them land.
-                        tokio::time::sleep(settle).await;
+                    let running: BTreeSet<&String> =
+                        leases.keys().filter(|k| !ended.contains(*k)).collect();
+                    let current: BTreeSet<&String> = now.keys().collect();
+                    if current != running {
+                        // A lease lost or handed over: stop at once. Only more leases: let
+                        // the rest of the round land first, to restart once.
+                        if running.is_subset(&current) {
+                            tokio::time::sleep(settle).await;
+                        }
                         break;
                     }
                 }
+                _ = committer.restart.notified() => break,
                 _ = shutdown.changed() => break,
                 joined = &mut task => {
                     finished = Some(match joined {
@@ -762,20 +832,40 @@ async fn runner(
                 },
             );
         }
+        // The run is over: whatever of it is still in flight may not commit any more (the
+        // lock waits for a commit that is under way to land first).
+        committer
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        {
+            let _book = shared.book.lock().await;
+            shared.running.lock().expect("not poisoned").clear();
+        }
         shared.status.update(|s| s.current = None);
+        let superseded = committer
+            .superseded
+            .load(std::sync::atomic::Ordering::SeqCst);
         match finished.expect("set") {
             Ok(()) => {
                 failures = 0;
                 tracing::info!(%run, "run stopped");
             }
+            // Refused after a shard's end, as it should be.
+            Err(_) if superseded => {
+                failures = 0;
+                tracing::info!(%run, "run stopped after a shard's end");
+            }
             Err(e) => {
                 failures += 1;
                 tracing::warn!(%run, error = %e, "run ended with an error; restarting from the last committed checkpoint");
-                tokio::time::sleep(crate::kinesis::backoff(
-                    failures.min(6),
-                    Duration::from_millis(200),
-                    Duration::from_secs(10),
-                ))
+                nap(
+                    crate::kinesis::backoff(
+                        failures.min(6),
+                        Duration::from_millis(200),
+                        Duration::from_secs(10),
+                    ),
+                    &mut shutdown,
+                )
                 .await;
             }
         }
@@ -792,14 +882,16 @@ async fn prepare_run(
     run: &str,
     target: Arc<dyn CommitTarget>,
 ) -> Result<StreamJob, JobError> {
-    // The leases as they are now (the assignment may be older than the last checkpoint).
+    // The leases as the table has them now: they must still be ours, at the counter the
+    // book holds (so their state pointers are the latest).
     let table = shared.table.list().await.map_err(lease_error)?;
+    let me = shared.book.lock().await.me().to_string();
     let mut fresh = BTreeMap::new();
     for l in &table {
-        if leases.contains_key(&l.key) {
-            if l.owner.as_deref() != Some(shared.book.lock().await.me()) {
+        if let Some(held) = leases.get(&l.key) {
+            if l.owner.as_deref() != Some(me.as_str()) || l.counter < held.counter {
                 return Err(JobError::Config(format!(
-                    "lease {} moved to {:?}",
+                    "lease {} moved to {:?} before the run started",
                     l.key, l.owner
                 )));
             }
@@ -828,10 +920,10 @@ async fn prepare_run(
             .store
             .get(&checkpoints.child(&path))
             .await
-            .map_err(crate::checkpoint::CheckpointError::from)?
+            .map_err(CheckpointError::from)?
             .bytes()
             .await
-            .map_err(crate::checkpoint::CheckpointError::from)?;
+            .map_err(CheckpointError::from)?;
         let checkpoint: Checkpoint = postcard::from_bytes(&bytes).map_err(|e| {
             JobError::from(CheckpointError::Corrupt {
                 path: path.clone(),
@@ -864,12 +956,10 @@ async fn prepare_run(
     let starts = leases
         .iter()
         .map(|(k, l)| {
-            (
-                k.clone(),
-                (l.checkpoint == AT_TIMESTAMP)
-                    .then_some(l.start_ms)
-                    .flatten(),
-            )
+            let at = (l.checkpoint == AT_TIMESTAMP)
+                .then_some(l.start_ms)
+                .flatten();
+            (k.clone(), at)
         })
         .collect();
     let source = KinesisSource::new(config, Some(&positions))
@@ -895,6 +985,46 @@ mod tests {
         );
         l.state = state.map(str::to_string);
         l
+    }
+
+    #[tokio::test]
+    async fn publish_moves_committed_epochs_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Location::parse(
+            &dir.path().display().to_string(),
+            &crate::store::S3Config::default(),
+            true,
+        )
+        .unwrap();
+        let staged = |name: &str| dir.path().join("_staging/r1").join(name);
+        for name in [
+            "anomalies/date=2026-01-01/part-03-e0000000001-0000-aa.parquet",
+            "anomalies/date=2026-01-01/part-03-e0000000002-0000-bb.parquet",
+            "dead_letter/date=2026-01-01/part-e0000000003-00000-cc.parquet",
+        ] {
+            std::fs::create_dir_all(staged(name).parent().unwrap()).unwrap();
+            std::fs::write(staged(name), name).unwrap();
+        }
+        assert_eq!(publish(&out, "r1", 2).await.unwrap(), 2);
+        let published = dir
+            .path()
+            .join("anomalies/date=2026-01-01/r1-part-03-e0000000002-0000-bb.parquet");
+        assert!(published.exists());
+        assert_eq!(
+            epoch_of_file("r1-part-03-e0000000002-0000-bb.parquet"),
+            Some(2),
+            "the run prefix keeps the epoch readable"
+        );
+        // Epoch 3 is not committed: it stays staged. Publishing again moves nothing.
+        assert!(staged("dead_letter/date=2026-01-01/part-e0000000003-00000-cc.parquet").exists());
+        assert!(!dir.path().join("dead_letter").exists());
+        assert_eq!(publish(&out, "r1", 2).await.unwrap(), 0);
+        assert_eq!(publish(&out, "r1", 3).await.unwrap(), 1);
+        assert!(
+            dir.path()
+                .join("dead_letter/date=2026-01-01/r1-part-e0000000003-00000-cc.parquet")
+                .exists()
+        );
     }
 
     #[test]
