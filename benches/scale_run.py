@@ -10,9 +10,11 @@ serialises requests as DynamoDB is atomic) on 127.0.0.1, all in one run:
 2. Baseline: one `healer run` without leases reads the backlog (its `--status-file` shows
    the records read); its time is from process start to the last record read.
 3. For W = 1, 2, 4: W `healer run --worker-id` processes with a fresh lease table start at
-   once; the time is from their start to the moment every lease in the table holds its
-   shard's last sequence number as checkpoint (so it includes lease taking, balancing
-   restarts and the checkpoints that make the work durable).
+   once, each capped at its share of leases (`max_leases`), so the first one up does not
+   read everything before the others join. Its rate is over the time from their start to
+   the last record read (the sum of their status files), as for the baseline; the time
+   until every lease in the table holds its shard's last sequence number as checkpoint
+   (the work made durable, one checkpoint interval later at most) is reported too.
 4. Takeover: with 2 workers idle at the tip, one is killed with SIGKILL; the time is until
    the lease table shows every lease owned by the survivor (polled every 20 ms). Repeated
    `--kills` times (the killed worker is started again and the leases rebalance first).
@@ -89,7 +91,7 @@ def put_backlog(k, stream, args):
     return last
 
 
-def write_config(path, table, dynamo_port, interval):
+def write_config(path, table, dynamo_port, interval, max_leases=100):
     with open(path, "w") as f:
         f.write(f"""[source.kinesis]
 poll_interval = "200ms"
@@ -110,6 +112,7 @@ endpoint = "http://127.0.0.1:{dynamo_port}"
 duration = "10s"
 renew_interval = "3s"
 sync_interval = "10s"
+max_leases = {max_leases}
 """)
 
 
@@ -179,6 +182,16 @@ def summary(xs):
             "p95": xs[min(len(xs) - 1, int(0.95 * len(xs)))], "max": xs[-1]}
 
 
+class _kept:
+    def __enter__(self):
+        path = tempfile.mkdtemp(prefix="scale-run-")
+        print(f"logs in {path}", flush=True)
+        return path
+
+    def __exit__(self, *exc):
+        return False
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--healer", required=True)
@@ -189,6 +202,7 @@ def main():
     ap.add_argument("--kills", type=int, default=3)
     ap.add_argument("--interval", default="2s", help="checkpoint interval")
     ap.add_argument("--out")
+    ap.add_argument("--keep", action="store_true", help="keep the logs (printed path)")
     args = ap.parse_args()
     kin, kport = start_kinesalite()
     dyn, dport = start_dynamo()
@@ -198,7 +212,7 @@ def main():
     result = {"records": args.records, "shards": args.shards, "resources": args.resources,
               "checkpoint_interval": args.interval, "cores": os.cpu_count()}
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with (tempfile.TemporaryDirectory() if not args.keep else _kept()) as tmp:
             k = Kinesis(kport)
             started = time.perf_counter()
             last = put_backlog(k, "backlog", args)
@@ -230,14 +244,21 @@ def main():
             for w in [int(x) for x in args.workers.split(",")]:
                 table = f"leases-{w}"
                 config = os.path.join(tmp, f"w{w}.toml")
-                write_config(config, table, dport, args.interval)
+                # Each worker takes at most its share, so that the first one up does not
+                # read the whole backlog before the others have joined.
+                write_config(config, table, dport, args.interval, -(-args.shards // w))
                 out = os.path.join(tmp, f"out{w}")
                 logs = [os.path.join(tmp, f"w{w}-{i}.log") for i in range(w)]
                 started = time.perf_counter()
                 procs = [spawn(args, kport, "backlog", out, config,
                                os.path.join(tmp, f"w{w}-{i}.json"), logs[i], f"w{i}")
                          for i in range(w)]
+                statuses = [os.path.join(tmp, f"w{w}-{i}.json") for i in range(w)]
+                read_s = None
                 while not caught_up(leases(ddb, table), last):
+                    if read_s is None and sum((read_status(p) or {}).get("records", 0)
+                                              for p in statuses) >= args.records:
+                        read_s = time.perf_counter() - started
                     if time.perf_counter() - started > 900:
                         raise RuntimeError(f"{w} workers did not finish")
                     for p in procs:
@@ -249,49 +270,64 @@ def main():
                 for it in leases(ddb, table):
                     o = it.get("leaseOwner", {}).get("S")
                     owners[o] = owners.get(o, 0) + 1
-                run = {"workers": w, "seconds": secs, "records_per_s": args.records / secs,
-                       "vs_single": (args.records / secs) / result["single"]["records_per_s"],
+                read_s = read_s or secs
+                run = {"workers": w, "read_s": read_s, "records_per_s": args.records / read_s,
+                       "vs_single": (args.records / read_s) / result["single"]["records_per_s"],
+                       "durable_s": secs,
                        "leases_per_worker": sorted(owners.values()),
                        "checkpoint_ms": summary(checkpoint_ms(logs))}
                 print(f"{w} worker(s): {run['records_per_s']:,.0f} records/s "
-                      f"({run['vs_single']:.2f}x single), leases {run['leases_per_worker']}, "
+                      f"({run['vs_single']:.2f}x single), all checkpointed in the lease table "
+                      f"after {secs:.1f} s, leases {run['leases_per_worker']}, "
                       f"checkpoint {run['checkpoint_ms']}", flush=True)
-                if w == 2 and args.kills:
-                    takeovers = []
-                    for kill in range(args.kills):
-                        # Wait for balance, then SIGKILL the first worker.
-                        deadline = time.perf_counter() + 120
-                        while True:
-                            items = leases(ddb, table)
-                            counts = {}
-                            for it in items:
-                                o = it.get("leaseOwner", {}).get("S")
-                                counts[o] = counts.get(o, 0) + 1
-                            if counts.get("w0") and counts.get("w1") and \
-                                    abs(counts["w0"] - counts["w1"]) <= 1:
-                                break
-                            if time.perf_counter() > deadline:
-                                raise RuntimeError(f"no balance before kill {kill}: {counts}")
-                            time.sleep(0.1)
-                        procs[0].kill()
-                        procs[0].wait()
-                        t = time.perf_counter()
-                        while not all(it.get("leaseOwner", {}).get("S") == "w1"
-                                      for it in leases(ddb, table)):
-                            if time.perf_counter() - t > 120:
-                                raise RuntimeError("no takeover")
-                            time.sleep(0.02)
-                        takeovers.append(time.perf_counter() - t)
-                        print(f"  takeover after SIGKILL: {takeovers[-1]:.2f} s", flush=True)
-                        procs[0] = spawn(args, kport, "backlog", out, config,
-                                         os.path.join(tmp, f"w{w}-0.json"),
-                                         os.path.join(tmp, f"w{w}-0-{kill}.log"), "w0")
-                    run["takeover_s"] = takeovers
-                    run["lease_duration_s"] = 10
-                    run["renew_interval_s"] = 3
                 stop(procs)
                 runs.append(run)
             result["leased"] = runs
+
+            if args.kills:
+                # Takeover: 2 workers without a cap, idle at the tip of the stream.
+                w, table = 2, "leases-takeover"
+                config = os.path.join(tmp, "takeover.toml")
+                write_config(config, table, dport, args.interval)
+                out = os.path.join(tmp, "takeover")
+                procs = [spawn(args, kport, "backlog", out, config,
+                               os.path.join(tmp, f"t-{i}.json"), os.path.join(tmp, f"t-{i}.log"),
+                               f"w{i}") for i in range(w)]
+                run = {}
+                takeovers = []
+                for kill in range(args.kills):
+                    # Wait for balance, then SIGKILL the first worker.
+                    deadline = time.perf_counter() + 120
+                    while True:
+                        items = leases(ddb, table)
+                        counts = {}
+                        for it in items:
+                            o = it.get("leaseOwner", {}).get("S")
+                            counts[o] = counts.get(o, 0) + 1
+                        if counts.get("w0") and counts.get("w1") and \
+                                abs(counts["w0"] - counts["w1"]) <= 1:
+                            break
+                        if time.perf_counter() > deadline:
+                            raise RuntimeError(f"no balance before kill {kill}: {counts}")
+                        time.sleep(0.1)
+                    procs[0].kill()
+                    procs[0].wait()
+                    t = time.perf_counter()
+                    while not all(it.get("leaseOwner", {}).get("S") == "w1"
+                                  for it in leases(ddb, table)):
+                        if time.perf_counter() - t > 120:
+                            raise RuntimeError("no takeover")
+                        time.sleep(0.02)
+                    takeovers.append(time.perf_counter() - t)
+                    print(f"  takeover after SIGKILL: {takeovers[-1]:.2f} s", flush=True)
+                    procs[0] = spawn(args, kport, "backlog", out, config,
+                                     os.path.join(tmp, f"w{w}-0.json"),
+                                     os.path.join(tmp, f"w{w}-0-{kill}.log"), "w0")
+                run["takeover_s"] = takeovers
+                run["lease_duration_s"] = 10
+                run["renew_interval_s"] = 3
+                stop(procs)
+                result["takeover"] = run
     finally:
         for p in (kin, dyn):
             p.kill()

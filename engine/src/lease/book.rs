@@ -257,7 +257,9 @@ impl LeaseBook {
         for l in &live {
             let counted = match (&l.handoff_to, &l.owner) {
                 (Some(to), Some(_)) if !expired(l) => Some(to),
-                (Some(to), None) => Some(to),
+                // Free and meant for `to`: only until it could be taken by anyone (the asker
+                // may have died before taking it).
+                (Some(to), None) if !free_long.contains(&l.key) => Some(to),
                 // Owned by this id but not held: left by an earlier run of this worker.
                 (None, Some(o)) if *o == me => self.held.contains_key(&l.key).then_some(o),
                 (None, Some(o)) if !expired(l) => Some(o),
@@ -479,9 +481,10 @@ impl LeaseBook {
 #[cfg(test)]
 mod tests {
     //! A model check of the protocol on the in-memory table: random interleavings of
-    //! rounds, checkpoints, releases, crashes and time never give two workers a hold on one
-    //! lease, a checkpoint is only ever written by the lease's holder, and once the chaos
-    //! stops every processable lease ends up held by a live worker, balanced.
+    //! rounds, checkpoints, releases, crashes (with a restart or for good) and time never give
+    //! two workers a hold on one lease, a checkpoint is only ever written by the lease's
+    //! holder, and once the chaos stops every processable lease ends up held by a live
+    //! worker, balanced among the live ones.
     use super::*;
     use crate::lease::HashRange;
     use proptest::prelude::*;
@@ -498,6 +501,8 @@ mod tests {
         Release(usize),
         /// Worker dies (its book is gone) and comes back with an empty one.
         Crash(usize),
+        /// Worker dies for good (it takes no further part).
+        Die(usize),
         /// Time passes.
         Sleep(u64),
     }
@@ -509,6 +514,7 @@ mod tests {
                 .prop_map(|(w, f)| Op::Checkpoint(w, f)),
             2 => (0..workers).prop_map(Op::Release),
             1 => (0..workers).prop_map(Op::Crash),
+            1 => (0..workers).prop_map(Op::Die),
             3 => (0u64..6000).prop_map(Op::Sleep),
         ]
     }
@@ -578,15 +584,18 @@ mod tests {
             let mut books: Vec<LeaseBook> =
                 (0..workers).map(|w| LeaseBook::new(&format!("w{w}"), settings())).collect();
             let mut now = Duration::ZERO;
+            // Dead workers take no further part; worker 0 never dies.
+            let mut dead = vec![false; workers];
             rt.block_on(async {
                 for op in ops {
+                    let alive = |w: usize| w < workers && !dead[w];
                     match op {
-                        Op::Round(w) if w < workers => {
+                        Op::Round(w) if alive(w) => {
                             let t = local(now, w);
                             books[w].renew(&table, t).await.unwrap();
                             books[w].balance(&table, &|| t).await.unwrap();
                         }
-                        Op::Checkpoint(w, finish) if w < workers => {
+                        Op::Checkpoint(w, finish) if alive(w) => {
                             let t = local(now, w);
                             let updates: Vec<_> = books[w]
                                 .assignment()
@@ -607,11 +616,15 @@ mod tests {
                                 }
                             }
                         }
-                        Op::Release(w) if w < workers => {
+                        Op::Release(w) if alive(w) => {
                             let keys = books[w].to_release();
                             books[w].release(&table, &keys).await.unwrap();
                         }
-                        Op::Crash(w) if w < workers => {
+                        Op::Crash(w) if alive(w) => {
+                            books[w] = LeaseBook::new(&format!("w{w}"), settings());
+                        }
+                        Op::Die(w) if w > 0 && alive(w) => {
+                            dead[w] = true;
                             books[w] = LeaseBook::new(&format!("w{w}"), settings());
                         }
                         Op::Sleep(ms) => now += Duration::from_millis(ms),
@@ -623,6 +636,9 @@ mod tests {
                 // every 3 s for a while.
                 for _ in 0..60 {
                     for (w, book) in books.iter_mut().enumerate() {
+                        if dead[w] {
+                            continue;
+                        }
                         let t = local(now, w);
                         book.renew(&table, t).await.unwrap();
                         let release = book.to_release();
@@ -643,7 +659,9 @@ mod tests {
                     prop_assert!(owner.is_some(), "{} not held: {:?}", l.key, l);
                     loads[owner.unwrap()] += 1;
                 }
-                let (lo, hi) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
+                let live_loads: Vec<usize> =
+                    (0..workers).filter(|w| !dead[*w]).map(|w| loads[w]).collect();
+                let (lo, hi) = (live_loads.iter().min().unwrap(), live_loads.iter().max().unwrap());
                 prop_assert!(hi - lo <= 1, "unbalanced {loads:?}");
                 Ok(())
             })?;

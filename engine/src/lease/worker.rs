@@ -637,9 +637,13 @@ async fn lease_loop(
 ) {
     let renew_every = PipelineConfig::duration(&config.lease.renew_interval);
     let sync_every = PipelineConfig::duration(&config.lease.sync_interval);
-    let mut tick = tokio::time::interval(renew_every);
+    // The table is scanned twice per renew interval: a lease's last change is seen at most
+    // half an interval late and taken at most half an interval after it expired, so a dead
+    // worker's leases move within `duration + renew_interval`.
+    let mut tick = tokio::time::interval(renew_every / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_sync = Instant::now();
+    let mut last_renew: Option<Instant> = None;
     loop {
         let mut sync = last_sync.elapsed() >= sync_every;
         tokio::select! {
@@ -654,8 +658,11 @@ async fn lease_loop(
             }
         }
         let mut book = shared.book.lock().await;
-        if let Err(e) = book.renew(&shared.table, shared.now()).await {
-            tracing::warn!(error = %e, "renewing leases failed");
+        if last_renew.is_none_or(|t| t.elapsed() + renew_every / 4 >= renew_every) {
+            last_renew = Some(Instant::now());
+            if let Err(e) = book.renew(&shared.table, shared.now()).await {
+                tracing::warn!(error = %e, "renewing leases failed");
+            }
         }
         // Finished leases, and leases asked for that no run reads any more, go now.
         let running = shared.running.lock().expect("not poisoned").clone();
@@ -838,8 +845,14 @@ async fn runner(
             .closed
             .store(true, std::sync::atomic::Ordering::SeqCst);
         {
-            let _book = shared.book.lock().await;
+            let mut book = shared.book.lock().await;
             shared.running.lock().expect("not poisoned").clear();
+            // What was asked for goes at once (its last checkpoint is in, or nothing of the
+            // run after its last checkpoint was published).
+            let release = book.to_release();
+            if let Err(e) = book.release(&shared.table, &release).await {
+                tracing::warn!(error = %e, "releasing leases failed; the lease loop retries");
+            }
         }
         shared.status.update(|s| s.current = None);
         let superseded = committer
