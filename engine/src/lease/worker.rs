@@ -149,6 +149,10 @@ struct Shared {
     status: Arc<WorkerStatus>,
     /// The shards the current run reads (guarded by the book's lock for writers).
     running: Mutex<BTreeSet<String>>,
+    /// The current run's id (never collected as garbage).
+    run: Mutex<Option<String>>,
+    out: Location,
+    checkpoints: Location,
 }
 
 impl Shared {
@@ -593,6 +597,9 @@ pub async fn run_worker(
         sync_now: Notify::new(),
         status: Arc::clone(&status),
         running: Mutex::default(),
+        run: Mutex::default(),
+        out: out.clone(),
+        checkpoints: checkpoints.clone(),
     });
     let kinesis = crate::kinesis::client(&config.source.kinesis).await;
     // The first sync before anything else, so the table has leases to take.
@@ -644,6 +651,10 @@ async fn lease_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_sync = Instant::now();
     let mut last_renew: Option<Instant> = None;
+    let gc_every = Duration::from_secs(600);
+    let mut last_gc = Instant::now() - gc_every + Duration::from_secs(60);
+    let gc_age =
+        (PipelineConfig::duration(&config.lease.duration) * 10).max(Duration::from_secs(3600));
     loop {
         let mut sync = last_sync.elapsed() >= sync_every;
         tokio::select! {
@@ -682,7 +693,25 @@ async fn lease_loop(
         }
         let assignment = book.assignment();
         let counters = book.counters();
+        let table = book.table().to_vec();
         drop(book);
+        if last_gc.elapsed() >= gc_every {
+            last_gc = Instant::now();
+            let current = shared.run.lock().expect("not poisoned").clone();
+            match collect_garbage(
+                &shared.out,
+                &shared.checkpoints,
+                &table,
+                current.as_deref(),
+                gc_age,
+            )
+            .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(runs = n, "objects of abandoned runs deleted"),
+                Err(e) => tracing::warn!(error = %e, "deleting objects of abandoned runs failed"),
+            }
+        }
         shared.status.update(|s| {
             s.counters = counters;
             s.owned = assignment.keys().cloned().collect();
@@ -693,6 +722,65 @@ async fn lease_loop(
             changed
         });
     }
+}
+
+/// Deletes the state objects and staged files of runs that are over: no lease points to
+/// any of their state objects, they are not `current`, and nothing of them is younger than
+/// `age`. Such a run can commit nothing any more (its leases' holds ran out long ago), and
+/// every file it committed was published: a lease stops pointing at a run only through a
+/// commit of that run, or of a run that restored from it and published its files first.
+/// Returns the number of runs deleted.
+pub async fn collect_garbage(
+    out: &Location,
+    checkpoints: &Location,
+    leases: &[Lease],
+    current: Option<&str>,
+    age: Duration,
+) -> Result<usize, object_store::Error> {
+    let referenced: BTreeSet<&str> = leases
+        .iter()
+        .filter_map(|l| l.state.as_deref())
+        .filter_map(parse_state_path)
+        .map(|(run, _)| run)
+        .collect();
+    let cutoff = chrono::Utc::now()
+        - chrono::Duration::from_std(age).unwrap_or_else(|_| chrono::Duration::hours(1));
+    let mut runs: BTreeMap<String, Vec<(Location, object_store::path::Path)>> = BTreeMap::new();
+    let mut young: BTreeSet<String> = BTreeSet::new();
+    for (location, folder) in [(checkpoints, "state"), (out, "_staging")] {
+        let root = location.child(folder);
+        let mut listing = location.store.list(Some(&root));
+        while let Some(meta) = listing.next().await {
+            let meta = meta?;
+            let Some(run) = meta.location.prefix_match(&root).and_then(|mut p| p.next()) else {
+                continue;
+            };
+            let run = run.as_ref().to_string();
+            if meta.last_modified > cutoff {
+                young.insert(run.clone());
+            }
+            runs.entry(run)
+                .or_default()
+                .push((location.clone(), meta.location));
+        }
+    }
+    let mut deleted = 0;
+    for (run, objects) in runs {
+        if referenced.contains(run.as_str())
+            || current == Some(run.as_str())
+            || young.contains(&run)
+        {
+            continue;
+        }
+        for (location, path) in objects {
+            match location.store.delete(&path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        deleted += 1;
+    }
+    Ok(deleted)
 }
 
 /// Sleeps `d`, or less if `shutdown` turns true.
@@ -740,6 +828,7 @@ async fn runner(
             continue;
         }
         let run = format!("r{:016x}", fastrand::u64(..));
+        *shared.run.lock().expect("not poisoned") = Some(run.clone());
         let committer = Arc::new(LeaseCommitter {
             shared: Arc::clone(shared),
             run: run.clone(),
@@ -1038,6 +1127,78 @@ mod tests {
                 .join("dead_letter/date=2026-01-01/r1-part-e0000000003-00000-cc.parquet")
                 .exists()
         );
+    }
+
+    #[tokio::test]
+    async fn garbage_is_only_what_no_lease_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::parse(
+            &dir.path().display().to_string(),
+            &crate::store::S3Config::default(),
+            true,
+        )
+        .unwrap();
+        let old = std::time::SystemTime::now() - Duration::from_secs(7200);
+        let write = |rel: &str, aged: bool| {
+            let path = dir.path().join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, b"x").unwrap();
+            if aged {
+                std::fs::File::options()
+                    .write(true)
+                    .open(&path)
+                    .unwrap()
+                    .set_modified(old)
+                    .unwrap();
+            }
+        };
+        // rA: referenced by a lease. rB: abandoned, old. rC: abandoned but has a young file.
+        // rD: the current run (old files, nothing committed yet).
+        write("checkpoints/state/rA/chk-0000000003.bin", true);
+        write("checkpoints/state/rB/chk-0000000009.bin", true);
+        write(
+            "_staging/rB/anomalies/date=x/part-00-e0000000010-0000-aa.parquet",
+            true,
+        );
+        write("checkpoints/state/rC/chk-0000000001.bin", true);
+        write(
+            "_staging/rC/anomalies/date=x/part-00-e0000000002-0000-bb.parquet",
+            false,
+        );
+        write(
+            "_staging/rD/anomalies/date=x/part-00-e0000000001-0000-cc.parquet",
+            true,
+        );
+        let mut lease = Lease::new("s", Vec::new(), HashRange::ALL, TRIM_HORIZON);
+        lease.state = Some(state_path("rA", 3));
+        let checkpoints = loc.sub("checkpoints");
+        let n = collect_garbage(
+            &loc,
+            &checkpoints,
+            &[lease],
+            Some("rD"),
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap();
+        assert_eq!(n, 1);
+        assert!(
+            !dir.path()
+                .join("checkpoints/state/rB/chk-0000000009.bin")
+                .exists()
+        );
+        assert!(
+            !dir.path()
+                .join("_staging/rB/anomalies/date=x/part-00-e0000000010-0000-aa.parquet")
+                .exists()
+        );
+        for kept in [
+            "checkpoints/state/rA/chk-0000000003.bin",
+            "checkpoints/state/rC/chk-0000000001.bin",
+            "_staging/rD/anomalies/date=x/part-00-e0000000001-0000-cc.parquet",
+        ] {
+            assert!(dir.path().join(kept).exists(), "{kept}");
+        }
     }
 
     #[test]
