@@ -797,6 +797,42 @@ x = 1
     }
 
     #[test]
+    fn lease_settings_are_checked_where_they_are() {
+        let text = "\
+[source.kinesis]
+stream = \"metrics\"
+
+[lease]
+table = \"healer-leases\"
+duration = \"10s\"
+renew_interval = \"8s\"
+billing_mode = \"ON_DEMAND\"
+max_leases = 500
+";
+        let problems = PipelineConfig::parse(Path::new("w.toml"), text).unwrap_err();
+        let shown: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(problems.len(), 3, "{shown:#?}");
+        assert!(
+            shown[0].starts_with("w.toml:7: `lease.renew_interval`"),
+            "{}",
+            shown[0]
+        );
+        assert!(
+            shown[1].starts_with("w.toml:8: `lease.billing_mode`"),
+            "{}",
+            shown[1]
+        );
+        assert!(
+            shown[2].starts_with("w.toml:9: `lease.max_leases`"),
+            "{}",
+            shown[2]
+        );
+        // Without a table, leases are off and their settings are not checked.
+        let off = PipelineConfig::parse(Path::new("w.toml"), "[lease]\nrenew_interval = \"1h\"\n");
+        assert!(!off.unwrap().lease.enabled());
+    }
+
+    #[test]
     fn syntax_errors_have_lines() {
         let problems =
             PipelineConfig::parse(Path::new("p.toml"), "[source]\npaths = [\n").unwrap_err();

@@ -974,6 +974,47 @@ async fn runner(
     }
 }
 
+/// The saved state `leases` start from (see [`restore_sources`]), each object restricted
+/// to the hash ranges it supplies. A committed epoch's files are published before its state
+/// is used: a worker that died between its commit and its publication left them staged.
+async fn load_restore(
+    out: &Location,
+    checkpoints: &Location,
+    leases: &BTreeMap<String, Lease>,
+    table: &[Lease],
+) -> Result<Vec<Restore>, CheckpointError> {
+    let mut restore = Vec::new();
+    for (path, ranges) in restore_sources(leases, table) {
+        if let Some((prev_run, epoch)) = parse_state_path(&path) {
+            let moved = publish(out, prev_run, epoch).await?;
+            if moved > 0 {
+                tracing::info!(
+                    run = prev_run,
+                    epoch,
+                    moved,
+                    "published files of a committed epoch"
+                );
+            }
+        }
+        let bytes = checkpoints
+            .store
+            .get(&checkpoints.child(&path))
+            .await?
+            .bytes()
+            .await?;
+        let checkpoint: Checkpoint =
+            postcard::from_bytes(&bytes).map_err(|e| CheckpointError::Corrupt {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        restore.push(Restore {
+            checkpoint,
+            keys: Some(KeyRanges::new(ranges)),
+        });
+    }
+    Ok(restore)
+}
+
 /// Restores the state of `leases` and builds the run's job.
 async fn prepare_run(
     shared: &Arc<Shared>,
@@ -1001,42 +1042,7 @@ async fn prepare_run(
         }
     }
     let leases = &fresh;
-    let sources = restore_sources(leases, &table);
-    let mut restore = Vec::new();
-    for (path, ranges) in sources {
-        // A committed epoch's files are published before its state is used.
-        if let Some((prev_run, epoch)) = parse_state_path(&path) {
-            let moved = publish(out, prev_run, epoch)
-                .await
-                .map_err(CheckpointError::from)?;
-            if moved > 0 {
-                tracing::info!(
-                    run = prev_run,
-                    epoch,
-                    moved,
-                    "published files of a committed epoch"
-                );
-            }
-        }
-        let bytes = checkpoints
-            .store
-            .get(&checkpoints.child(&path))
-            .await
-            .map_err(CheckpointError::from)?
-            .bytes()
-            .await
-            .map_err(CheckpointError::from)?;
-        let checkpoint: Checkpoint = postcard::from_bytes(&bytes).map_err(|e| {
-            JobError::from(CheckpointError::Corrupt {
-                path: path.clone(),
-                reason: e.to_string(),
-            })
-        })?;
-        restore.push(Restore {
-            checkpoint,
-            keys: Some(KeyRanges::new(ranges)),
-        });
-    }
+    let restore = load_restore(out, checkpoints, leases, &table).await?;
     let positions = SourcePositions {
         stream: config.source.kinesis.stream.clone(),
         start_ms: None,
@@ -1199,6 +1205,70 @@ mod tests {
         ] {
             assert!(dir.path().join(kept).exists(), "{kept}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_new_owner_publishes_what_a_dead_one_committed() {
+        // A worker committed epoch 2 of run rX (its lease points there) and died before
+        // moving the files; epoch 3 was written but never committed.
+        let dir = tempfile::tempdir().unwrap();
+        let out = Location::parse(
+            &dir.path().display().to_string(),
+            &crate::store::S3Config::default(),
+            true,
+        )
+        .unwrap();
+        let checkpoints = out.sub("checkpoints");
+        for e in 1..=3u64 {
+            let rel = format!("_staging/rX/anomalies/date=x/part-00-e{e:010}-0000-f{e}.parquet");
+            let path = dir.path().join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, b"rows").unwrap();
+        }
+        let saved = Checkpoint {
+            version: crate::checkpoint::CHECKPOINT_VERSION,
+            epoch: 2,
+            created_ms: 0,
+            source: SourcePositions::default(),
+            gate: crate::gate::EventTimeGate::new(
+                crate::kinesis::decode::record_schema(&Default::default()),
+                0,
+            )
+            .save()
+            .unwrap(),
+            workers: Vec::new(),
+        };
+        checkpoints
+            .store
+            .put(
+                &checkpoints.child(&state_path("rX", 2)),
+                PutPayload::from(postcard::to_stdvec(&saved).unwrap()),
+            )
+            .await
+            .unwrap();
+        let lease = lease("s", &[], (0, 99), Some(&state_path("rX", 2)));
+        let leases = BTreeMap::from([("s".to_string(), lease.clone())]);
+        let restore = load_restore(&out, &checkpoints, &leases, &[lease])
+            .await
+            .unwrap();
+        assert_eq!(restore.len(), 1);
+        assert_eq!(restore[0].checkpoint, saved);
+        assert_eq!(
+            restore[0].keys.as_ref().unwrap().ranges(),
+            &[HashRange { start: 0, end: 99 }]
+        );
+        let published = |e: u64| {
+            dir.path()
+                .join(format!(
+                    "anomalies/date=x/rX-part-00-e{e:010}-0000-f{e}.parquet"
+                ))
+                .exists()
+        };
+        assert!(
+            published(1) && published(2),
+            "committed epochs are published"
+        );
+        assert!(!published(3), "an uncommitted epoch is not");
     }
 
     #[test]
