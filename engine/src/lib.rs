@@ -29,6 +29,7 @@ pub mod llm;
 pub mod message;
 pub mod metrics;
 pub mod nab_eval;
+pub mod notify;
 pub mod petshop;
 pub mod query;
 pub mod sink;

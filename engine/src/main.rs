@@ -125,6 +125,16 @@ struct DiagnoseArgs {
     /// S3 endpoint for s3:// logs.
     #[arg(long)]
     s3_endpoint: Option<String>,
+    /// Escalations go to PagerDuty (Events API v2) at this URL, e.g.
+    /// https://events.pagerduty.com/v2/enqueue (with --pagerduty-routing-key).
+    #[arg(long, requires = "pagerduty_routing_key")]
+    pagerduty_url: Option<String>,
+    /// The PagerDuty integration's routing key.
+    #[arg(long)]
+    pagerduty_routing_key: Option<String>,
+    /// Escalations go to this Slack incoming webhook.
+    #[arg(long)]
+    slack_webhook: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -1075,7 +1085,48 @@ async fn diagnose(args: DiagnoseArgs) -> Result<ExitCode> {
             d.decision.reasons.last().map_or("", String::as_str)
         );
     }
-    Ok(ExitCode::SUCCESS)
+    let mut targets = Vec::new();
+    if let (Some(url), Some(key)) = (&args.pagerduty_url, &args.pagerduty_routing_key) {
+        targets.push(healer_engine::notify::Target::PagerDuty {
+            url: url.clone(),
+            routing_key: key.clone(),
+        });
+    }
+    if let Some(url) = &args.slack_webhook {
+        targets.push(healer_engine::notify::Target::Slack { url: url.clone() });
+    }
+    let mut undelivered = 0;
+    if !targets.is_empty() {
+        use healer_operators::decision::Outcome;
+        let client = healer_engine::notify::client();
+        let policy = healer_engine::notify::WebhookPolicy::default();
+        for d in diagnosed
+            .iter()
+            .filter(|d| d.decision.outcome == Outcome::Escalate)
+        {
+            let escalation = healer_engine::notify::Escalation::of(d);
+            for result in
+                healer_engine::notify::escalate(&client, &targets, &escalation, &policy).await
+            {
+                match result {
+                    Ok(delivery) => println!(
+                        "  escalated incident {} (HTTP {}, {} call(s))",
+                        d.id, delivery.status, delivery.attempts
+                    ),
+                    Err(e) => {
+                        undelivered += 1;
+                        eprintln!("  escalation of incident {} not delivered: {e}", d.id);
+                    }
+                }
+            }
+        }
+    }
+    // An escalation nobody received is a failure the caller must see.
+    Ok(if undelivered > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn eval_nab(args: EvalNabArgs) -> Result<ExitCode> {

@@ -275,6 +275,78 @@ fn replay_then_diagnose() {
         "{stdout}"
     );
 
+    // The escalation reaches a Slack webhook (a receiver on 127.0.0.1) with what was tried.
+    let receiver = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/services/T/B/X", receiver.local_addr().unwrap());
+    let received = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut stream, _) = receiver.accept().unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut chunk).unwrap();
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf).to_string();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length: usize = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap_or(0);
+                if buf.len() >= end + 4 + length || n == 0 {
+                    stream
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                        )
+                        .unwrap();
+                    return String::from_utf8_lossy(&buf[end + 4..]).to_string();
+                }
+            }
+        }
+    });
+    let mut cmd = healer();
+    cmd.arg("diagnose")
+        .arg(&log)
+        .arg("--topology")
+        .arg(&topology)
+        .arg("--changes")
+        .arg(&changes)
+        .args(["--slack-webhook", &url]);
+    let stdout = succeeded(&cmd.output().unwrap());
+    assert!(stdout.contains("escalated incident"), "{stdout}");
+    let message: serde_json::Value = serde_json::from_str(&received.join().unwrap()).unwrap();
+    assert!(
+        message["text"].as_str().unwrap().contains("root cause db"),
+        "{message}"
+    );
+    assert!(
+        message.to_string().contains("LLM consult failed"),
+        "{message}"
+    );
+
+    // An escalation nobody received fails the command.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}/hook", closed.local_addr().unwrap());
+    drop(closed);
+    let mut cmd = healer();
+    cmd.arg("diagnose")
+        .arg(&log)
+        .arg("--topology")
+        .arg(&topology)
+        .arg("--changes")
+        .arg(&changes)
+        .args(["--slack-webhook", &dead]);
+    let run = cmd.output().unwrap();
+    assert!(!run.status.success());
+    assert!(
+        String::from_utf8_lossy(&run.stderr).contains("not delivered"),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
     // A topology naming an unknown resource is rejected with its location.
     std::fs::write(
         &topology,
