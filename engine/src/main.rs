@@ -126,7 +126,7 @@ struct DiagnoseArgs {
     #[arg(long)]
     s3_endpoint: Option<String>,
     /// Escalations go to PagerDuty (Events API v2) at this URL, e.g.
-    /// https://events.pagerduty.com/v2/enqueue (with --pagerduty-routing-key).
+    /// `https://events.pagerduty.com/v2/enqueue` (with --pagerduty-routing-key).
     #[arg(long, requires = "pagerduty_routing_key")]
     pagerduty_url: Option<String>,
     /// The PagerDuty integration's routing key.
