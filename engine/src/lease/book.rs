@@ -197,7 +197,19 @@ impl LeaseBook {
         clock: &(dyn Fn() -> Duration + Sync),
     ) -> Result<(), LeaseError> {
         let leases = table.list().await?;
-        let now = clock();
+        self.balance_listed(table, leases, clock()).await
+    }
+
+    /// [`Self::balance`] with a listing made by the caller (who need not hold the book while
+    /// the table is scanned); `now` is the local time read after the listing arrived. A
+    /// write the listing missed is harmless: every take and ask is conditional on the
+    /// counter listed.
+    pub async fn balance_listed(
+        &mut self,
+        table: &LeaseTable,
+        leases: Vec<Lease>,
+        now: Duration,
+    ) -> Result<(), LeaseError> {
         for l in &leases {
             let entry = self.seen.entry(l.key.clone()).or_insert((l.counter, now));
             if entry.0 != l.counter {

@@ -668,6 +668,9 @@ async fn lease_loop(
                 tracing::warn!(error = %e, "syncing shards to leases failed; trying again later");
             }
         }
+        // The scan runs without the book, so checkpoints do not wait for it.
+        let listed = shared.table.list().await;
+        let listed_at = shared.now();
         let mut book = shared.book.lock().await;
         if last_renew.is_none_or(|t| t.elapsed() + renew_every / 4 >= renew_every) {
             last_renew = Some(Instant::now());
@@ -687,8 +690,11 @@ async fn lease_loop(
         {
             tracing::warn!(error = %e, "releasing leases failed; trying again next round");
         }
-        let clock = || shared.now();
-        if let Err(e) = book.balance(&shared.table, &clock).await {
+        let balanced = match listed {
+            Ok(leases) => book.balance_listed(&shared.table, leases, listed_at).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = balanced {
             tracing::warn!(error = %e, "balancing leases failed");
         }
         let assignment = book.assignment();
