@@ -329,7 +329,7 @@ pub struct LeaseConfig {
     pub write_capacity: i64,
     /// A lease whose counter has not changed for this long may be taken.
     pub duration: String,
-    /// Owned leases are renewed this often (well under `duration`).
+    /// Owned leases are renewed this often (at most a third of `duration`).
     pub renew_interval: String,
     /// The shard list is turned into leases this often.
     pub sync_interval: String,
@@ -380,12 +380,12 @@ impl LeaseConfig {
             }
         }
         if let [duration, renew, _] = durations[..]
-            && renew * 2 > duration
+            && renew * 3 > duration
         {
             problems.push((
                 "lease.renew_interval".into(),
                 format!(
-                    "must be at most half of lease.duration ({}), or a slow renewal loses leases",
+                    "must be at most a third of lease.duration ({}): a lease is held until duration - renew_interval after a renewal, so a slow renewal would lose it",
                     self.duration
                 ),
             ));

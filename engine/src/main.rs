@@ -125,11 +125,10 @@ struct DiagnoseArgs {
     /// S3 endpoint for s3:// logs.
     #[arg(long)]
     s3_endpoint: Option<String>,
-    /// Escalations go to PagerDuty (Events API v2) at this URL, e.g.
-    /// `https://events.pagerduty.com/v2/enqueue` (with --pagerduty-routing-key).
+    /// PagerDuty Events API v2 URL (default: `https://events.pagerduty.com/v2/enqueue`).
     #[arg(long, requires = "pagerduty_routing_key")]
     pagerduty_url: Option<String>,
-    /// The PagerDuty integration's routing key.
+    /// Escalations go to PagerDuty with this integration routing key.
     #[arg(long)]
     pagerduty_routing_key: Option<String>,
     /// Escalations go to this Slack incoming webhook.
@@ -1086,9 +1085,12 @@ async fn diagnose(args: DiagnoseArgs) -> Result<ExitCode> {
         );
     }
     let mut targets = Vec::new();
-    if let (Some(url), Some(key)) = (&args.pagerduty_url, &args.pagerduty_routing_key) {
+    if let Some(key) = &args.pagerduty_routing_key {
         targets.push(healer_engine::notify::Target::PagerDuty {
-            url: url.clone(),
+            url: args
+                .pagerduty_url
+                .clone()
+                .unwrap_or_else(|| healer_engine::notify::PAGERDUTY_EVENTS.to_string()),
             routing_key: key.clone(),
         });
     }

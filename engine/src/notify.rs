@@ -3,8 +3,10 @@
 //!
 //! # Retries
 //! A 2xx answer is success. 5xx, 408, 429 and transport failures (no connection, a timeout,
-//! a dropped answer) are tried again with jittered exponential back-off, honouring a
-//! `Retry-After` in seconds (capped), up to `attempts` calls. Any other status (4xx, and
+//! a dropped answer) are tried again with jittered exponential back-off, up to `attempts`
+//! calls. A `Retry-After` (seconds or an HTTP date) lengthens the wait; one beyond
+//! `max_backoff` ends the attempts at once, reporting how long the receiver asked to wait,
+//! rather than calling again before it allowed. Any other status (4xx, and
 //! 3xx: redirects are not followed) is final: the receiver refused the request and sending it
 //! again would not change that. A 5xx is never success, however many times it comes back.
 //! Every attempt carries the same `Idempotency-Key` (and a PagerDuty event the same
@@ -119,8 +121,7 @@ pub async fn post_json(
                     .headers()
                     .get("retry-after")
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(|s| Duration::from_secs(s).min(policy.max_backoff));
+                    .and_then(retry_after);
                 let text = response.text().await.unwrap_or_default();
                 let text: String = text.chars().take(300).collect();
                 if !(status >= 500 || status == 408 || status == 429) {
@@ -131,10 +132,17 @@ pub async fn post_json(
                         attempts: attempt,
                     });
                 }
-                if let Some(r) = retry_after {
-                    wait = r;
-                }
                 last = format!("HTTP {status}: {text}");
+                if let Some(r) = retry_after {
+                    if r > policy.max_backoff {
+                        return Err(WebhookError::Exhausted {
+                            url: url.to_string(),
+                            last: format!("{last} (asked to retry after {} s)", r.as_secs()),
+                            attempts: attempt,
+                        });
+                    }
+                    wait = wait.max(r);
+                }
             }
             Err(e) => {
                 last = if e.is_timeout() {
@@ -154,6 +162,51 @@ pub async fn post_json(
         last,
         attempts,
     })
+}
+
+/// A `Retry-After` value: delay seconds, or an HTTP date.
+fn retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(s) = value.parse::<u64>() {
+        return Some(Duration::from_secs(s));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let ms = at.timestamp_millis() - chrono::Utc::now().timestamp_millis();
+    Some(Duration::from_millis(ms.max(0) as u64))
+}
+
+/// Slack's limit on a section's text, with room for the "… and N more" line.
+const SLACK_SECTION: usize = 2900;
+
+/// Text for Slack mrkdwn: `&`, `<` and `>` escaped (Slack reads `<…>` as mentions and
+/// links), backticks and line breaks replaced so a code span cannot be closed early.
+fn slack_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('`', "'")
+        .replace(['\n', '\r'], " ")
+}
+
+/// Items as code spans, one per line, cut to fit a Slack section.
+fn slack_list(items: &[String]) -> String {
+    if items.is_empty() {
+        return "none".to_string();
+    }
+    let mut out = String::new();
+    for (i, item) in items.iter().enumerate() {
+        let mut item = slack_escape(item);
+        if item.chars().count() > 500 {
+            item = item.chars().take(500).collect::<String>() + "…";
+        }
+        let line = format!("• `{item}`\n");
+        if out.len() + line.len() > SLACK_SECTION {
+            out.push_str(&format!("… and {} more", items.len() - i));
+            return out;
+        }
+        out.push_str(&line);
+    }
+    out.trim_end().to_string()
 }
 
 /// What an escalation tells a human.
@@ -252,6 +305,14 @@ impl Escalation {
     pub fn pagerduty_event(&self, routing_key: &str) -> Value {
         // PagerDuty truncates summaries at 1024 characters; cut at a character boundary.
         let summary: String = self.summary.chars().take(1024).collect();
+        // The whole event may be 512 KB: long lists are cut.
+        let cut = |items: &[String]| -> Vec<String> {
+            items
+                .iter()
+                .take(50)
+                .map(|i| i.chars().take(2000).collect())
+                .collect()
+        };
         json!({
             "routing_key": routing_key,
             "event_action": "trigger",
@@ -267,40 +328,31 @@ impl Escalation {
                     "incident": self.id,
                     "root_cause": self.root_cause.as_ref().map(|(r, _)| r),
                     "confidence": self.root_cause.as_ref().map(|(_, c)| c),
-                    "affected": self.affected,
-                    "evidence": self.evidence,
-                    "why_escalated": self.reasons,
-                    "tried": self.tried,
+                    "affected": cut(&self.affected),
+                    "evidence": cut(&self.evidence),
+                    "why_escalated": cut(&self.reasons),
+                    "tried": cut(&self.tried),
                 },
             },
         })
     }
 
     /// A Slack incoming-webhook message (`text` for notifications, blocks for the body).
-    /// Text from monitored systems is shown verbatim in code spans, never as markup.
+    /// Text from monitored systems is escaped and shown in code spans, never as markup or
+    /// mentions, and each section is cut to Slack's limit.
     pub fn slack_message(&self) -> Value {
-        let list = |items: &[String]| {
-            if items.is_empty() {
-                "none".to_string()
-            } else {
-                items
-                    .iter()
-                    .map(|i| format!("• `{}`", i.replace('`', "'")))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            }
-        };
+        let list = slack_list;
         let cause = match &self.root_cause {
-            Some((r, c)) => format!("`{}` ({:.0}% confidence)", r.replace('`', "'"), c * 100.0),
+            Some((r, c)) => format!("`{}` ({:.0}% confidence)", slack_escape(r), c * 100.0),
             None => "undetermined".to_string(),
         };
         json!({
-            "text": self.summary,
+            "text": slack_escape(&self.summary),
             "blocks": [
                 {"type": "header", "text": {"type": "plain_text", "text": "healer escalation"}},
                 {"type": "section", "text": {"type": "mrkdwn", "text": format!(
                     "*Incident* `{}` since {}\n*Root cause* {cause}\n*Affected* {}",
-                    self.id, self.timestamp(), self.affected.len())}},
+                    slack_escape(&self.id), self.timestamp(), self.affected.len())}},
                 {"type": "section", "text": {"type": "mrkdwn", "text": format!(
                     "*Why escalated*\n{}", list(&self.reasons))}},
                 {"type": "section", "text": {"type": "mrkdwn", "text": format!(
@@ -312,10 +364,13 @@ impl Escalation {
     }
 }
 
+/// PagerDuty's Events API v2 endpoint.
+pub const PAGERDUTY_EVENTS: &str = "https://events.pagerduty.com/v2/enqueue";
+
 /// Where escalations go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    /// PagerDuty Events API v2 (`https://events.pagerduty.com/v2/enqueue`).
+    /// PagerDuty Events API v2 ([`PAGERDUTY_EVENTS`] unless another URL is given).
     PagerDuty {
         /// The enqueue URL.
         url: String,
@@ -352,4 +407,38 @@ pub async fn escalate(
         results.push(post_json(client, url, &body, &key, policy).await);
     }
     results
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        assert_eq!(retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(
+            retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        let later = (chrono::Utc::now() + chrono::Duration::seconds(120)).to_rfc2822();
+        let d = retry_after(&later).unwrap();
+        assert!(
+            d > Duration::from_secs(110) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
+        assert_eq!(retry_after("soon"), None);
+    }
+
+    #[test]
+    fn slack_text_cannot_mention_link_or_break_out() {
+        let e = slack_escape("<!channel> & <https://evil|runbook>\n*bold* `x`");
+        assert_eq!(
+            e,
+            "&lt;!channel&gt; &amp; &lt;https://evil|runbook&gt; *bold* 'x'"
+        );
+        let many: Vec<String> = (0..500).map(|i| format!("path {i}: a -> b -> c")).collect();
+        let list = slack_list(&many);
+        assert!(list.len() <= SLACK_SECTION + 20, "{}", list.len());
+        assert!(list.ends_with("more"), "{list}");
+    }
 }

@@ -651,16 +651,24 @@ async fn lease_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_sync = Instant::now();
     let mut last_renew: Option<Instant> = None;
-    let gc_every = Duration::from_secs(600);
-    let mut last_gc = Instant::now() - gc_every + Duration::from_secs(60);
-    let gc_age =
-        (PipelineConfig::duration(&config.lease.duration) * 10).max(Duration::from_secs(3600));
+    let gc = tokio::spawn(gc_loop(Arc::clone(&shared), config.clone(), stop.clone()));
     loop {
         let mut sync = last_sync.elapsed() >= sync_every;
         tokio::select! {
             _ = tick.tick() => {}
             _ = shared.sync_now.notified() => sync = true,
-            _ = stop.changed() => return,
+            _ = stop.changed() => {
+                gc.abort();
+                return;
+            }
+        }
+        // Renewals first, so nothing (a sync, a slow scan) delays them.
+        if last_renew.is_none_or(|t| t.elapsed() + renew_every / 4 >= renew_every) {
+            last_renew = Some(Instant::now());
+            let mut book = shared.book.lock().await;
+            if let Err(e) = book.renew(&shared.table, shared.now()).await {
+                tracing::warn!(error = %e, "renewing leases failed");
+            }
         }
         if sync {
             last_sync = Instant::now();
@@ -672,12 +680,6 @@ async fn lease_loop(
         let listed = shared.table.list().await;
         let listed_at = shared.now();
         let mut book = shared.book.lock().await;
-        if last_renew.is_none_or(|t| t.elapsed() + renew_every / 4 >= renew_every) {
-            last_renew = Some(Instant::now());
-            if let Err(e) = book.renew(&shared.table, shared.now()).await {
-                tracing::warn!(error = %e, "renewing leases failed");
-            }
-        }
         // Finished leases, and leases asked for that no run reads any more, go now.
         let running = shared.running.lock().expect("not poisoned").clone();
         let release: Vec<String> = book
@@ -699,25 +701,7 @@ async fn lease_loop(
         }
         let assignment = book.assignment();
         let counters = book.counters();
-        let table = book.table().to_vec();
         drop(book);
-        if last_gc.elapsed() >= gc_every {
-            last_gc = Instant::now();
-            let current = shared.run.lock().expect("not poisoned").clone();
-            match collect_garbage(
-                &shared.out,
-                &shared.checkpoints,
-                &table,
-                current.as_deref(),
-                gc_age,
-            )
-            .await
-            {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(runs = n, "objects of abandoned runs deleted"),
-                Err(e) => tracing::warn!(error = %e, "deleting objects of abandoned runs failed"),
-            }
-        }
         shared.status.update(|s| {
             s.counters = counters;
             s.owned = assignment.keys().cloned().collect();
@@ -730,25 +714,57 @@ async fn lease_loop(
     }
 }
 
+/// Collects garbage every 10 minutes (the first time after a random 1–10 minutes, so a
+/// fleet started together does not collect at once), in its own task: deletes never delay
+/// renewals. Objects must be older than an hour, 10 lease durations and 3 checkpoint
+/// intervals, whichever is longest.
+async fn gc_loop(shared: Arc<Shared>, config: PipelineConfig, mut stop: watch::Receiver<bool>) {
+    let age = [
+        Duration::from_secs(3600),
+        PipelineConfig::duration(&config.lease.duration) * 10,
+        PipelineConfig::duration(&config.checkpoint.interval) * 3,
+    ]
+    .into_iter()
+    .max()
+    .expect("three");
+    let mut wait = Duration::from_secs(fastrand::u64(60..=600));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return,
+        }
+        wait = Duration::from_secs(600);
+        let current = shared.run.lock().expect("not poisoned").clone();
+        match collect_garbage(
+            &shared.out,
+            &shared.checkpoints,
+            &shared.table,
+            current.as_deref(),
+            age,
+        )
+        .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(runs = n, "objects of abandoned runs deleted"),
+            Err(e) => tracing::warn!(error = %e, "collecting garbage failed; trying again later"),
+        }
+    }
+}
+
 /// Deletes the state objects and staged files of runs that are over: no lease points to
 /// any of their state objects, they are not `current`, and nothing of them is younger than
-/// `age`. Such a run can commit nothing any more (its leases' holds ran out long ago), and
+/// `age`. The lease table is read *after* the objects are listed, so a pointer written
+/// meanwhile is seen; an empty or unreadable table deletes nothing. Such a run can commit nothing any more (its leases' holds ran out long ago), and
 /// every file it committed was published: a lease stops pointing at a run only through a
 /// commit of that run, or of a run that restored from it and published its files first.
 /// Returns the number of runs deleted.
 pub async fn collect_garbage(
     out: &Location,
     checkpoints: &Location,
-    leases: &[Lease],
+    table: &LeaseTable,
     current: Option<&str>,
     age: Duration,
-) -> Result<usize, object_store::Error> {
-    let referenced: BTreeSet<&str> = leases
-        .iter()
-        .filter_map(|l| l.state.as_deref())
-        .filter_map(parse_state_path)
-        .map(|(run, _)| run)
-        .collect();
+) -> Result<usize, JobError> {
     let cutoff = chrono::Utc::now()
         - chrono::Duration::from_std(age).unwrap_or_else(|_| chrono::Duration::hours(1));
     let mut runs: BTreeMap<String, Vec<(Location, object_store::path::Path)>> = BTreeMap::new();
@@ -757,7 +773,7 @@ pub async fn collect_garbage(
         let root = location.child(folder);
         let mut listing = location.store.list(Some(&root));
         while let Some(meta) = listing.next().await {
-            let meta = meta?;
+            let meta = meta.map_err(CheckpointError::from)?;
             let Some(run) = meta.location.prefix_match(&root).and_then(|mut p| p.next()) else {
                 continue;
             };
@@ -770,6 +786,16 @@ pub async fn collect_garbage(
                 .push((location.clone(), meta.location));
         }
     }
+    let leases = table.list().await.map_err(lease_error)?;
+    if leases.is_empty() {
+        return Ok(0);
+    }
+    let referenced: BTreeSet<&str> = leases
+        .iter()
+        .filter_map(|l| l.state.as_deref())
+        .filter_map(parse_state_path)
+        .map(|(run, _)| run)
+        .collect();
     let mut deleted = 0;
     for (run, objects) in runs {
         if referenced.contains(run.as_str())
@@ -781,7 +807,7 @@ pub async fn collect_garbage(
         for (location, path) in objects {
             match location.store.delete(&path).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(CheckpointError::from(e).into()),
             }
         }
         deleted += 1;
@@ -1181,18 +1207,23 @@ mod tests {
             "_staging/rD/anomalies/date=x/part-00-e0000000001-0000-cc.parquet",
             true,
         );
+        let table = LeaseTable::memory();
+        let checkpoints = loc.sub("checkpoints");
+        let collect = || {
+            collect_garbage(
+                &loc,
+                &checkpoints,
+                &table,
+                Some("rD"),
+                Duration::from_secs(3600),
+            )
+        };
+        // No lease is known yet: nothing is deleted.
+        assert_eq!(collect().await.unwrap(), 0);
         let mut lease = Lease::new("s", Vec::new(), HashRange::ALL, TRIM_HORIZON);
         lease.state = Some(state_path("rA", 3));
-        let checkpoints = loc.sub("checkpoints");
-        let n = collect_garbage(
-            &loc,
-            &checkpoints,
-            &[lease],
-            Some("rD"),
-            Duration::from_secs(3600),
-        )
-        .await
-        .unwrap();
+        table.create(&lease).await.unwrap();
+        let n = collect().await.unwrap();
         assert_eq!(n, 1);
         assert!(
             !dir.path()
