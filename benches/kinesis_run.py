@@ -79,14 +79,24 @@ class Kinesis:
             time.sleep(0.05)
 
     def put(self, stream, records):
-        """records: [(partition_key, bytes)]; retries failed entries."""
-        pending = records
+        """records: [(partition_key, bytes)]; retries failed entries. Returns each record's
+        result (ShardId, SequenceNumber), in order."""
+        results = [None] * len(records)
+        pending = list(range(len(records)))
         while pending:
             out = self.call("PutRecords", {"StreamName": stream, "Records": [
-                {"PartitionKey": k, "Data": base64.b64encode(d).decode()} for k, d in pending]})
-            pending = [p for p, r in zip(pending, out["Records"]) if "ErrorCode" in r]
+                {"PartitionKey": records[i][0], "Data": base64.b64encode(records[i][1]).decode()}
+                for i in pending]})
+            retry = []
+            for i, r in zip(pending, out["Records"]):
+                if "ErrorCode" in r:
+                    retry.append(i)
+                else:
+                    results[i] = r
+            pending = retry
             if pending:
                 time.sleep(0.05)
+        return results
 
 
 def sample(resource, ts, rng, spike=False):

@@ -34,7 +34,6 @@ with moto and boto3 (the test venv; `.ci/test` builds it).
 """
 
 import argparse
-import base64
 import json
 import os
 import random
@@ -74,19 +73,9 @@ def put_backlog(k, stream, args):
         r = resources[i % len(resources)]
         batch.append((r, sample(r, t0 + (i // len(resources)) * 1000, rng)))
         if len(batch) == len(resources) or i == args.records - 1:
-            pending = batch
-            while pending:
-                out = k.call("PutRecords", {"StreamName": stream, "Records": [
-                    {"PartitionKey": p, "Data": base64.b64encode(d).decode()}
-                    for p, d in pending]})
-                retry = []
-                for p, rec in zip(pending, out["Records"]):
-                    if "ErrorCode" in rec:
-                        retry.append(p)
-                    else:
-                        seq = int(rec["SequenceNumber"])
-                        last[rec["ShardId"]] = max(last.get(rec["ShardId"], 0), seq)
-                pending = retry
+            for rec in k.put(stream, batch):
+                seq = int(rec["SequenceNumber"])
+                last[rec["ShardId"]] = max(last.get(rec["ShardId"], 0), seq)
             batch = []
     return last
 

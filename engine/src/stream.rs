@@ -126,7 +126,8 @@ impl StreamJob {
 
     /// A job of one worker of a scaled-out stream: `source` reads the shards it leases,
     /// the pipeline starts from `restore` (the saved state of those shards' resources),
-    /// writes its log under `out` and commits checkpoints to `target`.
+    /// writes its log under `out` and commits checkpoints to `target`. The rules must
+    /// partition by resource (checked when the worker starts, before it takes leases).
     pub(crate) fn leased(
         config: &PipelineConfig,
         source: KinesisSource,
@@ -137,17 +138,6 @@ impl StreamJob {
         let schema = Arc::clone(source.schema());
         let rules = compile_rules(config, Arc::clone(&schema))?;
         let pipeline = Pipeline::new(config, schema, rules, out);
-        let routing = pipeline
-            .partition_by
-            .map(|i| pipeline.schema.field(i).name().clone());
-        if routing.as_deref() != Some(healer_operators::schema::RESOURCE) {
-            return Err(JobError::Config(format!(
-                "scale-out moves state with shards, so every window must partition by `{}` \
-                 (the records' partition key); these rules partition by {}",
-                healer_operators::schema::RESOURCE,
-                routing.map_or("nothing in common".to_string(), |r| format!("`{r}`"))
-            )));
-        }
         Ok(Self {
             source,
             pipeline,

@@ -307,15 +307,19 @@ fn replay_then_diagnose() {
             }
         }
     });
-    let mut cmd = healer();
-    cmd.arg("diagnose")
-        .arg(&log)
-        .arg("--topology")
-        .arg(&topology)
-        .arg("--changes")
-        .arg(&changes)
-        .args(["--slack-webhook", &url]);
-    let stdout = succeeded(&cmd.output().unwrap());
+    let escalate_to = |webhook: &str| {
+        healer()
+            .arg("diagnose")
+            .arg(&log)
+            .arg("--topology")
+            .arg(&topology)
+            .arg("--changes")
+            .arg(&changes)
+            .args(["--slack-webhook", webhook])
+            .output()
+            .unwrap()
+    };
+    let stdout = succeeded(&escalate_to(&url));
     assert!(stdout.contains("escalated incident"), "{stdout}");
     let message: serde_json::Value = serde_json::from_str(&received.join().unwrap()).unwrap();
     assert!(
@@ -331,15 +335,7 @@ fn replay_then_diagnose() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead = format!("http://{}/hook", closed.local_addr().unwrap());
     drop(closed);
-    let mut cmd = healer();
-    cmd.arg("diagnose")
-        .arg(&log)
-        .arg("--topology")
-        .arg(&topology)
-        .arg("--changes")
-        .arg(&changes)
-        .args(["--slack-webhook", &dead]);
-    let run = cmd.output().unwrap();
+    let run = escalate_to(&dead);
     assert!(!run.status.success());
     assert!(
         String::from_utf8_lossy(&run.stderr).contains("not delivered"),
@@ -597,6 +593,59 @@ fn fused_lstm_rule_replays_identically_on_any_worker_count() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(
         err.contains("rules.onnxruntime") && err.contains("/nonexistent/libonnxruntime.so"),
+        "{err}"
+    );
+}
+
+/// A scaled-out `healer run` refuses rules whose windows do not partition by resource (their
+/// state could not move with shards), before it touches the lease table or the stream.
+#[test]
+fn scale_out_rejects_rules_not_partitioned_by_resource() {
+    let dir = tempfile::tempdir().unwrap();
+    let rule = dir.path().join("by_service.sql");
+    std::fs::write(
+        &rule,
+        std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../sql/rules/zscore.sql"),
+        )
+        .unwrap()
+        .replace("CREATE VIEW zscore_300", "CREATE VIEW zscore_service")
+        .replace(
+            "PARTITION BY resource, metric",
+            "PARTITION BY service, metric",
+        ),
+    )
+    .unwrap();
+    let run = healer()
+        .args([
+            "run",
+            "--stream",
+            "metrics",
+            "--endpoint",
+            "http://127.0.0.1:9",
+        ])
+        .args([
+            "--lease-table",
+            "leases",
+            "--lease-endpoint",
+            "http://127.0.0.1:9",
+        ])
+        .arg("--rules")
+        .arg(&rule)
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains(
+            "every window must partition by `resource` (the records' partition key); these \
+             rules partition by `service`"
+        ),
         "{err}"
     );
 }

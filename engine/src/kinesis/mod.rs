@@ -23,7 +23,10 @@ use aws_sdk_kinesis::config::http::HttpResponse;
 use aws_sdk_kinesis::config::{Credentials, Region};
 use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 
+use aws_sdk_kinesis::types::Shard;
+
 use crate::config::KinesisConfig;
+use crate::source::SourceError;
 
 /// A Kinesis sequence number: up to 56 decimal digits, more than fits in a `u128`. Ordered
 /// as (number of significant digits, digits), which is numeric order.
@@ -127,28 +130,95 @@ pub async fn pause(attempt: &mut u32, base: Duration) {
     *attempt += 1;
 }
 
-/// A Kinesis client for `config`: its region and endpoint, static keys if given, otherwise
-/// the standard AWS chain. The SDK's own retries are off: callers retry with their own
-/// back-off, so throttling is visible in healer's metrics.
-pub async fn client(config: &KinesisConfig) -> Client {
+/// The AWS settings of `config` (region, static keys if given, otherwise the standard AWS
+/// chain) for a client of `endpoint`, with the given retries and per-attempt timeout.
+pub async fn sdk_config(
+    config: &KinesisConfig,
+    endpoint: Option<&str>,
+    retry: RetryConfig,
+    attempt_timeout: Duration,
+) -> aws_config::SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
-        .retry_config(RetryConfig::disabled())
+        .retry_config(retry)
         .timeout_config(
             TimeoutConfig::builder()
-                .operation_attempt_timeout(Duration::from_secs(10))
+                .operation_attempt_timeout(attempt_timeout)
                 .connect_timeout(Duration::from_secs(3))
                 .build(),
         );
     if let Some(region) = &config.region {
         loader = loader.region(Region::new(region.clone()));
     }
-    if let Some(endpoint) = &config.endpoint {
+    if let Some(endpoint) = endpoint {
         loader = loader.endpoint_url(endpoint);
     }
     if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
         loader = loader.credentials_provider(Credentials::new(id, secret, None, None, "healer"));
     }
-    Client::new(&loader.load().await)
+    loader.load().await
+}
+
+/// A Kinesis client for `config`: its region and endpoint, static keys if given, otherwise
+/// the standard AWS chain. The SDK's own retries are off: callers retry with their own
+/// back-off, so throttling is visible in healer's metrics.
+pub async fn client(config: &KinesisConfig) -> Client {
+    Client::new(
+        &sdk_config(
+            config,
+            config.endpoint.as_deref(),
+            RetryConfig::disabled(),
+            Duration::from_secs(10),
+        )
+        .await,
+    )
+}
+
+/// Every shard of `stream` (name or ARN): `ListShards`, all pages, throttling and transient
+/// errors retried with back-off.
+pub async fn list_shards(client: &Client, stream: &str) -> Result<Vec<Shard>, SourceError> {
+    let (name, arn) = stream_ref(stream);
+    let mut shards = Vec::new();
+    let mut token: Option<String> = None;
+    let mut attempt = 0;
+    loop {
+        let call = match &token {
+            Some(t) => client.list_shards().next_token(t),
+            None => client
+                .list_shards()
+                .set_stream_name(name.clone())
+                .set_stream_arn(arn.clone()),
+        };
+        match call.send().await {
+            Ok(out) => {
+                attempt = 0;
+                shards.extend(out.shards().iter().cloned());
+                match out.next_token() {
+                    Some(t) if !t.is_empty() => token = Some(t.to_string()),
+                    _ => return Ok(shards),
+                }
+            }
+            Err(e) => match classify(&e) {
+                Failure::Throttled | Failure::Transient if attempt < 8 => {
+                    pause(&mut attempt, Duration::from_millis(200)).await;
+                }
+                _ => {
+                    return Err(SourceError::Kinesis {
+                        operation: "ListShards".into(),
+                        reason: describe(&e),
+                    });
+                }
+            },
+        }
+    }
+}
+
+/// A shard's parents (after a split or merge: one; after a merge: two).
+pub fn parents_of(shard: &Shard) -> Vec<String> {
+    [shard.parent_shard_id(), shard.adjacent_parent_shard_id()]
+        .into_iter()
+        .flatten()
+        .map(str::to_string)
+        .collect()
 }
 
 /// The stream's name and ARN from `stream` (either form).

@@ -41,7 +41,7 @@ use super::reader::{
     ReaderCounters, ReaderSettings, ShardEvent, ShardRead, StartAt, read_shard, register_consumer,
     subscribe_shard,
 };
-use super::{Failure, classify, client, describe, pause, stream_ref};
+use super::{client, stream_ref};
 use crate::checkpoint::{Ack, Part, ShardPosition, SourcePositions};
 use crate::config::{KinesisConfig, PipelineConfig};
 use crate::message::Message;
@@ -211,47 +211,11 @@ impl KinesisSource {
 
     /// Every shard of the stream, with its parents (`ListShards`, all pages).
     async fn list(&self) -> Result<Vec<(String, Vec<String>)>, SourceError> {
-        let mut shards = Vec::new();
-        let mut token: Option<String> = None;
-        let mut attempt = 0;
-        loop {
-            let call = match &token {
-                Some(t) => self.client.list_shards().next_token(t),
-                None => self
-                    .client
-                    .list_shards()
-                    .set_stream_name(self.settings.stream_name.clone())
-                    .set_stream_arn(self.settings.stream_arn.clone()),
-            };
-            match call.send().await {
-                Ok(out) => {
-                    attempt = 0;
-                    for s in out.shards() {
-                        let parents = [s.parent_shard_id(), s.adjacent_parent_shard_id()]
-                            .into_iter()
-                            .flatten()
-                            .map(str::to_string)
-                            .collect();
-                        shards.push((s.shard_id().to_string(), parents));
-                    }
-                    match out.next_token() {
-                        Some(t) if !t.is_empty() => token = Some(t.to_string()),
-                        _ => return Ok(shards),
-                    }
-                }
-                Err(e) => match classify(&e) {
-                    Failure::Throttled | Failure::Transient if attempt < 8 => {
-                        pause(&mut attempt, Duration::from_millis(200)).await;
-                    }
-                    _ => {
-                        return Err(SourceError::Kinesis {
-                            operation: "ListShards".into(),
-                            reason: describe(&e),
-                        });
-                    }
-                },
-            }
-        }
+        let shards = super::list_shards(&self.client, &self.settings.stream).await?;
+        Ok(shards
+            .iter()
+            .map(|s| (s.shard_id().to_string(), super::parents_of(s)))
+            .collect())
     }
 
     /// Learns new shards and starts the readers whose parents have ended.

@@ -23,11 +23,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
-use aws_config::timeout::TimeoutConfig;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::config::{Credentials, Region};
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
@@ -265,25 +262,15 @@ impl LeaseTable {
         config: &LeaseConfig,
         kinesis: &KinesisConfig,
     ) -> Result<Self, LeaseError> {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .retry_config(RetryConfig::standard().with_max_attempts(3))
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .operation_attempt_timeout(Duration::from_secs(5))
-                    .connect_timeout(Duration::from_secs(3))
-                    .build(),
-            );
-        if let Some(region) = &kinesis.region {
-            loader = loader.region(Region::new(region.clone()));
-        }
-        if let Some(endpoint) = &config.endpoint {
-            loader = loader.endpoint_url(endpoint);
-        }
-        if let (Some(id), Some(secret)) = (&kinesis.access_key_id, &kinesis.secret_access_key) {
-            loader =
-                loader.credentials_provider(Credentials::new(id, secret, None, None, "healer"));
-        }
-        let client = Client::new(&loader.load().await);
+        // The SDK retries here (the writes recognise their own retried writes).
+        let sdk = crate::kinesis::sdk_config(
+            kinesis,
+            config.endpoint.as_deref(),
+            RetryConfig::standard().with_max_attempts(3),
+            Duration::from_secs(5),
+        )
+        .await;
+        let client = Client::new(&sdk);
         let table = config.table.clone();
         let described = client.describe_table().table_name(&table).send().await;
         match described {

@@ -44,7 +44,6 @@ use crate::config::PipelineConfig;
 use crate::job::JobError;
 use crate::kinesis::reader::ReaderCounters;
 use crate::kinesis::source::KinesisSource;
-use crate::kinesis::{Failure, classify, describe, pause, stream_ref};
 use crate::metrics::PipelineMetrics;
 use crate::store::Location;
 use crate::stream::StreamJob;
@@ -180,58 +179,22 @@ struct ShardInfo {
 }
 
 async fn list_shards(client: &KinesisClient, stream: &str) -> Result<Vec<ShardInfo>, JobError> {
-    let (name, arn) = stream_ref(stream);
-    let mut shards = Vec::new();
-    let mut token: Option<String> = None;
-    let mut attempt = 0;
-    loop {
-        let call = match &token {
-            Some(t) => client.list_shards().next_token(t),
-            None => client
-                .list_shards()
-                .set_stream_name(name.clone())
-                .set_stream_arn(arn.clone()),
-        };
-        match call.send().await {
-            Ok(out) => {
-                attempt = 0;
-                for s in out.shards() {
-                    let range = s
-                        .hash_key_range()
-                        .and_then(|r| HashRange::parse(r.starting_hash_key(), r.ending_hash_key()))
-                        .unwrap_or(HashRange::ALL);
-                    shards.push(ShardInfo {
-                        id: s.shard_id().to_string(),
-                        parents: [s.parent_shard_id(), s.adjacent_parent_shard_id()]
-                            .into_iter()
-                            .flatten()
-                            .map(str::to_string)
-                            .collect(),
-                        range,
-                        closed: s
-                            .sequence_number_range()
-                            .and_then(|r| r.ending_sequence_number())
-                            .is_some(),
-                    });
-                }
-                match out.next_token() {
-                    Some(t) if !t.is_empty() => token = Some(t.to_string()),
-                    _ => return Ok(shards),
-                }
-            }
-            Err(e) => match classify(&e) {
-                Failure::Throttled | Failure::Transient if attempt < 8 => {
-                    pause(&mut attempt, Duration::from_millis(200)).await;
-                }
-                _ => {
-                    return Err(JobError::Config(format!(
-                        "ListShards on `{stream}`: {}",
-                        describe(&e)
-                    )));
-                }
-            },
-        }
-    }
+    let shards = crate::kinesis::list_shards(client, stream).await?;
+    Ok(shards
+        .iter()
+        .map(|s| ShardInfo {
+            id: s.shard_id().to_string(),
+            parents: crate::kinesis::parents_of(s),
+            range: s
+                .hash_key_range()
+                .and_then(|r| HashRange::parse(r.starting_hash_key(), r.ending_hash_key()))
+                .unwrap_or(HashRange::ALL),
+            closed: s
+                .sequence_number_range()
+                .and_then(|r| r.ending_sequence_number())
+                .is_some(),
+        })
+        .collect())
 }
 
 /// Creates a lease for every shard that has none, parents before children (a child with a
@@ -1129,13 +1092,7 @@ mod tests {
 
     #[tokio::test]
     async fn publish_moves_committed_epochs_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Location::parse(
-            &dir.path().display().to_string(),
-            &crate::store::S3Config::default(),
-            true,
-        )
-        .unwrap();
+        let (dir, out) = local_root();
         let staged = |name: &str| dir.path().join("_staging/r1").join(name);
         for name in [
             "anomalies/date=2026-01-01/part-03-e0000000001-0000-aa.parquet",
@@ -1169,13 +1126,7 @@ mod tests {
 
     #[tokio::test]
     async fn garbage_is_only_what_no_lease_needs() {
-        let dir = tempfile::tempdir().unwrap();
-        let loc = Location::parse(
-            &dir.path().display().to_string(),
-            &crate::store::S3Config::default(),
-            true,
-        )
-        .unwrap();
+        let (dir, loc) = local_root();
         let old = std::time::SystemTime::now() - Duration::from_secs(7200);
         let write = |rel: &str, aged: bool| {
             let path = dir.path().join(rel);
@@ -1248,13 +1199,7 @@ mod tests {
     async fn a_new_owner_publishes_what_a_dead_one_committed() {
         // A worker committed epoch 2 of run rX (its lease points there) and died before
         // moving the files; epoch 3 was written but never committed.
-        let dir = tempfile::tempdir().unwrap();
-        let out = Location::parse(
-            &dir.path().display().to_string(),
-            &crate::store::S3Config::default(),
-            true,
-        )
-        .unwrap();
+        let (dir, out) = local_root();
         let checkpoints = out.sub("checkpoints");
         for e in 1..=3u64 {
             let rel = format!("_staging/rX/anomalies/date=x/part-00-e{e:010}-0000-f{e}.parquet");
@@ -1306,6 +1251,14 @@ mod tests {
             "committed epochs are published"
         );
         assert!(!published(3), "an uncommitted epoch is not");
+    }
+
+    /// A temporary folder and its location.
+    fn local_root() -> (tempfile::TempDir, Location) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().display().to_string();
+        let loc = Location::parse(&path, &crate::store::S3Config::default(), true).unwrap();
+        (dir, loc)
     }
 
     #[test]
