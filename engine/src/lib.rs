@@ -32,6 +32,7 @@ pub mod nab_eval;
 pub mod notify;
 pub mod petshop;
 pub mod query;
+pub mod remedy;
 pub mod sink;
 pub mod smd_eval;
 pub mod source;

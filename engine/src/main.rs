@@ -15,6 +15,9 @@ use healer_operators::schema::canonical_metrics_schema;
 use healer_operators::severity::Severity;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+#[path = "cli/remedy.rs"]
+mod remedy_cli;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "healer",
@@ -49,6 +52,16 @@ enum Command {
     /// Correlate the log's anomalies into incidents, rank root causes over a topology and
     /// decide; writes `incidents/` into the log.
     Diagnose(DiagnoseArgs),
+    /// Remediation sagas: run an action, recover, list, show, the action library.
+    #[command(subcommand)]
+    Remediation(remedy_cli::RemediationCommand),
+    /// Kill switch: refuse new remediations (in-flight ones finish).
+    Pause(remedy_cli::PauseArgs),
+    /// Lift the kill switch.
+    Resume(remedy_cli::ResumeArgs),
+    /// Approval requests: list, approve, deny.
+    #[command(subcommand)]
+    Approvals(remedy_cli::ApprovalsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,6 +147,11 @@ struct DiagnoseArgs {
     /// Escalations go to this Slack incoming webhook.
     #[arg(long)]
     slack_webhook: Option<String>,
+    /// Carry out the decisions under this remediation config (sagas, approvals,
+    /// escalations through its `[escalation]`); anomalies that healer's own actions caused
+    /// do not open incidents.
+    #[arg(long, conflicts_with_all = ["pagerduty_routing_key", "slack_webhook"])]
+    remediation: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -368,6 +386,10 @@ fn main() -> ExitCode {
             Command::Validate(args) => validate(args),
             Command::Train(TrainCommand::Iforest(args)) => train_iforest(args).await,
             Command::Diagnose(args) => diagnose(args).await,
+            Command::Remediation(cmd) => remedy_cli::remediation(cmd).await,
+            Command::Pause(args) => remedy_cli::pause(args),
+            Command::Resume(args) => remedy_cli::resume(args),
+            Command::Approvals(cmd) => remedy_cli::approvals(cmd).await,
             Command::Eval(EvalCommand::Rca(args)) => eval_rca(args),
             Command::Eval(EvalCommand::Nab(args)) => eval_nab(args).await,
             Command::Eval(EvalCommand::Smd(args)) => eval_smd(args),
@@ -1022,9 +1044,32 @@ async fn diagnose(args: DiagnoseArgs) -> Result<ExitCode> {
         .with_context(|| format!("--window `{}`", args.window))?;
     let s3 = s3_with_endpoint(args.s3_endpoint.as_deref());
     let log = Location::parse(&args.log, &s3, false)?;
-    let anomalies = diagnose::read_anomalies(&log)
+    let mut anomalies = diagnose::read_anomalies(&log)
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
+    let remediator = match &args.remediation {
+        Some(path) => Some(remedy_cli::open(path)?),
+        None => None,
+    };
+    if let Some(r) = &remediator {
+        for rep in r.recover().await? {
+            remedy_cli::print_report(&rep);
+        }
+        let before = anomalies.len();
+        let mut kept = Vec::with_capacity(before);
+        for a in anomalies {
+            if !r.caused_by_healer(&a.resource, a.ts_ms)? {
+                kept.push(a);
+            }
+        }
+        anomalies = kept;
+        if anomalies.len() < before {
+            println!(
+                "{} anomal(ies) fall in healer's own remediations: not incidents",
+                before - anomalies.len()
+            );
+        }
+    }
     let config = RcaConfig {
         window_ms: window.as_millis() as i64,
         ..RcaConfig::default()
@@ -1083,6 +1128,29 @@ async fn diagnose(args: DiagnoseArgs) -> Result<ExitCode> {
             d.decision.action.as_deref().unwrap_or("-"),
             d.decision.reasons.last().map_or("", String::as_str)
         );
+    }
+    if let Some(r) = &remediator {
+        let mut failed = 0;
+        for d in &diagnosed {
+            let report = r.handle(d).await?;
+            remedy_cli::print_report(&report);
+            // Handled means done, or in a human's hands: a failed saga or an escalation
+            // nobody received is a failure the caller must see.
+            if report.state == "failed"
+                || report
+                    .steps
+                    .iter()
+                    .any(|s| s.starts_with("escalate failed"))
+            {
+                failed += 1;
+            }
+        }
+        remedy_cli::export(r, Some(&args.log)).await?;
+        return Ok(if failed > 0 {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        });
     }
     let mut targets = Vec::new();
     if let Some(key) = &args.pagerduty_routing_key {

@@ -210,7 +210,7 @@ fn slack_list(items: &[String]) -> String {
 }
 
 /// What an escalation tells a human.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Escalation {
     /// The incident id (also the PagerDuty `dedup_key`).
     pub id: String,

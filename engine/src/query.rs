@@ -61,6 +61,7 @@ pub async fn context(location: &Location) -> Result<SessionContext> {
         "dead_letter",
         "dead_letter_records",
         "incidents",
+        "remediations",
     ] {
         if has_files(location, table).await {
             register(&ctx, location, table).await?;

@@ -1,6 +1,7 @@
 //! A moto server (S3 and other AWS APIs) on a free loopback port, for the integration tests.
 //! `.ci/test` installs moto and exports `HEALER_MOTO_SERVER`; outside it, `moto_server` must
 //! be on `PATH`.
+#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
