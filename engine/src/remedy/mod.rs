@@ -5,7 +5,7 @@
 //! preconditions → snapshot → execute (timeout: 1.5 × the estimate) → verify (attempts,
 //! interval) → succeeded; any failure compensates from the snapshot (rolled back) and
 //! escalates; a rollback that fails, or one that needs a human (a database failover),
-//! escalates as failed. Every state change and step is written to the [journal](journal)
+//! escalates as failed. Every state change and step is written to the [journal]
 //! before the step acts, so a healer killed at any point resumes or compensates on restart
 //! ([`Remediator::recover`]): a step that was interrupted is re-run when it only reads
 //! (preconditions, snapshot, verify) or restores (compensate, computed from the snapshot);
