@@ -993,3 +993,166 @@ async fn steps_go_to_the_incident_log_and_own_actions_are_not_incidents() {
         assert!(text.contains(want), "{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_that_fails_waits_for_an_approved_manual_rollback() {
+    let pg = PgPair::start();
+    let primary = PgPair::conn(pg.primary_port);
+    let replica = PgPair::conn(pg.replica_port);
+    let (p, conn) = tokio_postgres::connect(&primary, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let (r, conn) = tokio_postgres::connect(&replica, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    p.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+    // The replica stops replaying, so it cannot catch up within max_lag_seconds.
+    r.batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    p.batch_execute("INSERT INTO t SELECT generate_series(1, 100)")
+        .await
+        .unwrap();
+    let slack = Receiver::start(&[]).await;
+    let s = Setup::new(&format!(
+        "mode = \"enforce\"\nallow = [\"db-*\"]\n[escalation]\nslack_webhook = \"{}/s\"\n[[targets]]\nmatch = \"db-*\"\n[targets.postgres]\nprimary = \"{primary}\"\nreplica = \"{replica}\"\nendpoint_file = \"endpoint\"\nmax_lag_seconds = 1.0\n",
+        slack.url
+    ));
+    std::fs::write(s.dir.path().join("endpoint"), &primary).unwrap();
+    let rem = s.remediator();
+    let rep = rem
+        .remediate(request("i1", "failover_database", "db-1"))
+        .await
+        .unwrap();
+    assert_eq!(rep.state, "failed", "{rep:#?}");
+    assert!(rep.reason.contains("rollback needs approval"), "{rep:#?}");
+    assert!(
+        steps(&rep, "execute")
+            .iter()
+            .any(|s| s.contains("bytes behind")),
+        "{rep:#?}"
+    );
+    assert_eq!(slack.received().len(), 1, "escalated");
+    // The old primary is read-only until a human approves the rollback.
+    let (p2, conn) = tokio_postgres::connect(&primary, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    assert!(p2.batch_execute("INSERT INTO t VALUES (0)").await.is_err());
+    let pending = rem.journal().approvals(false).unwrap();
+    assert_eq!((pending.len(), pending[0].kind.as_str()), (1, "rollback"));
+    rem.journal()
+        .decide_approval(&pending[0].id, true, "dba", healer_engine::remedy::now_ms())
+        .unwrap()
+        .unwrap();
+    let done = rem.run_approved_rollbacks().await.unwrap();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].state, "rolled_back", "{done:#?}");
+    assert!(
+        done[0]
+            .steps
+            .iter()
+            .any(|s| s.contains("manual_rollback ok") && s.contains("approved by dba")),
+        "{done:#?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(s.dir.path().join("endpoint")).unwrap(),
+        primary
+    );
+    let (p3, conn) = tokio_postgres::connect(&primary, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    p3.batch_execute("INSERT INTO t VALUES (0)").await.unwrap();
+    assert!(
+        rem.run_approved_rollbacks().await.unwrap().is_empty(),
+        "once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_pauses_resumes_and_answers_approvals() {
+    let hook = Receiver::start(&[]).await;
+    let s = Setup::new(&format!(
+        "mode = \"enforce\"\nallow = [\"*\"]\n{}",
+        webhook_target("t*", &format!("{}/act", hook.url))
+    ));
+    let run = |args: &[&str]| {
+        let out = healer()
+            .args(args)
+            .arg("--config")
+            .arg(s.path())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, text) = run(&["pause", "--reason", "freeze", "--by", "alice"]);
+    assert!(ok && text.contains("paused"), "{text}");
+    let (ok, text) = run(&[
+        "remediation",
+        "run",
+        "call_webhook",
+        "t1",
+        "--incident",
+        "i1",
+    ]);
+    assert!(
+        !ok && text.contains("refused (healer is paused by alice: freeze)"),
+        "{text}"
+    );
+    let (ok, _) = run(&["resume", "--by", "alice"]);
+    assert!(ok);
+    let (ok, text) = run(&[
+        "remediation",
+        "run",
+        "call_webhook",
+        "t1",
+        "--incident",
+        "i2",
+    ]);
+    assert!(ok && text.contains(": succeeded"), "{text}");
+    assert_eq!(hook.received().len(), 1);
+
+    let (ok, text) = run(&[
+        "remediation",
+        "run",
+        "call_webhook",
+        "t2",
+        "--incident",
+        "i3",
+        "--request-approval",
+        "needs a human",
+    ]);
+    assert!(ok && text.contains("awaiting_approval"), "{text}");
+    let (_, list) = run(&["approvals", "list"]);
+    let id = list.split_whitespace().next().unwrap().to_string();
+    assert!(
+        list.contains("needs a human") && list.contains("pending"),
+        "{list}"
+    );
+    let (ok, text) = run(&["approvals", "approve", &id, "--by", "bob"]);
+    assert!(
+        ok && text.contains("approved by bob") && text.contains(": succeeded"),
+        "{text}"
+    );
+    assert_eq!(hook.received().len(), 2);
+    let (ok, text) = run(&["approvals", "deny", &id]);
+    assert!(!ok && text.contains("already approved"), "{text}");
+    let (_, list) = run(&["remediation", "list"]);
+    assert_eq!(
+        list.lines().filter(|l| l.contains("call_webhook")).count(),
+        3,
+        "{list}"
+    );
+    let (ok, text) = run(&["remediation", "actions"]);
+    assert!(
+        ok && text.contains("failover_database") && text.contains("replica_lag_seconds < 10"),
+        "{text}"
+    );
+}

@@ -52,6 +52,10 @@ pub struct RunArgs {
     /// Incident id (part of the idempotency key; default: `manual-<ms>`).
     #[arg(long)]
     incident: Option<String>,
+    /// Ask for approval, with this reason, instead of running (`healer approvals approve`
+    /// runs it).
+    #[arg(long)]
+    request_approval: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -215,15 +219,17 @@ pub async fn remediation(cmd: RemediationCommand) -> Result<ExitCode> {
                 affected: vec![args.target.clone()],
                 start_ms: now_ms(),
             };
-            let report = r
-                .remediate(Request {
-                    incident,
-                    action: args.action.clone(),
-                    alternatives: Vec::new(),
-                    target: args.target.clone(),
-                    escalation,
-                })
-                .await?;
+            let request = Request {
+                incident,
+                action: args.action.clone(),
+                alternatives: Vec::new(),
+                target: args.target.clone(),
+                escalation,
+            };
+            let report = match &args.request_approval {
+                Some(why) => r.ask_approval(request, why).await?,
+                None => r.remediate(request).await?,
+            };
             print_report(&report);
             export(&r, args.common.log.as_deref()).await?;
             reports.push(report);
