@@ -343,6 +343,67 @@ fn replay_then_diagnose() {
         String::from_utf8_lossy(&run.stderr)
     );
 
+    // With a remediation config the decision is carried out: the auto-heal scale-up runs as
+    // a saga against the database's webhook backend, its steps go to the log, and running
+    // diagnose again does not act again (one saga per incident, action and target).
+    let hook = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hook_url = format!("http://{}/scale", hook.local_addr().unwrap());
+    let calls = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut stream, _) = hook.accept().unwrap();
+        let mut buf = [0u8; 8192];
+        let n = stream.read(&mut buf).unwrap();
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    });
+    let remediation = dir.path().join("remediation.toml");
+    std::fs::write(
+        &remediation,
+        format!(
+            "mode = \"enforce\"\njournal = \"journal.db\"\nallow = [\"db\"]\n[[targets]]\nmatch = \"db\"\n[targets.webhook]\nurl = \"{hook_url}\"\n"
+        ),
+    )
+    .unwrap();
+    let remediate = || {
+        healer()
+            .arg("diagnose")
+            .arg(&log)
+            .arg("--topology")
+            .arg(&topology)
+            .arg("--remediation")
+            .arg(&remediation)
+            .output()
+            .unwrap()
+    };
+    let stdout = succeeded(&remediate());
+    assert!(
+        stdout.contains("scale_up_instances on db: succeeded"),
+        "{stdout}"
+    );
+    let request = calls.join().unwrap();
+    assert!(request.contains("\"operation\":\"scale_up\""), "{request}");
+    let stdout = succeeded(&remediate());
+    assert!(
+        stdout.contains("scale_up_instances on db: succeeded"),
+        "{stdout}"
+    );
+    let q = healer()
+        .args([
+            "incidents",
+            log.to_str().unwrap(),
+            "--sql",
+            "SELECT count(DISTINCT saga) AS sagas, count(*) FILTER (WHERE step = 'execute') AS executes, max(saga_state) AS state FROM remediations",
+        ])
+        .output()
+        .unwrap();
+    let table = succeeded(&q);
+    assert!(
+        table.contains("| 1     | 1        | succeeded |"),
+        "{table}"
+    );
+
     // A topology naming an unknown resource is rejected with its location.
     std::fs::write(
         &topology,
