@@ -152,6 +152,9 @@ struct DiagnoseArgs {
     /// do not open incidents.
     #[arg(long, conflicts_with_all = ["pagerduty_routing_key", "slack_webhook"])]
     remediation: Option<PathBuf>,
+    /// Metrics parquet (file or folder) for preconditions that must hold `for` a while.
+    #[arg(long, requires = "remediation")]
+    telemetry: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -1047,7 +1050,7 @@ async fn diagnose(args: DiagnoseArgs) -> Result<ExitCode> {
     let mut anomalies = diagnose::read_anomalies(&log)
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
-    let remediator = match &args.remediation {
+    let mut remediator = match &args.remediation {
         Some(path) => Some(remedy_cli::open(path)?),
         None => None,
     };
@@ -1128,6 +1131,18 @@ async fn diagnose(args: DiagnoseArgs) -> Result<ExitCode> {
             d.decision.action.as_deref().unwrap_or("-"),
             d.decision.reasons.last().map_or("", String::as_str)
         );
+    }
+    if let Some(r) = &mut remediator
+        && let Some(path) = &args.telemetry
+    {
+        let targets: Vec<String> = diagnosed
+            .iter()
+            .filter_map(|d| d.decision.target.clone())
+            .collect();
+        let samples = healer_engine::remedy::read_telemetry(path, &targets)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        r.set_telemetry(samples);
     }
     if let Some(r) = &remediator {
         let mut failed = 0;

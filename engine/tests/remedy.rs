@@ -43,6 +43,7 @@ fn request(incident: &str, action: &str, target: &str) -> Request {
         alternatives: Vec::new(),
         target: target.into(),
         escalation: escalation(incident, target),
+        as_of_ms: None,
     }
 }
 
@@ -1155,4 +1156,92 @@ async fn the_command_line_pauses_resumes_and_answers_approvals() {
         ok && text.contains("failover_database") && text.contains("replica_lag_seconds < 10"),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_precondition_held_for_a_while_is_read_from_telemetry() {
+    use arrow::array::{Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use std::sync::Arc;
+
+    let hook = Receiver::start(&[]).await;
+    let s = Setup::new(&format!(
+        "mode = \"enforce\"\nallow = [\"*\"]\n[limits]\ncooldown = \"0s\"\n{}\n[[actions]]\nid = \"page_out\"\nname = \"Page out\"\ndescription = \"d\"\noperation = \"webhook\"\nestimated = \"10s\"\nblast_radius = \"low\"\npreconditions = [{{ metric = \"memory_percent\", op = \">\", threshold = 85.0, for = \"5m\" }}]\n",
+        webhook_target("*", &format!("{}/act", hook.url))
+    ));
+    // One sample a minute for 10 minutes; api-2 dips below 85 % three minutes before the end.
+    let end = 1_764_900_000_000i64;
+    let (mut ts, mut res, mut mem) = (Vec::new(), Vec::new(), Vec::new());
+    for m in 0..=10i64 {
+        for r in ["api-1", "api-2"] {
+            ts.push(end - (10 - m) * 60_000);
+            res.push(r);
+            mem.push(if r == "api-2" && m == 7 {
+                80.0
+            } else {
+                91.0 + m as f64 / 10.0
+            });
+        }
+    }
+    let schema = Arc::new(Schema::new(vec![
+        Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            false,
+        ),
+        Field::new("resource", DataType::Utf8, false),
+        Field::new("memory_percent", DataType::Float64, true),
+    ]));
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![
+            Arc::new(TimestampMillisecondArray::from(ts).with_timezone("UTC")),
+            Arc::new(StringArray::from(res)),
+            Arc::new(Float64Array::from(mem)),
+        ],
+    )
+    .unwrap();
+    let path = s.dir.path().join("metrics.parquet");
+    let mut w =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), schema, None)
+            .unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+
+    let mut rem = s.remediator();
+    let targets = vec!["api-1".to_string(), "api-2".to_string()];
+    let samples = healer_engine::remedy::read_telemetry(path.to_str().unwrap(), &targets)
+        .await
+        .unwrap();
+    assert_eq!(samples.len(), 22);
+    rem.set_telemetry(samples);
+    let at = |incident: &str, target: &str| Request {
+        as_of_ms: Some(end),
+        ..request(incident, "page_out", target)
+    };
+    let r = rem.remediate(at("i1", "api-1")).await.unwrap();
+    assert_eq!(r.state, "succeeded", "{r:#?}");
+    assert!(
+        steps(&r, "preconditions")
+            .iter()
+            .any(|s| s.contains("held in all 6 samples of the 5m")),
+        "{r:#?}"
+    );
+    let r = rem.remediate(at("i2", "api-2")).await.unwrap();
+    assert_eq!(r.state, "escalated", "{r:#?}");
+    assert!(
+        r.reason
+            .contains("memory_percent > 85 for 5m does not hold: memory_percent was 80"),
+        "{r:#?}"
+    );
+    // Telemetry that does not reach back far enough does not count as holding.
+    let r = rem
+        .remediate(Request {
+            as_of_ms: Some(end + 20 * 60_000),
+            ..at("i3", "api-1")
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.state, "escalated", "{r:#?}");
+    assert_eq!(hook.received().len(), 1);
 }

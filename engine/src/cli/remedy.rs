@@ -52,6 +52,9 @@ pub struct RunArgs {
     /// Incident id (part of the idempotency key; default: `manual-<ms>`).
     #[arg(long)]
     incident: Option<String>,
+    /// Metrics parquet (file or folder) for preconditions that must hold `for` a while.
+    #[arg(long)]
+    telemetry: Option<String>,
     /// Ask for approval, with this reason, instead of running (`healer approvals approve`
     /// runs it).
     #[arg(long)]
@@ -199,7 +202,14 @@ fn status(reports: &[Report]) -> ExitCode {
 pub async fn remediation(cmd: RemediationCommand) -> Result<ExitCode> {
     match cmd {
         RemediationCommand::Run(args) => {
-            let r = open(&args.common.config.config)?;
+            let mut r = open(&args.common.config.config)?;
+            if let Some(path) = &args.telemetry {
+                let samples =
+                    healer_engine::remedy::read_telemetry(path, std::slice::from_ref(&args.target))
+                        .await
+                        .map_err(|e| anyhow::anyhow!(e))?;
+                r.set_telemetry(samples);
+            }
             let mut reports = r.recover().await?;
             for rep in &reports {
                 print_report(rep);
@@ -225,6 +235,7 @@ pub async fn remediation(cmd: RemediationCommand) -> Result<ExitCode> {
                 alternatives: Vec::new(),
                 target: args.target.clone(),
                 escalation,
+                as_of_ms: None,
             };
             let report = match &args.request_approval {
                 Some(why) => r.ask_approval(request, why).await?,

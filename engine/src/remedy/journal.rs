@@ -105,6 +105,8 @@ pub struct Saga {
     pub snapshot: Option<String>,
     /// Escalation context (JSON of [`crate::notify::Escalation`]).
     pub context: String,
+    /// The decision's time (ms): the end of `for` windows over telemetry.
+    pub as_of_ms: i64,
 }
 
 /// One journaled step.
@@ -196,6 +198,8 @@ pub struct NewSaga {
     pub context: String,
     /// Recorded only: a dry run has a key of its own, so switching to enforce acts.
     pub dry_run: bool,
+    /// The decision's time (ms).
+    pub as_of_ms: i64,
 }
 
 impl NewSaga {
@@ -260,7 +264,8 @@ CREATE TABLE IF NOT EXISTS sagas (
   ended_ms INTEGER,
   token INTEGER,
   snapshot TEXT,
-  context TEXT NOT NULL
+  context TEXT NOT NULL,
+  as_of_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sagas_target ON sagas (target, action, started_ms);
 CREATE INDEX IF NOT EXISTS sagas_state ON sagas (state);
@@ -320,10 +325,11 @@ fn saga_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Saga> {
         token: r.get(11)?,
         snapshot: r.get(12)?,
         context: r.get(13)?,
+        as_of_ms: r.get(14)?,
     })
 }
 
-const SAGA_COLUMNS: &str = "id, incident, action, target, service, dry_run, state, reason, created_ms, started_ms, ended_ms, token, snapshot, context";
+const SAGA_COLUMNS: &str = "id, incident, action, target, service, dry_run, state, reason, created_ms, started_ms, ended_ms, token, snapshot, context, as_of_ms";
 
 fn ms(d: Duration) -> i64 {
     d.as_millis().min(i64::MAX as u128) as i64
@@ -551,7 +557,7 @@ impl Journal {
             let dry = new.dry_run;
             tx.execute(
                 &format!(
-                    "INSERT INTO sagas ({SAGA_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, '', ?8, NULL, NULL, NULL, NULL, ?9)"
+                    "INSERT INTO sagas ({SAGA_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, '', ?8, NULL, NULL, NULL, NULL, ?9, ?10)"
                 ),
                 params![
                     id,
@@ -562,7 +568,8 @@ impl Journal {
                     dry,
                     state::PLANNED,
                     now_ms,
-                    new.context
+                    new.context,
+                    new.as_of_ms
                 ],
             )?;
             let a = gate(&tx, &id, new, config, &owner, now_ms, dry)?;
@@ -598,6 +605,7 @@ impl Journal {
                 service: saga.service.clone(),
                 context: saga.context.clone(),
                 dry_run: dry,
+                as_of_ms: saga.as_of_ms,
             };
             tx.execute(
                 "UPDATE sagas SET state = ?2, dry_run = ?3 WHERE id = ?1",
@@ -628,7 +636,7 @@ impl Journal {
             }
             tx.execute(
                 &format!(
-                    "INSERT INTO sagas ({SAGA_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, ?8, NULL, NULL, NULL, NULL, ?9)"
+                    "INSERT INTO sagas ({SAGA_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, ?8, NULL, NULL, NULL, NULL, ?9, ?10)"
                 ),
                 params![
                     id,
@@ -639,7 +647,8 @@ impl Journal {
                     state::AWAITING_APPROVAL,
                     reason,
                     now_ms,
-                    new.context
+                    new.context,
+                    new.as_of_ms
                 ],
             )?;
             let approval = insert_approval(&tx, &id, "action", reason, now_ms, ttl)?;

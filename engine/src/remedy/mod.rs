@@ -71,6 +71,9 @@ pub struct Request {
     pub target: String,
     /// What an escalation says.
     pub escalation: Escalation,
+    /// The decision's time (ms; default now): `for` preconditions look at the telemetry
+    /// before it.
+    pub as_of_ms: Option<i64>,
 }
 
 impl Request {
@@ -86,6 +89,7 @@ impl Request {
                 .unwrap_or_default(),
             target: d.decision.target.clone()?,
             escalation: Escalation::of(d),
+            as_of_ms: Some(d.incident.end_ms),
         })
     }
 }
@@ -118,10 +122,9 @@ impl Remediator {
         })
     }
 
-    /// Telemetry for `for` preconditions.
-    pub fn with_telemetry(mut self, samples: Vec<Sample>) -> Self {
+    /// Telemetry for `for` preconditions (see [`read_telemetry`]).
+    pub fn set_telemetry(&mut self, samples: Vec<Sample>) {
         self.telemetry = samples;
-        self
     }
 
     /// The journal.
@@ -207,6 +210,7 @@ impl Remediator {
             service: self.service_of(&r.target),
             context: serde_json::to_string(&r.escalation).expect("escalations serialise"),
             dry_run: self.config.mode == config::Mode::DryRun,
+            as_of_ms: r.as_of_ms.unwrap_or_else(now_ms),
         }
     }
 
@@ -435,6 +439,70 @@ impl Remediator {
             .map_err(|e| e.to_string())?;
         Ok(rows.len())
     }
+}
+
+/// Reads telemetry for `for` preconditions from metrics parquet (a file or a folder of
+/// them; any layout with `ts`, `resource` and numeric metric columns, like the canonical
+/// wide schema): every non-null value of `resources` as a sample.
+pub async fn read_telemetry(path: &str, resources: &[String]) -> Result<Vec<Sample>, String> {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{Float64Type, TimestampMillisecondType};
+    if resources.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ctx = datafusion::prelude::SessionContext::new();
+    ctx.register_parquet("metrics", path, Default::default())
+        .await
+        .map_err(|e| format!("telemetry {path}: {e}"))?;
+    let list: Vec<String> = resources
+        .iter()
+        .map(|r| format!("'{}'", r.replace('\'', "''")))
+        .collect();
+    let batches = ctx
+        .sql(&format!(
+            "SELECT * FROM metrics WHERE resource IN ({})",
+            list.join(", ")
+        ))
+        .await
+        .map_err(|e| format!("telemetry {path}: {e}"))?
+        .collect()
+        .await
+        .map_err(|e| format!("telemetry {path}: {e}"))?;
+    let ts_type = DataType::Timestamp(TimeUnit::Millisecond, None);
+    let mut out = Vec::new();
+    for b in batches {
+        let schema = b.schema();
+        let (Ok(ts_i), Ok(res_i)) = (schema.index_of("ts"), schema.index_of("resource")) else {
+            return Err(format!(
+                "telemetry {path}: needs `ts` and `resource` columns"
+            ));
+        };
+        let ts = arrow::compute::cast(b.column(ts_i), &ts_type).map_err(|e| e.to_string())?;
+        let ts = ts.as_primitive::<TimestampMillisecondType>();
+        let res =
+            arrow::compute::cast(b.column(res_i), &DataType::Utf8).map_err(|e| e.to_string())?;
+        let res = res.as_string::<i32>();
+        for (i, field) in schema.fields().iter().enumerate() {
+            if i == ts_i || i == res_i || !field.data_type().is_numeric() {
+                continue;
+            }
+            let values =
+                arrow::compute::cast(b.column(i), &DataType::Float64).map_err(|e| e.to_string())?;
+            let values = values.as_primitive::<Float64Type>();
+            for row in 0..b.num_rows() {
+                if values.is_null(row) || ts.is_null(row) || res.is_null(row) {
+                    continue;
+                }
+                out.push(Sample {
+                    resource: res.value(row).to_string(),
+                    metric: field.name().clone(),
+                    ts_ms: ts.value(row),
+                    value: values.value(row),
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn radius_name(r: Radius) -> &'static str {

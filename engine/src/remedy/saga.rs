@@ -127,7 +127,9 @@ impl Remediator {
             incident: &saga.incident,
             target: &saga.target,
         };
-        let pre = self.preconditions(spec, &saga.target, backend).await;
+        let pre = self
+            .preconditions(spec, &saga.target, saga.as_of_ms, backend)
+            .await;
         let (status, detail) = match &pre {
             Ok(d) => ("planned", d.clone()),
             Err(e) => ("failed", e.clone()),
@@ -177,11 +179,12 @@ impl Remediator {
         &self,
         spec: &ActionSpec,
         target: &str,
+        as_of_ms: i64,
         backend: &Backend,
     ) -> Result<String, String> {
         let mut held = Vec::new();
         for p in &spec.preconditions {
-            match self.precondition(p, target, backend).await {
+            match self.precondition(p, target, as_of_ms, backend).await {
                 Ok(line) => held.push(line),
                 Err(e) => return Err(format!("{} does not hold: {e}", p.describe())),
             }
@@ -197,6 +200,7 @@ impl Remediator {
         &self,
         p: &Precondition,
         target: &str,
+        as_of_ms: i64,
         backend: &Backend,
     ) -> Result<String, String> {
         if let Some(check) = &p.check {
@@ -209,25 +213,34 @@ impl Remediator {
         let (Some(metric), Some(op), Some(threshold)) = (&p.metric, p.op, p.threshold) else {
             return Err("incomplete".into());
         };
-        let live = backend.probe(metric).await.map_err(|e| e.to_string())?;
-        if !op.holds(live, threshold) {
+        let hold = p.hold();
+        // A metric the backend does not read live is taken from telemetry alone.
+        let live = match backend.probe(metric).await {
+            Ok(v) => Some(v),
+            Err(ActError::Unknown(_)) if !hold.is_zero() => None,
+            Err(e) => return Err(e.to_string()),
+        };
+        if let Some(live) = live
+            && !op.holds(live, threshold)
+        {
             return Err(format!("{metric} is {live}"));
         }
-        let hold = p.hold();
+        let now = live.map_or(String::new(), |v| format!("{metric} = {v}"));
         if hold.is_zero() {
-            return Ok(format!("{metric} = {live}"));
+            return Ok(now);
         }
         held_for(
             &self.telemetry,
             target,
             metric,
             hold.as_millis() as i64,
-            now_ms(),
+            as_of_ms,
             |v| op.holds(v, threshold),
         )
         .map(|n| {
             format!(
-                "{metric} = {live}, and in all {n} samples of {}",
+                "{now}{}held in all {n} samples of the {} before the decision",
+                if now.is_empty() { "" } else { ", " },
                 p.for_.as_deref().unwrap_or("")
             )
         })
@@ -351,7 +364,9 @@ impl Remediator {
             .journal
             .step_start(&saga.id, "preconditions", now_ms())?;
         failpoint("preconditions:before");
-        let r = self.preconditions(spec, &saga.target, backend).await;
+        let r = self
+            .preconditions(spec, &saga.target, saga.as_of_ms, backend)
+            .await;
         failpoint("preconditions:after");
         Ok(match r {
             Ok(d) => {
@@ -637,6 +652,12 @@ pub(super) fn held_for(
         ));
     };
     let span = &window[start..];
+    if span.len() < 2 {
+        return Err(format!(
+            "no telemetry of {metric} in the {} s before the decision",
+            hold_ms / 1000
+        ));
+    }
     match span.iter().find(|s| !ok(s.value)) {
         Some(bad) => Err(format!("{metric} was {} at {}", bad.value, bad.ts_ms)),
         None => Ok(span.len()),
@@ -680,8 +701,9 @@ mod tests {
             held_for(&early, "a", "m", 120_000, 180_000, |v| v > 85.0),
             Ok(3)
         );
-        // telemetry that does not reach back far enough
+        // telemetry that does not reach back far enough, or stopped before the end
         assert!(held_for(&samples, "a", "m", 600_000, 180_000, |v| v > 85.0).is_err());
+        assert!(held_for(&samples, "a", "m", 60_000, 900_000, |v| v > 85.0).is_err());
         assert!(held_for(&samples, "b", "m", 60_000, 180_000, |_| true).is_err());
     }
 }

@@ -31,6 +31,9 @@ pub enum ActError {
     /// A ceiling (instances, memory) is reached: acting again cannot help.
     #[error("ceiling reached: {0}")]
     Ceiling(String),
+    /// The backend has no such check or metric.
+    #[error("{0}")]
+    Unknown(String),
 }
 
 /// Result of an actuator call.
@@ -169,11 +172,11 @@ impl Backend {
 }
 
 pub(crate) fn unknown_check(backend: &str, name: &str) -> ActError {
-    ActError::Failed(format!("the {backend} backend has no check `{name}`"))
+    ActError::Unknown(format!("the {backend} backend has no check `{name}`"))
 }
 
 pub(crate) fn unknown_metric(backend: &str, name: &str) -> ActError {
-    ActError::Failed(format!("the {backend} backend has no metric `{name}`"))
+    ActError::Unknown(format!("the {backend} backend has no metric `{name}`"))
 }
 
 /// A GET answered with 2xx within `timeout`; the body on success.
