@@ -491,7 +491,13 @@ async fn cooldown_budgets_recurrence_concurrency_and_the_kill_switch() {
                 .unwrap()
         })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Wait until the slow call has arrived: its saga is in flight.
+    for _ in 0..100 {
+        if !slow.received().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Concurrency cap 1: a second target waits its turn (refused, escalated).
     let r = rem
         .remediate(request("k1", "call_webhook", "t1"))
@@ -761,7 +767,6 @@ async fn failover_database_promotes_a_real_streaming_replica() {
         "mode = \"enforce\"\nallow = [\"db-*\"]\n[[targets]]\nmatch = \"db-*\"\n[targets.postgres]\nprimary = \"{primary}\"\nreplica = \"{replica}\"\nendpoint_file = \"endpoint\"\n"
     ));
     std::fs::write(s.dir.path().join("endpoint"), &primary).unwrap();
-    // Wait for the replica to stream.
     let rem = s.remediator();
     let r = rem
         .remediate(request("i1", "failover_database", "db-1"))
@@ -864,6 +869,45 @@ async fn a_crash_at_any_saga_step_is_resumed_or_compensated_and_acts_once() {
             limits.contains(&(768u64 * 1024 * 1024).to_string()),
             "{point}"
         );
+    }
+    // A restart is not idempotent: after a crash in it, healer looks before acting again.
+    for (point, want) in [
+        ("execute:before", "rolled_back"),
+        ("execute:after", "succeeded"),
+    ] {
+        let port = free_port();
+        let s = Setup::new(&format!(
+            "mode = \"enforce\"\nallow = [\"*\"]\n{}",
+            service_target("api-*", port, &["v1"], "svc")
+        ));
+        let svc = start_service(&s).await;
+        let _stop = Stop(&svc);
+        let before = svc.pid();
+        let out = healer()
+            .args(["remediation", "run", "--config"])
+            .arg(s.path())
+            .args(["restart_service", "api-1", "--incident", "inc-1"])
+            .env("HEALER_FAILPOINT", point)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{point}");
+        let out = healer()
+            .args(["remediation", "recover", "--config"])
+            .arg(s.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!(": {want}")),
+            "restart {point}: {text}"
+        );
+        let executes = text
+            .lines()
+            .filter(|l| l.trim_start().starts_with("execute "))
+            .count();
+        assert_eq!(executes, 1, "restart {point}: executed once: {text}");
+        assert_eq!(svc.pid() != before, want == "succeeded", "restart {point}");
+        wait_health(port).await;
     }
     for point in ["compensate:before", "compensate:after"] {
         let port = free_port();
@@ -996,7 +1040,7 @@ async fn steps_go_to_the_incident_log_and_own_actions_are_not_incidents() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failover_that_fails_waits_for_an_approved_manual_rollback() {
+async fn a_failover_that_fails_is_undone_before_promotion_and_needs_a_human_after() {
     let pg = PgPair::start();
     let primary = PgPair::conn(pg.primary_port);
     let replica = PgPair::conn(pg.replica_port);
@@ -1017,14 +1061,57 @@ async fn a_failover_that_fails_waits_for_an_approved_manual_rollback() {
         .await
         .unwrap();
     let slack = Receiver::start(&[]).await;
-    let s = Setup::new(&format!(
-        "mode = \"enforce\"\nallow = [\"db-*\"]\n[escalation]\nslack_webhook = \"{}/s\"\n[[targets]]\nmatch = \"db-*\"\n[targets.postgres]\nprimary = \"{primary}\"\nreplica = \"{replica}\"\nendpoint_file = \"endpoint\"\nmax_lag_seconds = 1.0\n",
-        slack.url
-    ));
+    let config = |endpoint: &str| {
+        format!(
+            "mode = \"enforce\"\nallow = [\"db-*\"]\n[limits]\ncooldown = \"0s\"\n[escalation]\nslack_webhook = \"{}/s\"\n[[targets]]\nmatch = \"db-*\"\n[targets.postgres]\nprimary = \"{primary}\"\nreplica = \"{replica}\"\nendpoint_file = \"{endpoint}\"\nmax_lag_seconds = 1.0\n",
+            slack.url
+        )
+    };
+    let s = Setup::new(&config("endpoint"));
     std::fs::write(s.dir.path().join("endpoint"), &primary).unwrap();
     let rem = s.remediator();
     let rep = rem
         .remediate(request("i1", "failover_database", "db-1"))
+        .await
+        .unwrap();
+    // Not promoted: undoing is safe, so it is done at once and the primary takes writes.
+    assert_eq!(rep.state, "rolled_back", "{rep:#?}");
+    assert!(
+        steps(&rep, "execute")
+            .iter()
+            .any(|s| s.contains("bytes behind")),
+        "{rep:#?}"
+    );
+    assert!(
+        steps(&rep, "compensate")
+            .iter()
+            .any(|s| s.contains("primary writable again")),
+        "{rep:#?}"
+    );
+    assert_eq!(slack.received().len(), 1, "escalated");
+    let (p2, conn) = tokio_postgres::connect(&primary, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    p2.batch_execute("INSERT INTO t VALUES (0)").await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(s.dir.path().join("endpoint")).unwrap(),
+        primary
+    );
+
+    // Promoted, then the endpoint cannot be repointed: only a human can undo that.
+    r.batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .unwrap();
+    drop(rem);
+    std::fs::write(
+        s.path(),
+        format!("journal = \"journal.db\"\n{}", config("missing/endpoint")),
+    )
+    .unwrap();
+    let rem = s.remediator();
+    let rep = rem
+        .remediate(request("i2", "failover_database", "db-1"))
         .await
         .unwrap();
     assert_eq!(rep.state, "failed", "{rep:#?}");
@@ -1032,16 +1119,9 @@ async fn a_failover_that_fails_waits_for_an_approved_manual_rollback() {
     assert!(
         steps(&rep, "execute")
             .iter()
-            .any(|s| s.contains("bytes behind")),
+            .any(|s| s.contains("No such file")),
         "{rep:#?}"
     );
-    assert_eq!(slack.received().len(), 1, "escalated");
-    // The old primary is read-only until a human approves the rollback.
-    let (p2, conn) = tokio_postgres::connect(&primary, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    assert!(p2.batch_execute("INSERT INTO t VALUES (0)").await.is_err());
     let pending = rem.journal().approvals(false).unwrap();
     assert_eq!((pending.len(), pending[0].kind.as_str()), (1, "rollback"));
     rem.journal()
@@ -1050,23 +1130,19 @@ async fn a_failover_that_fails_waits_for_an_approved_manual_rollback() {
         .unwrap();
     let done = rem.run_approved_rollbacks().await.unwrap();
     assert_eq!(done.len(), 1);
-    assert_eq!(done[0].state, "rolled_back", "{done:#?}");
     assert!(
         done[0]
             .steps
             .iter()
-            .any(|s| s.contains("manual_rollback ok") && s.contains("approved by dba")),
+            .any(|s| s.contains("manual_rollback failed") && s.contains("rebuild the old primary")),
         "{done:#?}"
     );
-    assert_eq!(
-        std::fs::read_to_string(s.dir.path().join("endpoint")).unwrap(),
-        primary
+    assert!(
+        slack
+            .received()
+            .iter()
+            .any(|m| m.body.to_string().contains("approved rollback failed"))
     );
-    let (p3, conn) = tokio_postgres::connect(&primary, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    p3.batch_execute("INSERT INTO t VALUES (0)").await.unwrap();
     assert!(
         rem.run_approved_rollbacks().await.unwrap().is_empty(),
         "once"
@@ -1244,4 +1320,59 @@ async fn a_precondition_held_for_a_while_is_read_from_telemetry() {
         .unwrap();
     assert_eq!(r.state, "escalated", "{r:#?}");
     assert_eq!(hook.received().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_longer_than_the_lock_keeps_it_renewed_and_a_lost_lock_stops_the_saga() {
+    let slow = Receiver::start(&[
+        Reply::Slow(200, Duration::from_millis(1500)),
+        Reply::Slow(200, Duration::from_millis(3000)),
+    ])
+    .await;
+    let s = Setup::new(&format!(
+        "mode = \"enforce\"\nallow = [\"*\"]\n[limits]\nlock_ttl = \"300ms\"\ncooldown = \"0s\"\nconcurrency = 5\n{}",
+        webhook_target("t*", &format!("{}/act", slow.url))
+    ));
+    let rem = std::sync::Arc::new(s.remediator());
+    let first = {
+        let rem = std::sync::Arc::clone(&rem);
+        tokio::spawn(async move {
+            rem.remediate(request("i1", "call_webhook", "t1"))
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    // Three lock lifetimes into its execute, the saga still holds the target.
+    let r = rem
+        .remediate(request("i2", "call_webhook", "t1"))
+        .await
+        .unwrap();
+    assert!(r.reason.contains("is locked by saga"), "{r:#?}");
+    assert_eq!(first.await.unwrap().state, "succeeded");
+
+    // The lock is taken from a saga in the middle of its execute: it stops and escalates.
+    let second = {
+        let rem = std::sync::Arc::clone(&rem);
+        tokio::spawn(async move {
+            rem.remediate(request("i3", "call_webhook", "t1"))
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let db = rusqlite::Connection::open(s.dir.path().join("journal.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    db.execute(
+        "UPDATE locks SET holder = 'intruder', token = token + 1 WHERE target = 't1'",
+        [],
+    )
+    .unwrap();
+    let r = second.await.unwrap();
+    assert_eq!(r.state, "failed", "{r:#?}");
+    assert!(r.reason.contains("lost the lock on t1"), "{r:#?}");
+    assert!(
+        r.duration_ms.unwrap() < 2500,
+        "stopped before its call ended: {r:#?}"
+    );
 }

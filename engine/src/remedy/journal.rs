@@ -218,28 +218,54 @@ impl NewSaga {
     }
 }
 
-/// This process, as a lock owner: `pid:start-time` (the start time tells a reused pid apart).
+/// This process, as a lock owner: `host/pid:start-time` (the start time tells a reused pid
+/// apart; the host tells whose pids they are).
 pub fn this_process() -> String {
     let pid = std::process::id();
-    format!("{pid}:{}", start_time(pid).unwrap_or(0))
+    format!("{}/{pid}:{}", host(), start_time(pid).unwrap_or(0))
 }
 
-fn start_time(pid: u32) -> Option<u64> {
+fn host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The start time of process `pid` (clock ticks after boot), if it runs.
+pub(crate) fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: fields after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split(' ').nth(19)?.parse().ok()
 }
 
-/// Whether the process `owner` names is gone.
+/// Whether the process `owner` names is known to be gone. A process of another host (or
+/// container) cannot be checked from here: only its lock's expiry frees its sagas.
 fn owner_dead(owner: &str) -> bool {
-    let Some((pid, start)) = owner.split_once(':') else {
-        return true;
+    let Some((owner_host, rest)) = owner.split_once('/') else {
+        return false;
+    };
+    if owner_host != host() {
+        return false;
+    }
+    let Some((pid, start)) = rest.split_once(':') else {
+        return false;
     };
     let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else {
-        return true;
+        return false;
     };
     start_time(pid) != Some(start)
+}
+
+/// What [`Journal::claim`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Taken over, with a new fencing token.
+    Token(i64),
+    /// A live process runs it (or its lock has not expired yet): leave it.
+    Busy,
+    /// Another saga took the target since: its snapshot is stale, do not touch it.
+    Lost,
 }
 
 /// The journal.
@@ -248,6 +274,9 @@ pub struct Journal {
     conn: Mutex<Connection>,
     owner: String,
 }
+
+/// The journal's schema version (SQLite `user_version`); a later version adds migrations.
+const SCHEMA_VERSION: i64 = 1;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS sagas (
@@ -347,7 +376,17 @@ impl Journal {
         conn.busy_timeout(Duration::from_secs(30))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(JournalError(rusqlite::Error::InvalidParameterName(
+                format!(
+                    "{} has schema version {version}, newer than this healer's {SCHEMA_VERSION}",
+                    path.display()
+                ),
+            )));
+        }
         conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Self {
             conn: Mutex::new(conn),
             owner: this_process(),
@@ -597,7 +636,8 @@ impl Journal {
             if state.as_deref() != Some(state::APPROVED) {
                 return Ok(Admission::Exists(state.unwrap_or_default()));
             }
-            let dry = config.mode == super::config::Mode::DryRun;
+            // The mode of the request: a dry-run request stays a dry run once approved.
+            let dry = saga.dry_run;
             let new = NewSaga {
                 incident: saga.incident.clone(),
                 action: saga.action.clone(),
@@ -636,7 +676,7 @@ impl Journal {
             }
             tx.execute(
                 &format!(
-                    "INSERT INTO sagas ({SAGA_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, ?8, NULL, NULL, NULL, NULL, ?9, ?10)"
+                    "INSERT INTO sagas ({SAGA_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?11, ?6, ?7, ?8, NULL, NULL, NULL, NULL, ?9, ?10)"
                 ),
                 params![
                     id,
@@ -648,7 +688,8 @@ impl Journal {
                     reason,
                     now_ms,
                     new.context,
-                    new.as_of_ms
+                    new.as_of_ms,
+                    new.dry_run
                 ],
             )?;
             let approval = insert_approval(&tx, &id, "action", reason, now_ms, ttl)?;
@@ -755,30 +796,36 @@ impl Journal {
             .ok_or_else(|| format!("no approval request `{id}`")))
     }
 
-    /// Expires pending requests past their time; returns them (each to escalate).
+    /// Expires pending requests past their time; returns those this call expired (each to
+    /// escalate).
     pub fn expire_approvals(&self, now_ms: i64) -> Result<Vec<Approval>> {
-        let expired: Vec<Approval> = self
+        let due: Vec<Approval> = self
             .approvals(false)?
             .into_iter()
             .filter(|a| a.expires_ms <= now_ms)
             .collect();
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            for a in &expired {
-                tx.execute(
+            let mut expired = Vec::new();
+            for a in due {
+                let n = tx.execute(
                     "UPDATE approvals SET status = 'expired', decided_ms = ?2 WHERE id = ?1 AND status = 'pending'",
                     params![a.id, now_ms],
                 )?;
+                if n == 0 {
+                    continue;
+                }
                 if a.kind == "action" {
                     tx.execute(
                         "UPDATE sagas SET state = ?2, reason = 'approval request expired', ended_ms = ?3 WHERE id = ?1 AND state = ?4",
                         params![a.saga, state::EXPIRED, now_ms, state::AWAITING_APPROVAL],
                     )?;
                 }
+                expired.push(a);
             }
-            tx.commit()
-        })?;
-        Ok(expired)
+            tx.commit()?;
+            Ok(expired)
+        })
     }
 
     /// Renews `saga`'s lock on `target` if it still holds it with `token`.
@@ -811,9 +858,8 @@ impl Journal {
         })
     }
 
-    /// Takes over an in-flight saga whose process is gone (or whose lock expired): a new
-    /// token, or `None` when a live process holds it or another saga took the target.
-    pub fn claim(&self, saga: &Saga, ttl: Duration, now_ms: i64) -> Result<Option<i64>> {
+    /// Takes over an in-flight saga whose process is gone, or whose lock expired.
+    pub fn claim(&self, saga: &Saga, ttl: Duration, now_ms: i64) -> Result<Claim> {
         let owner = self.owner.clone();
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -824,32 +870,129 @@ impl Journal {
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                 )
                 .optional()?;
-            let token = match lock {
-                Some((holder, lock_owner, token, expires)) => {
-                    if lock_owner == owner {
-                        // This process runs it now.
-                        return Ok(None);
-                    }
-                    let ours = holder == saga.id;
-                    let expired = holder.is_empty() || expires <= now_ms;
-                    if !(expired || ours && owner_dead(&lock_owner)) {
-                        return Ok(None);
-                    }
-                    token + 1
-                }
-                None => 1,
+            let Some((holder, lock_owner, token, expires)) = lock else {
+                return Ok(Claim::Lost);
             };
+            if holder != saga.id {
+                return Ok(Claim::Lost);
+            }
+            if lock_owner == owner || (expires > now_ms && !owner_dead(&lock_owner)) {
+                return Ok(Claim::Busy);
+            }
+            let token = token + 1;
             tx.execute(
-                "INSERT INTO locks (target, holder, owner, token, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (target) DO UPDATE SET holder = ?2, owner = ?3, token = ?4, expires_ms = ?5",
-                params![saga.target, saga.id, owner, token, now_ms + ms(ttl)],
+                "UPDATE locks SET owner = ?2, token = ?3, expires_ms = ?4 WHERE target = ?1",
+                params![saga.target, owner, token, now_ms + ms(ttl)],
             )?;
             tx.execute(
                 "UPDATE sagas SET token = ?2 WHERE id = ?1",
                 params![saga.id, token],
             )?;
             tx.commit()?;
+            Ok(Claim::Token(token))
+        })
+    }
+
+    /// Takes `target`'s lock for `saga` if nobody holds it (a manual rollback): its token.
+    pub fn lock_free(
+        &self,
+        saga: &str,
+        target: &str,
+        ttl: Duration,
+        now_ms: i64,
+    ) -> Result<Option<i64>> {
+        let owner = self.owner.clone();
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let lock: Option<(String, i64, i64)> = tx
+                .query_row(
+                    "SELECT holder, token, expires_ms FROM locks WHERE target = ?1",
+                    [target],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let token = match lock {
+                Some((holder, _, expires)) if !holder.is_empty() && expires > now_ms => {
+                    return Ok(None);
+                }
+                Some((_, token, _)) => token + 1,
+                None => 1,
+            };
+            tx.execute(
+                "INSERT INTO locks (target, holder, owner, token, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (target) DO UPDATE SET holder = ?2, owner = ?3, token = ?4, expires_ms = ?5",
+                params![target, saga, owner, token, now_ms + ms(ttl)],
+            )?;
+            tx.commit()?;
             Ok(Some(token))
+        })
+    }
+
+    /// Marks an approved rollback request as being carried out; false when another process
+    /// took it first.
+    pub fn start_approved(&self, approval: &str) -> Result<bool> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE approvals SET status = 'running' WHERE id = ?1 AND status = 'approved'",
+                [approval],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    /// Ends `saga` in `state` and records a pending escalation in the same transaction, so a
+    /// crash before it is sent leaves it for [`Journal::pending_escalations`].
+    pub fn end_escalating(
+        &self,
+        saga: &str,
+        state: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<i64> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "UPDATE sagas SET state = ?2, reason = ?3, ended_ms = COALESCE(ended_ms, ?4) WHERE id = ?1",
+                params![saga, state, reason, now_ms],
+            )?;
+            tx.execute(
+                "INSERT INTO steps (saga, step, status, started_ms, detail) VALUES (?1, 'escalate', 'started', ?2, ?3)",
+                params![saga, now_ms, reason],
+            )?;
+            let seq = tx.last_insert_rowid();
+            tx.commit()?;
+            Ok(seq)
+        })
+    }
+
+    /// Escalations recorded and not sent yet, of `saga` (or of every saga, when recorded
+    /// before `before_ms`: older ones were left by a process that stopped): (step seq, saga,
+    /// reason).
+    pub fn pending_escalations(
+        &self,
+        saga: Option<&str>,
+        before_ms: i64,
+    ) -> Result<Vec<(i64, String, String)>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT seq, saga, detail FROM steps WHERE step = 'escalate' AND status = 'started'
+                 AND (saga = ?1 OR (?1 IS NULL AND started_ms < ?2)) ORDER BY seq",
+            )?;
+            st.query_map(params![saga, before_ms], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect()
+        })
+    }
+
+    /// Sets an approval request's status (`approved` again, `done`).
+    pub fn set_approval_status(&self, id: &str, status: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE approvals SET status = ?2 WHERE id = ?1",
+                params![id, status],
+            )?;
+            Ok(())
         })
     }
 
@@ -912,11 +1055,19 @@ fn gate(
     now_ms: i64,
     dry: bool,
 ) -> rusqlite::Result<Admission> {
+    // Refusals and escalations are final here, with their escalation pending in the same
+    // transaction (sent by the caller, or by a later recovery if the process stops first).
     let end = |state: &str, reason: &str| -> rusqlite::Result<()> {
         tx.execute(
             "UPDATE sagas SET state = ?2, reason = ?3, ended_ms = ?4 WHERE id = ?1",
             params![id, state, reason, now_ms],
         )?;
+        if state != state::DRY_RUN {
+            tx.execute(
+                "INSERT INTO steps (saga, step, status, started_ms, detail) VALUES (?1, 'escalate', 'started', ?2, ?3)",
+                params![id, now_ms, reason],
+            )?;
+        }
         Ok(())
     };
     if let Some(p) = paused(tx, now_ms)? {

@@ -263,10 +263,16 @@ impl Remediator {
         Ok(Report::of(&saga, &steps))
     }
 
-    /// Takes over sagas left in flight by a process that is gone, expires approval requests
-    /// (escalating them), and runs approved sagas. Call at start and now and then.
+    /// Takes over sagas left in flight by a process that is gone, sends the escalations it
+    /// left, expires approval requests (escalating them) and runs approved sagas. Call at
+    /// start and now and then.
+    ///
+    /// A saga in flight is resumed even while healer is paused (the kill switch lets
+    /// in-flight actions finish); its lock must still be its own, or it ends failed and
+    /// escalates, since another remediation may have acted on the target since.
     pub async fn recover(&self) -> Result<Vec<Report>, JournalError> {
         let mut out = Vec::new();
+        self.flush_escalations(None).await?;
         for a in self.journal.expire_approvals(now_ms())? {
             if let Some(saga) = self.journal.saga(&a.saga)? {
                 self.escalate(
@@ -277,22 +283,29 @@ impl Remediator {
                 out.push(self.report(&saga.id)?);
             }
         }
+        let ttl = self.config.limits.lock_ttl();
         for saga in self.journal.sagas_in(&journal::state::IN_FLIGHT)? {
             if saga.dry_run {
                 continue;
             }
-            let Some(token) = self
-                .journal
-                .claim(&saga, self.config.limits.lock_ttl(), now_ms())?
-            else {
-                continue;
+            let token = match self.journal.claim(&saga, ttl, now_ms())? {
+                journal::Claim::Token(t) => t,
+                journal::Claim::Busy => continue,
+                journal::Claim::Lost => {
+                    let why = format!(
+                        "stopped in {} and its lock on {} was taken since: another remediation may have acted; state unknown",
+                        saga.state, saga.target
+                    );
+                    self.end(&saga.id, journal::state::FAILED, &why).await?;
+                    out.push(self.report(&saga.id)?);
+                    continue;
+                }
             };
             let backend = match self.backend_of(&saga.target).await {
                 Ok(b) => b,
                 Err(e) => {
-                    self.journal
-                        .set_state(&saga.id, journal::state::FAILED, &e, now_ms())?;
-                    self.escalate(&saga, &e).await?;
+                    self.end(&saga.id, journal::state::FAILED, &e).await?;
+                    self.journal.release(&saga.id, &saga.target, token)?;
                     out.push(self.report(&saga.id)?);
                     continue;
                 }
@@ -310,9 +323,7 @@ impl Remediator {
             let backend = match self.backend_of(&saga.target).await {
                 Ok(b) => b,
                 Err(e) => {
-                    self.journal
-                        .set_state(&saga.id, journal::state::FAILED, &e, now_ms())?;
-                    self.escalate(&saga, &e).await?;
+                    self.end(&saga.id, journal::state::FAILED, &e).await?;
                     out.push(self.report(&saga.id)?);
                     continue;
                 }
@@ -323,33 +334,45 @@ impl Remediator {
         Ok(out)
     }
 
-    /// Runs the approved manual rollbacks: the backend's rollback from the saga's snapshot.
+    /// Runs the approved manual rollbacks: the backend's rollback from the saga's snapshot,
+    /// under the target's lock, once, and not while healer is paused.
     pub async fn run_approved_rollbacks(&self) -> Result<Vec<Report>, JournalError> {
         let mut out = Vec::new();
+        let ttl = self.config.limits.lock_ttl();
         for a in self.journal.approvals(true)? {
             if a.kind != "rollback" || a.status != "approved" {
                 continue;
             }
+            if self.journal.paused(now_ms())?.is_some() {
+                break;
+            }
             let Some(saga) = self.journal.saga(&a.saga)? else {
                 continue;
             };
-            if saga.state != journal::state::FAILED
-                || self
-                    .journal
-                    .steps(&saga.id)?
-                    .iter()
-                    .any(|s| s.step == "manual_rollback")
-            {
+            if saga.state != journal::state::FAILED || !self.journal.start_approved(&a.id)? {
                 continue;
             }
-            let backend = match self.backend_of(&saga.target).await {
-                Ok(b) => b,
-                Err(_) => continue,
+            let Some(token) = self
+                .journal
+                .lock_free(&saga.id, &saga.target, ttl, now_ms())?
+            else {
+                // The target is busy: try again on the next call.
+                self.journal.set_approval_status(&a.id, "approved")?;
+                continue;
             };
-            out.push(
-                self.manual_rollback(&saga, &backend, a.by.as_deref().unwrap_or("?"))
-                    .await?,
-            );
+            let report = match self.backend_of(&saga.target).await {
+                Ok(backend) => {
+                    self.manual_rollback(&saga, &backend, a.by.as_deref().unwrap_or("?"))
+                        .await
+                }
+                Err(e) => self
+                    .escalate(&saga, &e)
+                    .await
+                    .and_then(|()| self.report(&saga.id)),
+            };
+            self.journal.release(&saga.id, &saga.target, token)?;
+            self.journal.set_approval_status(&a.id, "done")?;
+            out.push(report?);
         }
         Ok(out)
     }
@@ -419,17 +442,18 @@ impl Remediator {
     }
 
     /// Writes the journal's steps not exported yet to `<log>/remediations/`; returns how
-    /// many rows. The file is named after the steps it holds, so a repeat after a crash
-    /// overwrites it instead of duplicating rows.
+    /// many rows. `saga_state` is the saga's state at export.
     pub async fn export(&self, log: &Location) -> Result<usize, String> {
         let rows = self.journal.unexported().map_err(|e| e.to_string())?;
         if rows.is_empty() {
             return Ok(0);
         }
         let batch = steps_batch(&rows).map_err(|e| e.to_string())?;
-        let (first, last) = (rows[0].0.seq, rows[rows.len() - 1].0.seq);
+        // Named after its first step: a repeat after a crash starts at the same step and
+        // overwrites the file (with any steps that ended since) instead of adding one.
+        let first = rows[0].0.seq;
         let date = crate::sink::date_of(rows[0].0.started_ms);
-        let relative = format!("remediations/date={date}/part-{first:012}-{last:012}.parquet");
+        let relative = format!("remediations/date={date}/part-{first:012}.parquet");
         crate::sink::put(log, &relative, &batch)
             .await
             .map_err(|e| e.to_string())?;

@@ -103,9 +103,9 @@ impl Remediator {
                 self.report(id)
             }
             Admission::Exists(_) => self.report(id),
-            Admission::Refused(why) | Admission::Escalate(why) => {
-                let saga = self.journal.saga(id)?.expect("admitted sagas exist");
-                self.escalate(&saga, &why).await?;
+            Admission::Refused(_) | Admission::Escalate(_) => {
+                // Admission recorded the escalation as pending: send it.
+                self.flush_escalations(Some(id)).await?;
                 self.report(id)
             }
         }
@@ -246,8 +246,38 @@ impl Remediator {
         })
     }
 
-    /// Sends the escalation of `saga` with `why` and what was tried; journals it.
+    /// Ends saga `id` in `state` (or records why again, for one already ended) and escalates,
+    /// the escalation journaled as pending first so a crash cannot lose it.
+    pub(super) async fn end(&self, id: &str, state: &str, why: &str) -> Result<(), JournalError> {
+        let seq = self.journal.end_escalating(id, state, why, now_ms())?;
+        self.send_escalation(seq, id, why).await
+    }
+
+    /// Sends the pending escalations of `saga`, or, with `None`, those a stopped process left
+    /// (recorded over a minute ago).
+    pub(super) async fn flush_escalations(&self, saga: Option<&str>) -> Result<(), JournalError> {
+        for (seq, id, why) in self.journal.pending_escalations(saga, now_ms() - 60_000)? {
+            self.send_escalation(seq, &id, &why).await?;
+        }
+        Ok(())
+    }
+
+    /// Escalates `saga`, which is in its final state already.
     pub(super) async fn escalate(&self, saga: &Saga, why: &str) -> Result<(), JournalError> {
+        self.end(&saga.id, &saga.state, why).await
+    }
+
+    /// Sends the pending escalation `seq` of saga `id`, with what was tried; journals the
+    /// outcome.
+    pub(super) async fn send_escalation(
+        &self,
+        seq: i64,
+        id: &str,
+        why: &str,
+    ) -> Result<(), JournalError> {
+        let Some(saga) = self.journal.saga(id)? else {
+            return Ok(());
+        };
         let mut e: Escalation =
             serde_json::from_str(&saga.context).unwrap_or_else(|_| Escalation {
                 id: saga.incident.clone(),
@@ -263,17 +293,40 @@ impl Remediator {
         e.summary = format!("{} {} on {}: {why}", saga.action, saga.state, saga.target);
         e.reasons.push(why.to_string());
         for s in self.journal.steps(&saga.id)? {
-            e.tried
-                .push(format!("{} {}: {}", s.step, s.status, s.detail));
+            if s.seq != seq {
+                e.tried
+                    .push(format!("{} {}: {}", s.step, s.status, s.detail));
+            }
         }
         let delivered = self.notify(&e).await;
-        self.journal.step(
-            &saga.id,
-            "escalate",
-            if delivered { "ok" } else { "failed" },
-            why,
-            now_ms(),
-        )
+        self.journal
+            .step_end(seq, if delivered { "ok" } else { "failed" }, why, now_ms())
+    }
+
+    /// Runs `step` while renewing the lock every third of its time to live; `None` when the
+    /// lock is lost (the step is then stopped where it is).
+    async fn guarded<T>(
+        &self,
+        id: &str,
+        target: &str,
+        token: i64,
+        step: impl std::future::Future<Output = T>,
+    ) -> Result<Option<T>, JournalError> {
+        let ttl = self.config.limits.lock_ttl();
+        let renew = async {
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                match self.journal.fence(id, target, token, ttl, now_ms()) {
+                    Ok(true) => continue,
+                    Ok(false) => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        tokio::select! {
+            out = step => Ok(Some(out)),
+            lost = renew => lost.map(|()| None),
+        }
     }
 
     /// Runs saga `id` from the state the journal holds, with lock `token`.
@@ -292,15 +345,17 @@ impl Remediator {
             }
             let Some(spec) = self.spec_of(&saga) else {
                 let why = format!("action `{}` is no longer in the library", saga.action);
-                self.journal.set_state(id, state::FAILED, &why, now_ms())?;
-                self.escalate(&self.journal.saga(id)?.expect("exists"), &why)
-                    .await?;
+                self.end(id, state::FAILED, &why).await?;
                 continue;
             };
+            let lost = || {
+                format!(
+                    "lost the lock on {} (token {token}) in {}: another remediation may act on it; its state is unknown",
+                    saga.target, saga.state
+                )
+            };
             if !self.journal.fence(id, &saga.target, token, ttl, now_ms())? {
-                // Another saga holds the target now: stop touching it.
-                let why = format!("lost the lock on {} (token {token})", saga.target);
-                self.journal.step(id, "fence", "failed", &why, now_ms())?;
+                self.end(id, state::FAILED, &lost()).await?;
                 return self.report(id);
             }
             let call = Call {
@@ -310,27 +365,30 @@ impl Remediator {
                 target: &saga.target,
             };
             let interrupted = self.interrupted(id, &saga.state)?;
-            let next = match saga.state.as_str() {
-                state::PLANNED => Next::Go(state::PRECONDITIONS),
-                state::PRECONDITIONS => self.step_preconditions(&saga, spec, backend).await?,
-                state::SNAPSHOT => self.step_snapshot(&saga, &call, backend).await?,
-                state::EXECUTE => {
-                    self.step_execute(&saga, &call, backend, interrupted)
-                        .await?
+            let step = async {
+                match saga.state.as_str() {
+                    state::PLANNED => Ok(Next::Go(state::PRECONDITIONS)),
+                    state::PRECONDITIONS => self.step_preconditions(&saga, spec, backend).await,
+                    state::SNAPSHOT => self.step_snapshot(&saga, &call, backend).await,
+                    state::EXECUTE => self.step_execute(&saga, &call, backend, interrupted).await,
+                    state::VERIFY => self.step_verify(&saga, &call, backend).await,
+                    state::COMPENSATE => self.step_compensate(&saga, &call, backend).await,
+                    _ => unreachable!("in-flight states are handled"),
                 }
-                state::VERIFY => self.step_verify(&saga, &call, backend).await?,
-                state::COMPENSATE => self.step_compensate(&saga, &call, backend).await?,
-                _ => unreachable!("in-flight states are handled"),
+            };
+            let next = match self.guarded(id, &saga.target, token, step).await? {
+                Some(next) => next?,
+                None => {
+                    self.end(id, state::FAILED, &lost()).await?;
+                    return self.report(id);
+                }
             };
             match next {
                 Next::Go(s) => self.journal.set_state(id, s, "", now_ms())?,
-                Next::End(s, why) => {
-                    self.journal.set_state(id, s, &why, now_ms())?;
-                    if s != state::SUCCEEDED {
-                        let saga = self.journal.saga(id)?.expect("exists");
-                        self.escalate(&saga, &why).await?;
-                    }
+                Next::End(s, why) if s == state::SUCCEEDED => {
+                    self.journal.set_state(id, s, &why, now_ms())?
                 }
+                Next::End(s, why) => self.end(id, s, &why).await?,
             }
         }
     }
@@ -419,8 +477,16 @@ impl Remediator {
         interrupted: bool,
     ) -> Result<Next, JournalError> {
         let snap = snapshot_of(saga);
-        if interrupted {
-            // The effect may have landed: look before acting again.
+        // An execute that was started before (interrupted, or ended without its state change
+        // reaching the journal) may have taken effect. An idempotent one is run again: it
+        // lands in the same place. Any other is looked at first.
+        let attempted = interrupted
+            || self
+                .journal
+                .steps(&saga.id)?
+                .iter()
+                .any(|s| s.step == "execute");
+        if attempted && !backend.idempotent(call.spec.operation) {
             let seq = self.journal.step_start(&saga.id, "verify", now_ms())?;
             match backend.verify(call, &snap).await {
                 Ok(d) => {
@@ -438,9 +504,7 @@ impl Remediator {
                 Err(e) => {
                     self.journal
                         .step_end(seq, "failed", &e.to_string(), now_ms())?;
-                    if !backend.idempotent(call.spec.operation) {
-                        return Ok(Next::Go(state::COMPENSATE));
-                    }
+                    return Ok(Next::Go(state::COMPENSATE));
                 }
             }
         }
@@ -524,7 +588,12 @@ impl Remediator {
         call: &Call<'_>,
         backend: &Backend,
     ) -> Result<Next, JournalError> {
-        if call.spec.rollback_needs_approval {
+        let snap = snapshot_of(saga);
+        // A rollback left to a human is still run at once when the backend says undoing is
+        // safe (a failover that never promoted: the old primary takes writes again).
+        if call.spec.rollback_needs_approval
+            && !backend.safe_to_undo(call, &snap).await.unwrap_or(false)
+        {
             let approval = self.journal.request_rollback(
                 &saga.id,
                 &format!(
@@ -546,7 +615,6 @@ impl Remediator {
                 format!("failed; rollback needs approval (request {approval})"),
             ));
         }
-        let snap = snapshot_of(saga);
         let seq = self.journal.step_start(&saga.id, "compensate", now_ms())?;
         failpoint("compensate:before");
         let r = tokio::time::timeout(call.spec.timeout(), backend.rollback(call, &snap)).await;

@@ -168,6 +168,28 @@ impl PgPair {
             .args(["-w", "start"]);
         run(c, "pg_ctl start replica");
         wait_port(rp, "postgres replica");
+        // Ready once the replica streams from the primary.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = Command::new(pg_bin("psql"))
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &rp.to_string(),
+                    "-U",
+                    "postgres",
+                    "-tAc",
+                ])
+                .arg("SELECT status FROM pg_stat_wal_receiver")
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&out.stdout).trim() == "streaming" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the replica never streamed");
+            std::thread::sleep(Duration::from_millis(100));
+        }
         Self {
             dir,
             primary_port: pp,

@@ -135,8 +135,19 @@ impl Backend {
         use Operation::*;
         match self {
             Backend::Process(_) => matches!(op, RollbackDeploy | IncreaseMemory),
-            Backend::AutoScaling(_) | Backend::Postgres(_) => true,
-            Backend::Redis(_) | Backend::Webhook(_) => false,
+            // A webhook call carries the saga's id as its idempotency key.
+            Backend::AutoScaling(_) | Backend::Postgres(_) | Backend::Webhook(_) => true,
+            Backend::Redis(_) => false,
+        }
+    }
+
+    /// Whether undoing `call` is safe without a human, for actions whose rollback otherwise
+    /// needs approval: true only for a failover whose replica was never promoted.
+    pub async fn safe_to_undo(&self, call: &Call<'_>, snapshot: &Value) -> ActResult<bool> {
+        let _ = (call, snapshot);
+        match self {
+            Backend::Postgres(p) => p.replica_in_recovery().await,
+            _ => Ok(false),
         }
     }
 

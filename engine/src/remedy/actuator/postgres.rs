@@ -78,6 +78,11 @@ impl Postgres {
             .map_err(pg_failed)
     }
 
+    /// Whether the replica is still a replica (not promoted).
+    pub(super) async fn replica_in_recovery(&self) -> ActResult<bool> {
+        Self::in_recovery(&connect(&self.config.replica).await?).await
+    }
+
     async fn lag_seconds(&self) -> ActResult<f64> {
         let r = connect(&self.config.replica).await?;
         let row = r
@@ -153,7 +158,7 @@ impl Postgres {
             }
             let ended: i64 = primary
                 .query_one(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                    "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity
                      WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
                     &[],
                 )
@@ -216,6 +221,9 @@ impl Postgres {
 
     pub(super) async fn verify(&self, _call: &Call<'_>, _snap: &Value) -> ActResult<String> {
         let endpoint = std::fs::read_to_string(&self.config.endpoint_file).map_err(failed)?;
+        if endpoint.trim() != self.config.replica.trim() {
+            return Err(failed("the endpoint does not name the replica yet"));
+        }
         let c = connect(endpoint.trim()).await?;
         if Self::in_recovery(&c).await? {
             return Err(failed("the endpoint's server is still a replica"));

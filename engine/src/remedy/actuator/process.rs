@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 
 use super::{ActError, ActResult, Call, failed, http_ok, unknown_check, unknown_metric};
 use crate::remedy::config::{Operation, ProcessConfig};
+use crate::remedy::journal::start_time;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -70,10 +71,14 @@ impl ProcessService {
             .or(self.config.memory_mb)
     }
 
-    /// The running pid, if the process is alive.
+    /// The running pid, if the process is alive. The pid file holds the pid and its start
+    /// time, so a pid reused by another process is not taken for the service.
     pub fn pid(&self) -> Option<u32> {
-        let pid: u32 = self.read("pid")?.trim().parse().ok()?;
-        alive(pid).then_some(pid)
+        let text = self.read("pid")?;
+        let mut parts = text.split_whitespace();
+        let pid: u32 = parts.next()?.parse().ok()?;
+        let started: u64 = parts.next()?.parse().ok()?;
+        (alive(pid) && start_time(pid) == Some(started)).then_some(pid)
     }
 
     fn port_str(&self, s: &str) -> String {
@@ -131,7 +136,8 @@ impl ProcessService {
             let mut child = child;
             let _ = child.wait();
         });
-        self.write("pid", &pid.to_string())?;
+        let started = start_time(pid).unwrap_or(0);
+        self.write("pid", &format!("{pid} {started}\n"))?;
         Ok(pid)
     }
 
