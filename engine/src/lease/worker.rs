@@ -575,6 +575,7 @@ pub async fn run_worker(
         kinesis,
         config.clone(),
         loop_stop,
+        shutdown.clone(),
     ));
     let result = runner(&shared, config, &out, &checkpoints, shutdown).await;
     loop_stop_tx.send_replace(true);
@@ -604,6 +605,7 @@ async fn lease_loop(
     kinesis: KinesisClient,
     config: PipelineConfig,
     mut stop: watch::Receiver<bool>,
+    draining: watch::Receiver<bool>,
 ) {
     let renew_every = PipelineConfig::duration(&config.lease.renew_interval);
     let sync_every = PipelineConfig::duration(&config.lease.sync_interval);
@@ -655,7 +657,11 @@ async fn lease_loop(
         {
             tracing::warn!(error = %e, "releasing leases failed; trying again next round");
         }
+        // A worker that is shutting down keeps renewing what it holds until it releases it,
+        // but takes and asks for nothing: a lease another worker just released at its own
+        // shutdown would otherwise be taken here and released again without a checkpoint.
         let balanced = match listed {
+            _ if *draining.borrow() => Ok(()),
             Ok(leases) => book.balance_listed(&shared.table, leases, listed_at).await,
             Err(e) => Err(e),
         };
