@@ -13,7 +13,8 @@
 //! consult it could not make.
 //!
 //! The change feed is CSV with a header: `resource,ts,kind,description`, `ts` in RFC 3339 or
-//! epoch milliseconds.
+//! epoch milliseconds; or parquet (a file or a folder of them) with the same columns, `ts` a
+//! timestamp or epoch milliseconds, `description` optional.
 
 use std::sync::Arc;
 
@@ -22,7 +23,7 @@ use arrow::array::{
     TimestampMillisecondArray,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMillisecondType};
-use healer_operators::decision::{Change, Decision, Policy, Step, begin, conclude};
+use healer_operators::decision::{Change, Decision, Outcome, Policy, Step, begin, conclude};
 use healer_operators::id::StableHasher;
 use healer_operators::rca::{Incident, Observation, RcaConfig, analyse};
 use healer_operators::schema::ts_type;
@@ -102,6 +103,79 @@ pub fn parse_changes(file: &str, text: &str) -> Result<Vec<Change>, String> {
         .collect()
 }
 
+/// Reads a change feed: CSV (`.csv`) or parquet (any other file, or a folder).
+pub async fn read_changes(path: &std::path::Path) -> Result<Vec<Change>, String> {
+    let shown = path.display().to_string();
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
+    {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{shown}: {e}"))?;
+        return parse_changes(&shown, &text);
+    }
+    let ctx = datafusion::prelude::SessionContext::new();
+    ctx.register_parquet("changes", &shown, Default::default())
+        .await
+        .map_err(|e| format!("{shown}: {e}"))?;
+    let batches = ctx
+        .sql("SELECT * FROM changes")
+        .await
+        .map_err(|e| format!("{shown}: {e}"))?
+        .collect()
+        .await
+        .map_err(|e| format!("{shown}: {e}"))?;
+    let mut out = Vec::new();
+    for b in batches {
+        let schema = b.schema();
+        let column = |name: &str| -> Result<arrow::array::ArrayRef, String> {
+            let i = schema
+                .index_of(name)
+                .map_err(|_| format!("{shown}: the change feed has no `{name}` column"))?;
+            Ok(Arc::clone(b.column(i)))
+        };
+        let text = |name: &str| -> Result<arrow::array::ArrayRef, String> {
+            arrow::compute::cast(&column(name)?, &DataType::Utf8).map_err(|e| e.to_string())
+        };
+        let (res, kind) = (text("resource")?, text("kind")?);
+        let desc = match schema.index_of("description") {
+            Ok(_) => Some(text("description")?),
+            Err(_) => None,
+        };
+        let ts = column("ts")?;
+        let ts = match ts.data_type() {
+            DataType::Timestamp(..) => arrow::compute::cast(&ts, &ts_type()),
+            _ => arrow::compute::cast(&ts, &DataType::Int64)
+                .and_then(|t| arrow::compute::cast(&t, &ts_type())),
+        }
+        .map_err(|e| format!("{shown}: `ts`: {e}"))?;
+        let ts = ts.as_primitive::<TimestampMillisecondType>();
+        let (res, kind) = (res.as_string::<i32>(), kind.as_string::<i32>());
+        for i in 0..b.num_rows() {
+            if res.is_null(i) || ts.is_null(i) {
+                return Err(format!(
+                    "{shown}: row {} has no resource or time",
+                    out.len() + 1
+                ));
+            }
+            out.push(Change {
+                resource: res.value(i).to_string(),
+                ts_ms: ts.value(i),
+                kind: if kind.is_null(i) {
+                    String::new()
+                } else {
+                    kind.value(i).to_string()
+                },
+                description: desc
+                    .as_ref()
+                    .map(|d| d.as_string::<i32>())
+                    .filter(|d| !d.is_null(i))
+                    .map_or(String::new(), |d| d.value(i).to_string()),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Reads the anomalies of the log at `log`, in event-time order.
 pub async fn read_anomalies(log: &Location) -> Result<Vec<Observation>, String> {
     let batches = crate::query::query(
@@ -170,7 +244,9 @@ fn now_ms() -> i64 {
 }
 
 /// Diagnoses and decides every incident of `anomalies`, consulting `llm` under rule 4 (no
-/// client: the consult fails, which escalates).
+/// client: the consult fails, which escalates). With `verify`, a decision to act (auto-heal
+/// or request approval) is first checked by `llm`: a root cause it does not find plausible
+/// at `policy.min_confidence` or more, or any failure of the check, escalates.
 pub async fn run(
     topology: &Topology,
     anomalies: &[Observation],
@@ -178,6 +254,7 @@ pub async fn run(
     config: &RcaConfig,
     policy: &Policy,
     llm: Option<&BedrockConsultant>,
+    verify: bool,
 ) -> Vec<Diagnosed> {
     let incidents = analyse(topology, anomalies, config);
     let diagnosed_at = now_ms();
@@ -193,6 +270,15 @@ pub async fn run(
                 conclude(pending, policy, answer)
             }
         };
+        let decision = if verify && decision.outcome != Outcome::Escalate {
+            let check = match llm {
+                Some(client) => client.verify_root_cause(&incident).await,
+                None => Err("no LLM client configured".into()),
+            };
+            checked(decision, policy, check)
+        } else {
+            decision
+        };
         let mut h = StableHasher::new();
         h.str("incident/v1").i64(incident.start_ms);
         for r in &incident.resources {
@@ -207,6 +293,35 @@ pub async fn run(
         });
     }
     out
+}
+
+/// A decision after the LLM's root-cause check: kept only on a plausible answer at
+/// `policy.min_confidence` or more.
+pub fn checked(
+    mut decision: Decision,
+    policy: &Policy,
+    check: Result<crate::llm::RootCauseCheck, String>,
+) -> Decision {
+    match check {
+        Ok(c) if c.plausible && c.confidence >= policy.min_confidence => {
+            decision.reasons.push(format!(
+                "LLM check: root cause plausible at {:.2}",
+                c.confidence
+            ));
+        }
+        Ok(c) => {
+            decision.outcome = Outcome::Escalate;
+            decision.reasons.push(format!(
+                "LLM check: root cause not confirmed (plausible = {}, confidence {:.2}): {}",
+                c.plausible, c.confidence, c.reasoning
+            ));
+        }
+        Err(e) => {
+            decision.outcome = Outcome::Escalate;
+            decision.reasons.push(format!("LLM check failed: {e}"));
+        }
+    }
+    decision
 }
 
 fn json_str(s: &str) -> String {

@@ -113,7 +113,7 @@ struct DiagnoseArgs {
     /// Topology file (TOML or JSON).
     #[arg(long)]
     topology: PathBuf,
-    /// Change feed (CSV: resource,ts,kind,description).
+    /// Change feed: CSV (resource,ts,kind,description) or parquet with those columns.
     #[arg(long)]
     changes: Option<PathBuf>,
     /// Correlation window.
@@ -132,6 +132,10 @@ struct DiagnoseArgs {
     /// Bedrock region.
     #[arg(long, default_value = "us-east-1")]
     llm_region: String,
+    /// Before acting, have the LLM check that the root cause is plausible; a root cause it
+    /// does not confirm escalates (needs --llm-model).
+    #[arg(long, requires = "llm_model")]
+    llm_verify: bool,
     /// Deadline of one consult attempt.
     #[arg(long, default_value = "10s")]
     llm_timeout: String,
@@ -1035,12 +1039,9 @@ async fn diagnose(args: DiagnoseArgs) -> Result<ExitCode> {
     let topology = Topology::parse(&args.topology.display().to_string(), &text)
         .map_err(|e| anyhow::anyhow!("topology rejected:\n{e}"))?;
     let changes = match &args.changes {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            diagnose::parse_changes(&path.display().to_string(), &text)
-                .map_err(|e| anyhow::anyhow!(e))?
-        }
+        Some(path) => diagnose::read_changes(path)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?,
         None => Vec::new(),
     };
     let window = humantime::parse_duration(&args.window)
@@ -1102,6 +1103,7 @@ async fn diagnose(args: DiagnoseArgs) -> Result<ExitCode> {
         &config,
         &policy,
         llm.as_ref(),
+        args.llm_verify,
     )
     .await;
     let paths = diagnose::write(&log, &diagnosed)

@@ -311,3 +311,101 @@ async fn a_prompt_injection_stays_data_and_cannot_add_an_action() {
     let parsed: serde_json::Value = serde_json::from_str(data).unwrap();
     assert_eq!(parsed["recentChange"]["description"], injection);
 }
+
+/// An api fault the rules would heal automatically, and the optional root-cause check.
+fn healable() -> (healer_operators::rca::Incident, Decision) {
+    let topology = Topology::from_parts(
+        ["api", "web"]
+            .iter()
+            .map(|id| Resource {
+                id: id.to_string(),
+                kind: "application".into(),
+                service: None,
+            })
+            .collect(),
+        [("api".to_string(), "web".to_string())],
+    )
+    .unwrap();
+    let obs = |r: &str, t: i64| Observation {
+        resource: r.into(),
+        metric: "cpu_percent".into(),
+        ts_ms: 10_000_000 + t,
+        confidence: 0.9,
+        severity: Severity::High,
+    };
+    let incident = analyse(
+        &topology,
+        &[obs("api", 0), obs("web", 30_000)],
+        &RcaConfig::default(),
+    )
+    .remove(0);
+    let d = match begin(
+        &incident,
+        &topology,
+        &[],
+        incident.end_ms,
+        &Policy::default(),
+    ) {
+        Step::Done(d) => d,
+        Step::Consult { .. } => panic!("no change, no consult"),
+    };
+    assert_eq!(d.outcome, Outcome::AutoHeal);
+    (incident, d)
+}
+
+#[tokio::test]
+async fn the_root_cause_check_keeps_a_confirmed_decision_and_escalates_anything_else() {
+    use healer_engine::diagnose::checked;
+    let cases: Vec<(Reply, Outcome, &str)> = vec![
+        (
+            answer(
+                r#"{"plausible": true, "confidence": 0.93, "reasoning": "api is upstream and first"}"#,
+            ),
+            Outcome::AutoHeal,
+            "LLM check: root cause plausible at 0.93",
+        ),
+        (
+            answer(r#"{"plausible": false, "confidence": 0.9, "reasoning": "web failed first"}"#),
+            Outcome::Escalate,
+            "root cause not confirmed",
+        ),
+        (
+            answer(r#"{"plausible": true, "confidence": 0.5, "reasoning": "unsure"}"#),
+            Outcome::Escalate,
+            "root cause not confirmed",
+        ),
+        (
+            answer(
+                r#"{"plausible": true, "confidence": 0.95, "reasoning": "ok", "rootCause": "db"}"#,
+            ),
+            Outcome::Escalate,
+            "LLM check failed: invalid answer",
+        ),
+        (
+            server_error(),
+            Outcome::Escalate,
+            "LLM check failed: Bedrock error",
+        ),
+    ];
+    for (reply, outcome, reason) in cases {
+        let server = stand_in(vec![reply]).await;
+        let client = consultant(&server.endpoint, Duration::from_secs(2), 1).await;
+        let (incident, decision) = healable();
+        let check = client.verify_root_cause(&incident).await;
+        let d = checked(decision, &Policy::default(), check);
+        assert_eq!(d.outcome, outcome, "{d:?}");
+        assert!(d.reasons.iter().any(|r| r.contains(reason)), "{d:?}");
+        let requests = server.requests.lock().unwrap().clone();
+        assert!(!requests.is_empty());
+        let body: serde_json::Value = serde_json::from_str(&requests[0].1).unwrap();
+        assert_eq!(
+            body["system"][0]["text"].as_str().unwrap(),
+            healer_engine::llm::VERIFY_PROMPT
+        );
+        let text = body["messages"][0]["content"][0]["text"].as_str().unwrap();
+        assert!(
+            text.contains("<DATA>") && text.contains("\"rootCause\": \"api\""),
+            "{text}"
+        );
+    }
+}

@@ -274,6 +274,35 @@ fn replay_then_diagnose() {
         stdout.contains("escalate") && stdout.contains("consult failed: no LLM client configured"),
         "{stdout}"
     );
+    // The same feed as parquet (epoch-millisecond times) decides the same.
+    let feed_schema = Arc::new(Schema::new(vec![
+        Field::new("resource", DataType::Utf8, false),
+        Field::new("ts", DataType::Int64, false),
+        Field::new("kind", DataType::Utf8, false),
+    ]));
+    let feed = RecordBatch::try_new(
+        Arc::clone(&feed_schema),
+        vec![
+            Arc::new(StringArray::from(vec!["db"])),
+            Arc::new(arrow::array::Int64Array::from(vec![1_735_689_900_000i64])),
+            Arc::new(StringArray::from(vec!["deploy"])),
+        ],
+    )
+    .unwrap();
+    let parquet_changes = dir.path().join("changes.parquet");
+    let mut w = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(&parquet_changes).unwrap(),
+        feed_schema,
+        None,
+    )
+    .unwrap();
+    w.write(&feed).unwrap();
+    w.close().unwrap();
+    let stdout = succeeded(&diagnose(&[&parquet_changes]));
+    assert!(
+        stdout.contains("consult failed: no LLM client configured"),
+        "{stdout}"
+    );
 
     // The escalation reaches a Slack webhook (a receiver on 127.0.0.1) with what was tried.
     let receiver = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
