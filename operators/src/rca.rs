@@ -196,6 +196,38 @@ pub fn analyse(
     incidents
 }
 
+/// [`analyse`] on a stream: only the correlation windows that closed before `watermark_ms`
+/// (opened at least `window_ms` earlier, so no later anomaly can join them). Returns their
+/// incidents and where the first open window starts (the time to read from next time);
+/// with every window closed, just after the last one.
+pub fn analyse_closed(
+    topology: &Topology,
+    anomalies: &[Observation],
+    config: &RcaConfig,
+    watermark_ms: i64,
+) -> (Vec<Incident>, Option<i64>) {
+    let mut sorted: Vec<&Observation> = anomalies.iter().collect();
+    sorted
+        .sort_by(|a, b| (a.ts_ms, &a.resource, &a.metric).cmp(&(b.ts_ms, &b.resource, &b.metric)));
+    let mut incidents = Vec::new();
+    let mut start = 0;
+    let mut resume = None;
+    while start < sorted.len() {
+        let open = sorted[start].ts_ms;
+        if open.saturating_add(config.window_ms) >= watermark_ms {
+            return (incidents, Some(open));
+        }
+        let end = sorted[start..]
+            .iter()
+            .position(|o| o.ts_ms > open + config.window_ms)
+            .map_or(sorted.len(), |p| start + p);
+        incidents.extend(window(topology, &sorted[start..end], config));
+        resume = Some(open + config.window_ms + 1);
+        start = end;
+    }
+    (incidents, resume)
+}
+
 /// The incident of a known symptom: only anomalies on `symptom` or on resources that can
 /// reach it within `max_hops` are correlated (anything else cannot explain it), and the
 /// incident that holds `symptom` is returned, `None` when the symptom shows no anomaly.
@@ -588,6 +620,60 @@ mod tests {
             obs("app1", "cpu_percent", 600, 0.9),
         ];
         assert_eq!(analyse(&t, &a, &RcaConfig::default()).len(), 2);
+    }
+
+    #[test]
+    fn closed_windows_match_the_batch_analysis() {
+        let topology = Topology::from_parts(
+            ["db", "app"]
+                .iter()
+                .map(|id| Resource {
+                    id: id.to_string(),
+                    kind: if *id == "db" {
+                        "database"
+                    } else {
+                        "application"
+                    }
+                    .into(),
+                    service: None,
+                })
+                .collect(),
+            [("db".to_string(), "app".to_string())],
+        )
+        .unwrap();
+        let obs = |r: &str, t: i64| Observation {
+            resource: r.into(),
+            metric: "latency_ms".into(),
+            ts_ms: t,
+            confidence: 0.9,
+            severity: Severity::High,
+        };
+        let config = RcaConfig::default();
+        let w = config.window_ms;
+        let all = vec![
+            obs("db", 0),
+            obs("app", 60_000),
+            obs("app", w + 10_000),
+            obs("db", 3 * w),
+            obs("app", 3 * w + 1),
+        ];
+        let batch = analyse(&topology, &all, &config);
+        // Fed as a stream: each call reads from where the last one stopped.
+        let mut got = Vec::new();
+        let mut from = i64::MIN;
+        for watermark in [w, w + 20_000, 2 * w + 10_001, 3 * w + 2, 10 * w] {
+            let seen: Vec<Observation> = all
+                .iter()
+                .filter(|o| o.ts_ms >= from && o.ts_ms <= watermark)
+                .cloned()
+                .collect();
+            let (closed, next) = analyse_closed(&topology, &seen, &config, watermark);
+            got.extend(closed);
+            if let Some(n) = next {
+                from = n;
+            }
+        }
+        assert_eq!(got, batch);
     }
 
     #[test]
