@@ -5,30 +5,28 @@
 //! * **Topology** from the scenario's `graph.csv`: row A, column B = 1 means A calls B, so a
 //!   fault of B shows up on A: healer's edge is `B → A`.
 //! * **Detection**: for each node, the issue's series of the target metric and statistic
-//!   (e.g. latency/Average) is compared with the node's normal behaviour: median and MAD of
-//!   the same series in the scenario's issue-free data (`noissue/`; scenarios without one use
-//!   the issue-free data of every scenario that has it). A row is anomalous when its robust
-//!   score |x − median| / (1.4826 · MAD) exceeds 5 in the harmful direction (latency up,
-//!   availability down); when the MAD is 0 (a series that is mostly constant, such as an
-//!   availability of 100 %), the mean absolute deviation stands in, as in the modified
-//!   z-score. Rows up to the target time count; a node's anomaly time
-//!   is its first anomalous row, its confidence min(score / 10, 1). The symptom node is
-//!   always an observation (the issue names it).
-//! * **RCA**: [`healer_operators::rca::explain`] with its defaults (5-minute window, 3 hops,
-//!   50 % coverage): the incident of the symptom node, among the anomalies that can reach
-//!   it; its ranking is the prediction.
+//!   (e.g. latency/Average) over the alert's row and the next two, compared with the node's
+//!   normal behaviour in the scenario's issue-free data (`noissue/`; scenarios without one
+//!   use the issue-free data of every scenario that has it): a row's score is its harmful
+//!   change (latency up, availability down) since the row before the alert, over the robust
+//!   scale of same-lag changes in the normal data, counted only when the row is also beyond
+//!   the normal median. Two consecutive rows above 5 make the node anomalous (see [`rank`]).
+//! * **RCA** over the call graph, as the published traversal does but ranked by what each
+//!   root explains: from the symptom, follow calls into anomalous services; the deepest
+//!   ones are the candidates, ranked by how many of the anomalous services and the symptom
+//!   they reach back, then by strength. Nothing anomalous below a quiet symptom: nothing is
+//!   named.
 //!
 //! Scores: top-1 and top-3 recall of the labelled root cause (issues without a label are
 //! predicted and written, not scored), per scenario (the two temporal ones together, as the
 //! published baseline does) and target metric; specificity = share of issue-free windows (5
-//! consecutive rows of `noissue/`, the symptom node and metric of the scenario's issues)
+//! consecutive rows of `noissue/` shaped like an issue, the alert in the second row, judged
+//! against the rest of `noissue/`; the symptom node and metric of the scenario's issues)
 //! for which healer names no root cause.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use healer_operators::rca::{Observation, RcaConfig, explain};
-use healer_operators::severity::Severity;
 use healer_operators::topology::{Resource, Topology};
 use serde::Deserialize;
 
@@ -129,9 +127,9 @@ pub fn parse_graph(file: &str, text: &str) -> Result<Topology, String> {
     Topology::from_parts(resources, edges)
 }
 
-/// Median and robust scale of the finite values: 1.4826 · MAD, or, when at least half the
-/// values equal the median (MAD = 0), 1.2533 · the mean absolute deviation (the usual
-/// fallback of the modified z-score), floored at 1e-9 · max(1, |median|).
+/// Median and robust scale of the finite values: the larger of 1.4826 · MAD and 1.2533 · the
+/// mean absolute deviation (both estimate σ for normal data; the second stands in when a
+/// series is mostly constant and its MAD is tiny or 0), floored at 1e-9 · max(1, |median|).
 fn robust(values: &[f64]) -> Option<(f64, f64)> {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
     if v.len() < 3 {
@@ -142,13 +140,16 @@ fn robust(values: &[f64]) -> Option<(f64, f64)> {
     let mut dev: Vec<f64> = v.iter().map(|x| (x - median).abs()).collect();
     dev.sort_by(f64::total_cmp);
     let mad = dev[dev.len() / 2] * 1.4826;
-    let scale = if mad > 0.0 {
-        mad
-    } else {
-        1.2533 * dev.iter().sum::<f64>() / dev.len() as f64
-    };
-    Some((median, scale.max(1e-9 * median.abs().max(1.0))))
+    let mean_abs = 1.2533 * dev.iter().sum::<f64>() / dev.len() as f64;
+    Some((median, mad.max(mean_abs).max(1e-9 * median.abs().max(1.0))))
 }
+
+/// Rows looked at from the last row at or before the target time: that row and the next
+/// two (the fault shows in the rows after the alert's time).
+pub const WINDOW_ROWS: usize = 3;
+
+/// Consecutive rows above [`THRESHOLD`] that make a node anomalous.
+pub const PERSIST: usize = 2;
 
 /// What one issue asks about.
 #[derive(Debug, Clone, Deserialize)]
@@ -175,72 +176,149 @@ struct RootCauseLabel {
     node: Option<String>,
 }
 
-/// healer's ranking for one window of `metrics` ending at `target`'s time.
+/// The anomaly scores of `x` at rows `r0..=end`, against normal behaviour `normal` (pieces
+/// of issue-free series, each contiguous). A row's score is its harmful change since the row
+/// before `r0`, over the robust scale of same-lag changes in the normal data; it counts only
+/// when the row is also beyond the normal median in the harmful direction. Without a value
+/// before `r0`, the row's level against the normal median and scale stands in.
+fn scores(
+    x: &[f64],
+    normal: &[&[f64]],
+    r0: usize,
+    end: usize,
+    harmful_up: bool,
+) -> Option<Vec<f64>> {
+    let all: Vec<f64> = normal.iter().flat_map(|p| p.iter().copied()).collect();
+    let (median, scale) = robust(&all)?;
+    let sign = if harmful_up { 1.0 } else { -1.0 };
+    let before = r0.checked_sub(1).map(|p| x[p]).filter(|v| v.is_finite());
+    let mut out = Vec::with_capacity(end + 1 - r0);
+    for (lag, &v) in x[r0..=end].iter().enumerate().map(|(i, v)| (i + 1, v)) {
+        if !v.is_finite() {
+            out.push(0.0);
+            continue;
+        }
+        let level = sign * (v - median) / scale;
+        let score = match before {
+            Some(b) => {
+                let changes: Vec<f64> = normal
+                    .iter()
+                    .filter(|p| p.len() > lag)
+                    .flat_map(|p| p[lag..].iter().zip(*p).map(|(a, b)| a - b))
+                    .collect();
+                match robust(&changes) {
+                    Some((_, d)) if level > 0.0 => sign * (v - b) / d,
+                    Some(_) => 0.0,
+                    None => 0.0,
+                }
+            }
+            None => level,
+        };
+        out.push(score);
+    }
+    Some(out)
+}
+
+/// healer's ranking for the issue of `target` in `metrics`, with issue-free `normal` data.
+///
+/// 1. **Rows**: `r0`, the last row at or before the target time, and the next
+///    [`WINDOW_ROWS`] − 1 rows.
+/// 2. **Detection**: a node is anomalous when its scores (harmful change since the row before the alert, over the normal same-lag changes) exceed [`THRESHOLD`] in
+///    [`PERSIST`] consecutive rows; its strength is its largest score there.
+/// 3. **Candidates**: the symptom and the anomalous nodes it reaches along call edges
+///    (caller → callee) through anomalous nodes. Only the symptom, itself not anomalous:
+///    nothing is named.
+/// 4. **Roots**: candidates none of whose callees is a candidate (the deepest anomalous
+///    services the symptom depends on); the symptom when there are none.
+/// 5. **Ranking**: by coverage (how many of the anomalous nodes and the symptom a root
+///    reaches along callee → caller edges through them: what it explains), then strength,
+///    then name.
 pub fn rank(
     topology: &Topology,
     metrics: &Metrics,
     normal: &[&Metrics],
     target: &Target,
 ) -> Vec<String> {
-    let last = metrics
+    let Some(r0) = metrics
         .ts
         .iter()
         .rposition(|&t| t <= target.timestamp + 1e-6)
-        .unwrap_or(metrics.ts.len().saturating_sub(1));
+    else {
+        return Vec::new();
+    };
+    let end = (r0 + WINDOW_ROWS - 1).min(metrics.ts.len() - 1);
     let harmful_up = target.metric != "availability";
-    let mut observations = Vec::new();
-    let mut symptom_seen = false;
+    let mut anomalous: BTreeMap<String, f64> = BTreeMap::new();
     for ((node, metric, stat), values) in &metrics.series {
         if metric != &target.metric || stat != &target.agg || topology.resource(node).is_none() {
             continue;
         }
         let key = (node.clone(), metric.clone(), stat.clone());
-        let reference: Vec<f64> = normal
+        let pieces: Vec<&[f64]> = normal
             .iter()
-            .filter_map(|m| m.series.get(&key))
-            .flatten()
-            .copied()
+            .filter_map(|m| m.series.get(&key).map(Vec::as_slice))
             .collect();
-        let Some((median, scale)) = robust(&reference) else {
+        let Some(s) = scores(values, &pieces, r0, end, harmful_up) else {
             continue;
         };
-        let mut first = None;
-        for (i, &x) in values.iter().enumerate().take(last + 1) {
-            if !x.is_finite() {
-                continue;
-            }
-            let d = if harmful_up { x - median } else { median - x };
-            let score = d / scale;
-            if score > THRESHOLD && first.is_none() {
-                first = Some((i, score));
-            }
+        let mut run = 0;
+        let mut hit = false;
+        for &v in &s {
+            run = if v > THRESHOLD { run + 1 } else { 0 };
+            hit |= run >= PERSIST;
         }
-        if let Some((i, score)) = first {
-            symptom_seen |= node == &target.node;
-            observations.push(Observation {
-                resource: node.clone(),
-                metric: format!("{metric}_{stat}"),
-                ts_ms: (metrics.ts[i] * 1000.0) as i64,
-                confidence: (score / 10.0).min(1.0),
-                severity: Severity::High,
-            });
+        if hit {
+            anomalous.insert(node.clone(), s.iter().copied().fold(f64::MIN, f64::max));
         }
     }
-    if observations.is_empty() {
+    let symptom = target.node.as_str();
+    // Callees are upstream (a callee's fault shows on its callers); callers downstream.
+    let callees = |n: &str| topology.upstream(n, 1);
+    let callers = |n: &str| -> Vec<String> {
+        topology
+            .downstream(n, 1)
+            .into_iter()
+            .map(|(id, _, _)| id)
+            .collect()
+    };
+    let mut candidates: BTreeSet<String> = BTreeSet::from([symptom.to_string()]);
+    let mut stack = vec![symptom.to_string()];
+    while let Some(n) = stack.pop() {
+        for m in callees(&n) {
+            if anomalous.contains_key(&m) && candidates.insert(m.clone()) {
+                stack.push(m);
+            }
+        }
+    }
+    if candidates.len() == 1 && !anomalous.contains_key(symptom) {
         return Vec::new();
     }
-    if !symptom_seen {
-        observations.push(Observation {
-            resource: target.node.clone(),
-            metric: target.metric.clone(),
-            ts_ms: (target.timestamp * 1000.0) as i64,
-            confidence: 0.0,
-            severity: Severity::Medium,
-        });
+    let mut roots: Vec<String> = candidates
+        .iter()
+        .filter(|n| !callees(n).iter().any(|m| candidates.contains(m)))
+        .cloned()
+        .collect();
+    if roots.is_empty() {
+        roots.push(symptom.to_string());
     }
-    explain(topology, &observations, &target.node, &RcaConfig::default())
-        .map(|i| i.root_causes.into_iter().map(|r| r.resource).collect())
-        .unwrap_or_default()
+    let coverage = |root: &str| -> usize {
+        let mut seen = BTreeSet::from([root.to_string()]);
+        let mut stack = vec![root.to_string()];
+        while let Some(n) = stack.pop() {
+            for m in callers(&n) {
+                if (anomalous.contains_key(&m) || m == symptom) && seen.insert(m.clone()) {
+                    stack.push(m);
+                }
+            }
+        }
+        seen.len() - 1
+    };
+    let mut keyed: Vec<(usize, f64, String)> = roots
+        .into_iter()
+        .map(|r| (coverage(&r), anomalous.get(&r).copied().unwrap_or(0.0), r))
+        .collect();
+    keyed.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.total_cmp(&a.1)).then(a.2.cmp(&b.2)));
+    keyed.into_iter().map(|(_, _, r)| r).collect()
 }
 
 /// One issue's prediction.
@@ -375,21 +453,26 @@ pub fn evaluate(dataset: &Path) -> Result<Evaluation, String> {
             asked.dedup();
             for (node, metric, agg) in asked {
                 for start in (0..normal_data.ts.len().saturating_sub(4)).step_by(5) {
-                    let window = Metrics {
-                        ts: normal_data.ts[start..start + 5].to_vec(),
+                    // Shaped like an issue: 5 rows, the alert in the second; the normal
+                    // behaviour it is judged against leaves the window out.
+                    let slice = |range: std::ops::Range<usize>| Metrics {
+                        ts: normal_data.ts[range.clone()].to_vec(),
                         series: normal_data
                             .series
                             .iter()
-                            .map(|(k, v)| (k.clone(), v[start..start + 5].to_vec()))
+                            .map(|(k, v)| (k.clone(), v[range.clone()].to_vec()))
                             .collect(),
                     };
+                    let window = slice(start..start + 5);
+                    let before = slice(0..start);
+                    let after = slice(start + 5..normal_data.ts.len());
                     let target = Target {
                         node: node.clone(),
                         metric: metric.clone(),
                         agg: agg.clone(),
-                        timestamp: window.ts[4],
+                        timestamp: window.ts[1],
                     };
-                    let quiet = rank(&topology, &window, &[normal_data], &target).is_empty();
+                    let quiet = rank(&topology, &window, &[&before, &after], &target).is_empty();
                     let score = eval
                         .scores
                         .entry((group(&name), metric.clone()))
@@ -434,26 +517,41 @@ mod tests {
     fn detection_and_ranking_on_a_small_case() {
         let t = parse_graph("g.csv", ",web,api,db\nweb,0,1,0\napi,0,0,1\ndb,0,0,0\n").unwrap();
         let normal_text = "microservice,web,api,db\nmetric,latency,latency,latency\nstatistic,Average,Average,Average\nunix_timestamp,,,\n\
-            0,1.0,0.5,0.1\n300,1.1,0.52,0.11\n600,0.9,0.49,0.09\n900,1.0,0.51,0.1\n1200,1.05,0.5,0.1\n";
+            0,1.0,0.5,0.1\n300,1.1,0.52,0.11\n600,0.9,0.49,0.09\n900,1.0,0.51,0.1\n1200,1.05,0.5,0.1\n\
+            1500,0.95,0.5,0.1\n1800,1.0,0.48,0.11\n2100,1.02,0.51,0.1\n";
         let normal = parse_metrics("n.csv", normal_text).unwrap();
-        // db slows first, api and web follow.
+        // The alert at 5300: db slows there, api and web follow and stay slow.
         let issue_text = "microservice,web,api,db\nmetric,latency,latency,latency\nstatistic,Average,Average,Average\nunix_timestamp,,,\n\
-            5000,1.0,0.5,0.1\n5300,1.0,0.5,0.9\n5600,3.0,1.5,0.9\n";
+            5000,1.0,0.5,0.1\n5300,1.0,0.5,0.9\n5600,3.0,1.5,0.9\n5900,3.0,1.5,0.9\n";
         let issue = parse_metrics("i.csv", issue_text).unwrap();
         let target = Target {
             node: "web".into(),
             metric: "latency".into(),
             agg: "Average".into(),
-            timestamp: 5600.0,
+            timestamp: 5400.0,
         };
         let ranked = rank(&t, &issue, &[&normal], &target);
-        assert_eq!(ranked.first().map(String::as_str), Some("db"), "{ranked:?}");
-        // Nothing abnormal: nothing named.
-        let quiet = Target {
+        assert_eq!(ranked, ["db"]);
+        // An alert at 5000: within its three rows only db is anomalous for two of them, and
+        // web reaches it through no anomalous service: nothing is named.
+        let early = Target {
             timestamp: 5000.0,
-            ..target
+            ..target.clone()
         };
-        assert!(rank(&t, &issue, &[&normal], &quiet).is_empty());
+        assert!(rank(&t, &issue, &[&normal], &early).is_empty());
+        // Nothing abnormal: nothing named.
+        assert!(
+            rank(
+                &t,
+                &normal,
+                &[&normal],
+                &Target {
+                    timestamp: 300.0,
+                    ..target
+                }
+            )
+            .is_empty()
+        );
         assert!(parse_metrics("x.csv", "a\nb\n").is_err());
     }
 }
