@@ -725,6 +725,15 @@ impl PipelineConfig {
         parse_duration(value).unwrap_or(Duration::from_secs(1))
     }
 
+    /// Where checkpoints go: `checkpoint.location`, or `<sink.out>/checkpoints`.
+    pub fn checkpoint_location(&self) -> String {
+        if self.checkpoint.location.trim().is_empty() {
+            format!("{}/checkpoints", self.sink.out.trim_end_matches('/'))
+        } else {
+            self.checkpoint.location.clone()
+        }
+    }
+
     /// The out-of-orderness bound in milliseconds.
     pub fn out_of_orderness_ms(&self) -> i64 {
         parse_duration(&self.event_time.max_out_of_orderness)

@@ -178,9 +178,23 @@ pub async fn read_changes(path: &std::path::Path) -> Result<Vec<Change>, String>
 
 /// Reads the anomalies of the log at `log`, in event-time order.
 pub async fn read_anomalies(log: &Location) -> Result<Vec<Observation>, String> {
+    read_anomalies_since(log, None).await
+}
+
+/// Reads the anomalies of the log at `log` at or after `since_ms` (all with `None`), in
+/// event-time order.
+pub async fn read_anomalies_since(
+    log: &Location,
+    since_ms: Option<i64>,
+) -> Result<Vec<Observation>, String> {
+    let filter = since_ms.map_or(String::new(), |t| {
+        format!("WHERE CAST(ts AS BIGINT) >= {t}")
+    });
     let batches = crate::query::query(
         log,
-        "SELECT resource, metric, ts, confidence, severity FROM anomalies ORDER BY ts, resource, metric",
+        &format!(
+            "SELECT resource, metric, ts, confidence, severity FROM anomalies {filter} ORDER BY ts, resource, metric"
+        ),
     )
     .await
     .map_err(|e| format!("cannot read the anomalies of {}: {e}", log.display()))?;
@@ -257,6 +271,18 @@ pub async fn run(
     verify: bool,
 ) -> Vec<Diagnosed> {
     let incidents = analyse(topology, anomalies, config);
+    decide_incidents(incidents, topology, changes, policy, llm, verify).await
+}
+
+/// Decides about `incidents` as [`run`] does.
+pub async fn decide_incidents(
+    incidents: Vec<Incident>,
+    topology: &Topology,
+    changes: &[Change],
+    policy: &Policy,
+    llm: Option<&BedrockConsultant>,
+    verify: bool,
+) -> Vec<Diagnosed> {
     let diagnosed_at = now_ms();
     let mut out = Vec::with_capacity(incidents.len());
     for incident in incidents {

@@ -25,6 +25,7 @@ pub mod gate;
 pub mod job;
 pub mod kinesis;
 pub mod lease;
+pub mod live;
 pub mod llm;
 pub mod message;
 pub mod metrics;

@@ -293,6 +293,19 @@ struct RunArgs {
     /// this file every second (replaced atomically).
     #[arg(long)]
     status_file: Option<PathBuf>,
+    /// Diagnose incidents while running, over this topology (TOML or JSON); written to the
+    /// log's `incidents/` as `healer diagnose` would.
+    #[arg(long)]
+    topology: Option<PathBuf>,
+    /// Change feed for the decisions (CSV or parquet).
+    #[arg(long, requires = "topology")]
+    changes: Option<PathBuf>,
+    /// Carry out the decisions under this remediation config.
+    #[arg(long, requires = "topology")]
+    remediation: Option<PathBuf>,
+    /// How often to diagnose.
+    #[arg(long, default_value = "30s", requires = "topology")]
+    diagnose_every: String,
 }
 
 #[derive(Debug, Args)]
@@ -656,6 +669,12 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     let config = run_config(&args)?;
     let shutdown = shutdown_signal()?;
     if config.lease.enabled() {
+        if args.topology.is_some() {
+            bail!(
+                "--topology diagnoses the whole log: run it in one process (a single `healer run`, \
+                 or `healer diagnose` over the shared log), not in every lease worker"
+            );
+        }
         return run_leased(&args, &config, shutdown).await;
     }
     let job = match healer_engine::stream::StreamJob::prepare(&config).await {
@@ -682,9 +701,41 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             }
         })
     });
+    let live = match &args.topology {
+        Some(path) => Some(live_diagnosis(&args, &config, path, job.metrics()).await?),
+        None => None,
+    };
+    let (stop_live, live_task) = match live {
+        Some((mut diagnosis, every)) => {
+            let (tx, mut rx) = tokio::sync::watch::channel(false);
+            let task = tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = rx.changed() => return diagnosis,
+                    }
+                    match diagnosis.round().await {
+                        Ok(r) => report_round(&r),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "diagnosis round failed; trying again")
+                        }
+                    }
+                }
+            });
+            (Some(tx), Some(task))
+        }
+        None => (None, None),
+    };
     let s = job.run(shutdown).await;
     if let Some(task) = status {
         task.abort();
+    }
+    if let (Some(tx), Some(task)) = (stop_live, live_task) {
+        tx.send_replace(true);
+        let mut diagnosis = task.await?;
+        // The job has drained and checkpointed: every anomaly is in the log.
+        let r = diagnosis.finish().await.map_err(|e| anyhow::anyhow!(e))?;
+        report_round(&r);
     }
     let s = s?;
     print_summary(&s.summary);
@@ -707,6 +758,72 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The live diagnosis of `healer run --topology`, and how often it runs.
+async fn live_diagnosis(
+    args: &RunArgs,
+    config: &PipelineConfig,
+    topology: &std::path::Path,
+    metrics: Arc<healer_engine::metrics::PipelineMetrics>,
+) -> Result<(healer_engine::live::LiveDiagnosis, Duration)> {
+    use healer_engine::diagnose;
+    use healer_operators::decision::Policy;
+    use healer_operators::rca::RcaConfig;
+    use healer_operators::topology::Topology;
+    let text = std::fs::read_to_string(topology)
+        .with_context(|| format!("cannot read {}", topology.display()))?;
+    let topology = Topology::parse(&topology.display().to_string(), &text)
+        .map_err(|e| anyhow::anyhow!("topology rejected:\n{e}"))?;
+    let changes = match &args.changes {
+        Some(path) => diagnose::read_changes(path)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?,
+        None => Vec::new(),
+    };
+    let remediator = match &args.remediation {
+        Some(path) => {
+            let r = remedy_cli::open(path)?;
+            for rep in r.recover().await? {
+                remedy_cli::print_report(&rep);
+            }
+            Some(r)
+        }
+        None => None,
+    };
+    let every = humantime::parse_duration(&args.diagnose_every)
+        .with_context(|| format!("--diagnose-every `{}`", args.diagnose_every))?;
+    let log = Location::parse(&config.sink.out, &config.sink.s3, true)?;
+    let checkpoints = config.checkpoint_location();
+    let checkpoints = Location::parse(&checkpoints, &config.sink.s3, true)?;
+    let diagnosis = healer_engine::live::LiveDiagnosis::new(
+        log,
+        checkpoints,
+        topology,
+        changes,
+        RcaConfig::default(),
+        Policy::default(),
+        None,
+        remediator,
+        metrics,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!(e))?;
+    Ok((diagnosis, every))
+}
+
+fn report_round(r: &healer_engine::live::Round) {
+    if r.incidents > 0 || r.own > 0 {
+        tracing::info!(
+            anomalies = r.anomalies,
+            own = r.own,
+            incidents = r.incidents,
+            "diagnosed"
+        );
+    }
+    for o in &r.outcomes {
+        tracing::info!("remediation {o}");
+    }
 }
 
 /// `healer run` as one worker of many, sharing the stream through the lease table.

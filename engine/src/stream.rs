@@ -73,11 +73,7 @@ impl StreamJob {
             )));
         }
         let out = Location::parse(&config.sink.out, &config.sink.s3, true)?;
-        let checkpoints = if config.checkpoint.location.trim().is_empty() {
-            format!("{}/checkpoints", config.sink.out.trim_end_matches('/'))
-        } else {
-            config.checkpoint.location.clone()
-        };
+        let checkpoints = config.checkpoint_location();
         let store = CheckpointStore::new(Location::parse(&checkpoints, &config.sink.s3, true)?);
         let restore = store.latest().await?;
         if let Some(c) = &restore

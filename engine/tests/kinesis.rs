@@ -27,6 +27,8 @@ use tokio::sync::watch;
 
 #[path = "support/moto.rs"]
 mod moto;
+#[path = "support/receiver.rs"]
+mod receiver;
 #[path = "support/kinesis.rs"]
 mod support;
 use support::*;
@@ -568,4 +570,142 @@ async fn log_and_checkpoints_on_s3_survive_a_restart() {
     assert_eq!(second.restored_epoch, Some(first.last_checkpoint));
     assert_eq!(second.summary.metrics.source_rows, 0);
     assert_same(&anomalies_at(&log).await.unwrap(), &expected);
+}
+
+/// `healer run --topology --remediation`: incidents are diagnosed and handled while the
+/// stream runs, and they are exactly the incidents `healer diagnose` finds in the final log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_diagnoses_and_remediates_while_streaming_as_diagnose_would() {
+    let Setup {
+        _server,
+        endpoint,
+        kinesis: _,
+        dir,
+        batches,
+        expected: _,
+    } = Setup::new(Server::kinesalite(), 2, fleet(10, 900, 5)).await;
+    let out = dir.path().join("stream");
+    let mut resources = std::collections::BTreeSet::new();
+    for b in &batches {
+        let r = b.column_by_name("resource").unwrap();
+        let r = arrow::compute::cast(r, &arrow::datatypes::DataType::Utf8).unwrap();
+        resources.extend(
+            arrow::array::AsArray::as_string::<i32>(&r)
+                .iter()
+                .flatten()
+                .map(String::from),
+        );
+    }
+    let topology = dir.path().join("topology.toml");
+    std::fs::write(
+        &topology,
+        resources
+            .iter()
+            .map(|r| format!("[[resource]]\nid = \"{r}\"\ntype = \"application\"\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let hook = receiver::Receiver::start(&[]).await;
+    let remediation = dir.path().join("remediation.toml");
+    std::fs::write(
+        &remediation,
+        format!(
+            "mode = \"enforce\"\njournal = \"journal.db\"\nallow = [\"*\"]\n\
+             [escalation]\nslack_webhook = \"{0}/slack\"\n\
+             [[targets]]\nmatch = \"*\"\n[targets.webhook]\nurl = \"{0}/act\"\n",
+            hook.url
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &config,
+        "[source.kinesis]\npoll_interval = \"50ms\"\nmax_poll_interval = \"200ms\"\n\
+         idle_timeout = \"1h\"\nbatch_max_delay = \"50ms\"\nbatch_max_rows = 500\n\
+         [engine]\npartitions = 2\n[sink]\nflush_interval = \"100ms\"\n\
+         [checkpoint]\ninterval = \"1s\"\n",
+    )
+    .unwrap();
+    produce(&endpoint, "metrics", &batches, 5).await;
+    produce(&endpoint, "metrics", &[sentinel(&batches)], 1).await;
+    let mut run = healer();
+    run.args(["run", "--config"])
+        .arg(&config)
+        .args(["--stream", "metrics", "--endpoint", &endpoint, "--out"])
+        .arg(&out)
+        .arg("--topology")
+        .arg(&topology)
+        .arg("--remediation")
+        .arg(&remediation)
+        .args(["--diagnose-every", "300ms"])
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = run.spawn().unwrap();
+    // Handled while the job runs, not only at its end.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while hook.received().is_empty() {
+        assert!(Instant::now() < deadline, "nothing handled while running");
+        assert!(child.try_wait().unwrap().is_none(), "healer run exited");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(child.wait().unwrap().success(), "drains and exits 0");
+
+    let log = local(&out);
+    let anomalies = healer_engine::diagnose::read_anomalies(&log).await.unwrap();
+    let batch = healer_engine::diagnose::run(
+        &healer_operators::topology::Topology::parse(
+            "t",
+            &std::fs::read_to_string(&topology).unwrap(),
+        )
+        .unwrap(),
+        &anomalies,
+        &[],
+        &healer_operators::rca::RcaConfig::default(),
+        &healer_operators::decision::Policy::default(),
+        None,
+        false,
+    )
+    .await;
+    let mut want: Vec<(String, String)> = batch
+        .iter()
+        .map(|d| (d.id.clone(), d.decision.outcome.as_str().to_string()))
+        .collect();
+    want.sort();
+    let got_batches = query(&log, "SELECT id, decision FROM incidents ORDER BY id")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for b in &got_batches {
+        let text = |i: usize| {
+            arrow::compute::cast(b.column(i), &arrow::datatypes::DataType::Utf8).unwrap()
+        };
+        let (ids, decisions) = (text(0), text(1));
+        let ids = arrow::array::AsArray::as_string::<i32>(&ids);
+        let decisions = arrow::array::AsArray::as_string::<i32>(&decisions);
+        for i in 0..b.num_rows() {
+            got.push((ids.value(i).to_string(), decisions.value(i).to_string()));
+        }
+    }
+    assert!(!want.is_empty());
+    assert_eq!(got, want, "each incident once, as diagnose finds it");
+    // Every incident was handled: an action called, or an escalation sent (approvals wait).
+    let handled = hook.received().len();
+    let waiting = want.iter().filter(|(_, d)| d == "request_approval").count();
+    assert_eq!(
+        handled + waiting,
+        want.len(),
+        "{:?}",
+        hook.received()
+            .iter()
+            .map(|r| r.path.clone())
+            .collect::<Vec<_>>()
+    );
 }

@@ -538,11 +538,7 @@ pub async fn run_worker(
         .await
         .map_err(lease_error)?;
     let out = Location::parse(&config.sink.out, &config.sink.s3, true)?;
-    let checkpoints = if config.checkpoint.location.trim().is_empty() {
-        format!("{}/checkpoints", config.sink.out.trim_end_matches('/'))
-    } else {
-        config.checkpoint.location.clone()
-    };
+    let checkpoints = config.checkpoint_location();
     let checkpoints = Location::parse(&checkpoints, &config.sink.s3, true)?;
     let settings = LeaseSettings {
         duration: PipelineConfig::duration(&lease_config.duration),
