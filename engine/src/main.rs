@@ -760,6 +760,28 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A topology file and an optional change feed, each checked at load.
+async fn topology_and_changes(
+    topology: &std::path::Path,
+    changes: Option<&std::path::Path>,
+) -> Result<(
+    healer_operators::topology::Topology,
+    Vec<healer_operators::decision::Change>,
+)> {
+    let text = std::fs::read_to_string(topology)
+        .with_context(|| format!("cannot read {}", topology.display()))?;
+    let topology =
+        healer_operators::topology::Topology::parse(&topology.display().to_string(), &text)
+            .map_err(|e| anyhow::anyhow!("topology rejected:\n{e}"))?;
+    let changes = match changes {
+        Some(path) => healer_engine::diagnose::read_changes(path)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?,
+        None => Vec::new(),
+    };
+    Ok((topology, changes))
+}
+
 /// The live diagnosis of `healer run --topology`, and how often it runs.
 async fn live_diagnosis(
     args: &RunArgs,
@@ -767,20 +789,9 @@ async fn live_diagnosis(
     topology: &std::path::Path,
     metrics: Arc<healer_engine::metrics::PipelineMetrics>,
 ) -> Result<(healer_engine::live::LiveDiagnosis, Duration)> {
-    use healer_engine::diagnose;
     use healer_operators::decision::Policy;
     use healer_operators::rca::RcaConfig;
-    use healer_operators::topology::Topology;
-    let text = std::fs::read_to_string(topology)
-        .with_context(|| format!("cannot read {}", topology.display()))?;
-    let topology = Topology::parse(&topology.display().to_string(), &text)
-        .map_err(|e| anyhow::anyhow!("topology rejected:\n{e}"))?;
-    let changes = match &args.changes {
-        Some(path) => diagnose::read_changes(path)
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?,
-        None => Vec::new(),
-    };
+    let (topology, changes) = topology_and_changes(topology, args.changes.as_deref()).await?;
     let remediator = match &args.remediation {
         Some(path) => {
             let r = remedy_cli::open(path)?;
@@ -1150,17 +1161,7 @@ async fn diagnose(args: DiagnoseArgs) -> Result<ExitCode> {
     use healer_engine::diagnose;
     use healer_operators::decision::Policy;
     use healer_operators::rca::RcaConfig;
-    use healer_operators::topology::Topology;
-    let text = std::fs::read_to_string(&args.topology)
-        .with_context(|| format!("cannot read {}", args.topology.display()))?;
-    let topology = Topology::parse(&args.topology.display().to_string(), &text)
-        .map_err(|e| anyhow::anyhow!("topology rejected:\n{e}"))?;
-    let changes = match &args.changes {
-        Some(path) => diagnose::read_changes(path)
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?,
-        None => Vec::new(),
-    };
+    let (topology, changes) = topology_and_changes(&args.topology, args.changes.as_deref()).await?;
     let window = humantime::parse_duration(&args.window)
         .with_context(|| format!("--window `{}`", args.window))?;
     let s3 = s3_with_endpoint(args.s3_endpoint.as_deref());

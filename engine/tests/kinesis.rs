@@ -285,6 +285,22 @@ async fn split_and_merge_while_producing_keeps_every_record_in_order() {
     assert_same(&anomalies(&out).await, &expected);
 }
 
+/// A pipeline config for `healer run` that polls and checkpoints fast.
+fn fast_pipeline(dir: &Path, checkpoint_interval: &str) -> std::path::PathBuf {
+    let config = dir.join("pipeline.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source.kinesis]\npoll_interval = \"50ms\"\nmax_poll_interval = \"200ms\"\n\
+             idle_timeout = \"1h\"\nbatch_max_delay = \"50ms\"\nbatch_max_rows = 500\n\
+             [engine]\npartitions = 2\n[sink]\nflush_interval = \"100ms\"\n\
+             [checkpoint]\ninterval = \"{checkpoint_interval}\"\n"
+        ),
+    )
+    .unwrap();
+    config
+}
+
 fn spawn_run(endpoint: &str, out: &Path, config: &Path) -> Child {
     let mut c = healer();
     c.args(["run", "--config"])
@@ -339,15 +355,7 @@ async fn killed_between_checkpoints_resumes_without_loss_or_duplicates() {
         expected,
     } = Setup::new(Server::kinesalite(), 2, fleet(10, 900, 5)).await;
     let out = dir.path().join("stream");
-    let config = dir.path().join("pipeline.toml");
-    std::fs::write(
-        &config,
-        "[source.kinesis]\npoll_interval = \"50ms\"\nmax_poll_interval = \"200ms\"\n\
-         idle_timeout = \"1h\"\nbatch_max_delay = \"50ms\"\nbatch_max_rows = 500\n\
-         [engine]\npartitions = 2\n[sink]\nflush_interval = \"100ms\"\n\
-         [checkpoint]\ninterval = \"1500ms\"\n",
-    )
-    .unwrap();
+    let config = fast_pipeline(dir.path(), "1500ms");
 
     let half = batches.len() / 2;
     produce(&endpoint, "metrics", &batches[..half], 1).await;
@@ -617,15 +625,7 @@ async fn run_diagnoses_and_remediates_while_streaming_as_diagnose_would() {
         ),
     )
     .unwrap();
-    let config = dir.path().join("pipeline.toml");
-    std::fs::write(
-        &config,
-        "[source.kinesis]\npoll_interval = \"50ms\"\nmax_poll_interval = \"200ms\"\n\
-         idle_timeout = \"1h\"\nbatch_max_delay = \"50ms\"\nbatch_max_rows = 500\n\
-         [engine]\npartitions = 2\n[sink]\nflush_interval = \"100ms\"\n\
-         [checkpoint]\ninterval = \"1s\"\n",
-    )
-    .unwrap();
+    let config = fast_pipeline(dir.path(), "1s");
     produce(&endpoint, "metrics", &batches, 5).await;
     produce(&endpoint, "metrics", &[sentinel(&batches)], 1).await;
     let mut run = healer();
