@@ -63,6 +63,13 @@ pub struct GateState {
     pending: Vec<u8>,
 }
 
+impl GateState {
+    /// The watermark at the checkpoint: every row at or before it had been released.
+    pub fn watermark(&self) -> i64 {
+        self.watermark
+    }
+}
+
 impl EventTimeGate {
     /// A gate for batches of `schema` with the given out-of-orderness bound.
     pub fn new(schema: SchemaRef, max_out_of_orderness_ms: i64) -> Self {

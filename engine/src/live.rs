@@ -6,17 +6,22 @@
 //! ([`healer_operators::rca::analyse_closed`]), so the incidents are the ones `healer
 //! diagnose` would find over the finished log, each handled once.
 //!
-//! A window may only close at a watermark whose anomalies are all in the log. The job
-//! publishes log files at checkpoints, so a job watermark sampled while checkpoint `e` was
-//! the latest is trusted once checkpoint `e + 2` completed: checkpoints run one at a time,
-//! so the barrier of `e + 2` entered the stream after that sample, behind every row the
-//! sampled watermark had released. At the end of the job, after its last checkpoint, the
-//! final watermark is used.
+//! A window may only close at a watermark whose anomalies are all in the log: the gate's
+//! watermark stored in the latest completed checkpoint. Every row at or before it had been
+//! released ahead of that checkpoint's barrier, and a checkpoint completes only after the
+//! log files of its epoch are published, so every anomaly at or before that watermark is in
+//! the log. (A row that arrives later than it is late and goes to the dead letter.)
 //!
+//! Each incident is handled before it is written, and a round that fails is repeated from
+//! the same place: an incident in the log has been handled. A stop between the two handles
+//! it again on restart, which acts at most once (a saga per incident, action and target);
+//! only its escalation may be sent twice (PagerDuty deduplicates on the incident id).
 //! Restarts re-read the log from its start and skip the incidents already written.
+//!
+//! Live diagnosis has no LLM: an incident that would need the consult (a recent change)
+//! escalates, as `healer diagnose` without `--llm-model` does.
 
-use std::collections::{HashSet, VecDeque};
-use std::sync::Arc;
+use std::collections::HashSet;
 
 use healer_operators::decision::{Change, Policy};
 use healer_operators::rca::{RcaConfig, analyse_closed};
@@ -25,7 +30,6 @@ use healer_operators::topology::Topology;
 use crate::checkpoint::CheckpointStore;
 use crate::diagnose::{self, Diagnosed};
 use crate::llm::BedrockConsultant;
-use crate::metrics::PipelineMetrics;
 use crate::remedy::Remediator;
 use crate::store::Location;
 
@@ -53,15 +57,13 @@ pub struct LiveDiagnosis {
     policy: Policy,
     llm: Option<BedrockConsultant>,
     remediator: Option<Remediator>,
-    metrics: Arc<PipelineMetrics>,
     from_ms: Option<i64>,
     done: HashSet<String>,
-    samples: VecDeque<(u64, i64)>,
 }
 
 impl LiveDiagnosis {
-    /// The diagnosis of the job writing `log` and checkpointing to `checkpoints`, whose
-    /// watermark `metrics` reports. Incidents already in the log are not handled again.
+    /// The diagnosis of the job writing `log` and checkpointing to `checkpoints`. Incidents
+    /// already in the log are not handled again.
     #[allow(clippy::too_many_arguments)]
     pub async fn new(
         log: Location,
@@ -72,16 +74,19 @@ impl LiveDiagnosis {
         policy: Policy,
         llm: Option<BedrockConsultant>,
         remediator: Option<Remediator>,
-        metrics: Arc<PipelineMetrics>,
     ) -> Result<Self, String> {
         let mut done = HashSet::new();
-        if let Ok(batches) = crate::query::query(&log, "SELECT id FROM incidents").await {
-            for b in batches {
-                let ids = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8)
-                    .map_err(|e| e.to_string())?;
-                let ids = arrow::array::AsArray::as_string::<i32>(&ids);
-                done.extend(ids.iter().flatten().map(String::from));
-            }
+        let known = match crate::query::query(&log, "SELECT id FROM incidents").await {
+            Ok(batches) => batches,
+            // No `incidents/` yet: nothing handled.
+            Err(e) if e.to_string().contains("not found") => Vec::new(),
+            Err(e) => return Err(format!("reading the incidents of {}: {e}", log.display())),
+        };
+        for b in known {
+            let ids = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8)
+                .map_err(|e| e.to_string())?;
+            let ids = arrow::array::AsArray::as_string::<i32>(&ids);
+            done.extend(ids.iter().flatten().map(String::from));
         }
         Ok(Self {
             log,
@@ -92,46 +97,24 @@ impl LiveDiagnosis {
             policy,
             llm,
             remediator,
-            metrics,
             from_ms: None,
             done,
-            samples: VecDeque::new(),
         })
     }
 
     /// A round while the job runs: closes the windows its published log allows.
     pub async fn round(&mut self) -> Result<Round, String> {
-        let epoch = match self.checkpoints.latest().await {
-            Ok(Some(c)) => c.epoch,
-            Ok(None) => 0,
+        let watermark = match self.checkpoints.latest().await {
+            Ok(Some(c)) => c.gate.watermark(),
+            Ok(None) => i64::MIN,
             Err(e) => return Err(format!("reading the latest checkpoint: {e}")),
         };
-        let now = self.metrics.snapshot().watermark;
-        // The latest sample of each epoch: any taken while `epoch` was the latest is trusted
-        // once `epoch + 2` completes.
-        match self.samples.back_mut() {
-            Some((e, w)) if *e == epoch => *w = (*w).max(now),
-            _ => self.samples.push_back((epoch, now)),
-        }
-        let mut safe = i64::MIN;
-        while let Some((e, w)) = self.samples.front().copied() {
-            if e + 2 > epoch {
-                break;
-            }
-            safe = safe.max(w);
-            self.samples.pop_front();
-        }
-        // Keep the newest trusted sample for the next round.
-        if safe > i64::MIN {
-            self.samples.push_front((0, safe));
-        }
-        self.close(safe).await
+        self.close(watermark).await
     }
 
-    /// The last round, after the job stopped: its final watermark.
+    /// The last round, after the job drained and took its last checkpoint.
     pub async fn finish(&mut self) -> Result<Round, String> {
-        let w = self.metrics.snapshot().watermark;
-        self.close(w).await
+        self.round().await
     }
 
     /// Diagnoses the windows closed at `watermark_ms`.
@@ -157,9 +140,6 @@ impl LiveDiagnosis {
         }
         let (incidents, resume) =
             analyse_closed(&self.topology, &anomalies, &self.rca, watermark_ms);
-        if let Some(r) = resume {
-            self.from_ms = Some(r);
-        }
         let diagnosed = diagnose::decide_incidents(
             incidents,
             &self.topology,
@@ -173,21 +153,38 @@ impl LiveDiagnosis {
             .into_iter()
             .filter(|d| !self.done.contains(&d.id))
             .collect();
-        if new.is_empty() {
-            return Ok(round);
-        }
-        diagnose::write(&self.log, &new).await?;
-        round.incidents = new.len();
-        if let Some(r) = &self.remediator {
-            for d in &new {
-                let report = r.handle(d).await.map_err(|e| e.to_string())?;
-                round
-                    .outcomes
-                    .push(format!("{} {}: {}", report.state, d.id, report.reason));
+        // Handled first, then written: an incident in the log has been handled.
+        let mut handled = Vec::with_capacity(new.len());
+        let mut failure = None;
+        for d in new {
+            if let Some(r) = &self.remediator {
+                match r.handle(&d).await {
+                    Ok(report) => round
+                        .outcomes
+                        .push(format!("{} {}: {}", report.state, d.id, report.reason)),
+                    Err(e) => {
+                        failure = Some(format!("handling incident {}: {e}", d.id));
+                        break;
+                    }
+                }
             }
+            handled.push(d);
+        }
+        if !handled.is_empty() {
+            diagnose::write(&self.log, &handled).await?;
+            round.incidents = handled.len();
+            self.done.extend(handled.into_iter().map(|d| d.id));
+        }
+        if let Some(r) = &self.remediator {
             r.export(&self.log).await?;
         }
-        self.done.extend(new.into_iter().map(|d| d.id));
+        if let Some(e) = failure {
+            // Read from the same place next round: the rest is retried.
+            return Err(e);
+        }
+        if let Some(r) = resume {
+            self.from_ms = Some(r);
+        }
         Ok(round)
     }
 }

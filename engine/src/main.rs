@@ -671,8 +671,8 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     if config.lease.enabled() {
         if args.topology.is_some() {
             bail!(
-                "--topology diagnoses the whole log: run it in one process (a single `healer run`, \
-                 or `healer diagnose` over the shared log), not in every lease worker"
+                "--topology diagnoses the whole log: run it in one process (a single `healer run`), \
+                 not in every lease worker"
             );
         }
         return run_leased(&args, &config, shutdown).await;
@@ -702,7 +702,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         })
     });
     let live = match &args.topology {
-        Some(path) => Some(live_diagnosis(&args, &config, path, job.metrics()).await?),
+        Some(path) => Some(live_diagnosis(&args, &config, path).await?),
         None => None,
     };
     let (stop_live, live_task) = match live {
@@ -733,9 +733,13 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     if let (Some(tx), Some(task)) = (stop_live, live_task) {
         tx.send_replace(true);
         let mut diagnosis = task.await?;
-        // The job has drained and checkpointed: every anomaly is in the log.
-        let r = diagnosis.finish().await.map_err(|e| anyhow::anyhow!(e))?;
-        report_round(&r);
+        // Only after a clean drain: its last checkpoint covers everything read.
+        if s.is_ok() {
+            match diagnosis.finish().await {
+                Ok(r) => report_round(&r),
+                Err(e) => eprintln!("error: last diagnosis round: {e}"),
+            }
+        }
     }
     let s = s?;
     print_summary(&s.summary);
@@ -787,7 +791,6 @@ async fn live_diagnosis(
     args: &RunArgs,
     config: &PipelineConfig,
     topology: &std::path::Path,
-    metrics: Arc<healer_engine::metrics::PipelineMetrics>,
 ) -> Result<(healer_engine::live::LiveDiagnosis, Duration)> {
     use healer_operators::decision::Policy;
     use healer_operators::rca::RcaConfig;
@@ -816,7 +819,6 @@ async fn live_diagnosis(
         Policy::default(),
         None,
         remediator,
-        metrics,
     )
     .await
     .map_err(|e| anyhow::anyhow!(e))?;

@@ -651,12 +651,25 @@ async fn run_diagnoses_and_remediates_while_streaming_as_diagnose_would() {
         assert!(child.try_wait().unwrap().is_none(), "healer run exited");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert!(child.wait().unwrap().success(), "drains and exits 0");
+    let stop = |mut child: Child| {
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert!(child.wait().unwrap().success(), "drains and exits 0");
+    };
+    stop(child);
+    // A restart reads the log again and handles nothing twice.
+    let handled_before = hook.received().len();
+    let again = run.spawn().unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop(again);
+    assert_eq!(
+        hook.received().len(),
+        handled_before,
+        "nothing handled twice"
+    );
 
     let log = local(&out);
     let anomalies = healer_engine::diagnose::read_anomalies(&log).await.unwrap();
@@ -674,31 +687,54 @@ async fn run_diagnoses_and_remediates_while_streaming_as_diagnose_would() {
         false,
     )
     .await;
-    let mut want: Vec<(String, String)> = batch
+    // Each incident as (id, decision, root cause, anomaly count, end).
+    let mut want: Vec<String> = batch
         .iter()
-        .map(|d| (d.id.clone(), d.decision.outcome.as_str().to_string()))
+        .map(|d| {
+            format!(
+                "{} {} {} {} {}",
+                d.id,
+                d.decision.outcome.as_str(),
+                d.incident.root_cause().map_or("-", |r| r.resource.as_str()),
+                d.incident.anomalies.len(),
+                d.incident.end_ms
+            )
+        })
         .collect();
     want.sort();
-    let got_batches = query(&log, "SELECT id, decision FROM incidents ORDER BY id")
-        .await
-        .unwrap();
+    let got_batches = query(
+        &log,
+        "SELECT id, decision, coalesce(root_cause, '-'), CAST(anomalies AS VARCHAR), \
+         CAST(CAST(\"end\" AS BIGINT) AS VARCHAR) FROM incidents ORDER BY id",
+    )
+    .await
+    .unwrap();
     let mut got = Vec::new();
     for b in &got_batches {
-        let text = |i: usize| {
-            arrow::compute::cast(b.column(i), &arrow::datatypes::DataType::Utf8).unwrap()
-        };
-        let (ids, decisions) = (text(0), text(1));
-        let ids = arrow::array::AsArray::as_string::<i32>(&ids);
-        let decisions = arrow::array::AsArray::as_string::<i32>(&decisions);
+        let cols: Vec<_> = (0..5)
+            .map(|i| arrow::compute::cast(b.column(i), &arrow::datatypes::DataType::Utf8).unwrap())
+            .collect();
+        let cols: Vec<_> = cols
+            .iter()
+            .map(arrow::array::AsArray::as_string::<i32>)
+            .collect();
         for i in 0..b.num_rows() {
-            got.push((ids.value(i).to_string(), decisions.value(i).to_string()));
+            got.push(
+                cols.iter()
+                    .map(|c| c.value(i))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
         }
     }
     assert!(!want.is_empty());
     assert_eq!(got, want, "each incident once, as diagnose finds it");
     // Every incident was handled: an action called, or an escalation sent (approvals wait).
     let handled = hook.received().len();
-    let waiting = want.iter().filter(|(_, d)| d == "request_approval").count();
+    let waiting = want
+        .iter()
+        .filter(|w| w.contains(" request_approval "))
+        .count();
     assert_eq!(
         handled + waiting,
         want.len(),
