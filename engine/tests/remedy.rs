@@ -215,6 +215,15 @@ async fn restart_service_dry_run_touches_nothing_then_enforced_restarts_and_veri
         .remediate(request("inc-2", "restart_service", "api-1"))
         .await
         .unwrap();
+    // A copy nobody tracks (its pid file lost) keeps the port: healer will not start a second.
+    assert_eq!(r.state, "succeeded", "{r:#?}");
+    let pid_file = dry.dir.path().join("svc/pid");
+    let saved = std::fs::read_to_string(&pid_file).unwrap();
+    std::fs::remove_file(&pid_file).unwrap();
+    let svc2 = ProcessService::new(dry.config().targets[0].process.clone().unwrap());
+    let err = svc2.start().unwrap_err();
+    assert!(err.to_string().contains("does not track"), "{err}");
+    std::fs::write(&pid_file, saved).unwrap();
     assert_eq!(r.state, "succeeded", "{r:#?}");
     let after = svc.pid().unwrap();
     assert_ne!(after, before);

@@ -90,6 +90,20 @@ impl ProcessService {
         if let Some(pid) = self.pid() {
             return Ok(pid);
         }
+        // Something healer does not track already listens on the service's port (a copy
+        // started by hand, or one whose pid file was lost): starting another would leave two.
+        if self.config.port != 0
+            && std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::from(([127, 0, 0, 1], self.config.port)),
+                Duration::from_millis(500),
+            )
+            .is_ok()
+        {
+            return Err(failed(format!(
+                "port {} is in use by a process healer does not track: not starting another",
+                self.config.port
+            )));
+        }
         let release = self.deploys().last().cloned().unwrap_or_default();
         let memory = self.memory_mb();
         let args: Vec<String> = self
