@@ -52,6 +52,7 @@ fn demo_then_incidents_then_validate() {
     assert!(stdout.contains("replay finished"), "{stdout}");
     assert!(stdout.contains("zscore_300"), "{stdout}");
     assert!(stdout.contains("injected faults detected"), "{stdout}");
+    assert!(stdout.contains("over the fleet's topology"), "{stdout}");
 
     let q = healer()
         .args([
