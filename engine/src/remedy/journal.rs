@@ -374,6 +374,31 @@ impl Journal {
         }
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(30))?;
+        // Switching a new file to WAL can report "locked" at once, without waiting, while
+        // another process does the same: try again for as long as the busy timeout.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match Self::prepare(&conn, path) {
+                Err(JournalError(rusqlite::Error::SqliteFailure(e, _)))
+                    if matches!(
+                        e.code,
+                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                    ) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20 + fastrand::u64(0..30)));
+                }
+                Err(e) => return Err(e),
+                Ok(()) => break,
+            }
+        }
+        Ok(Self {
+            conn: Mutex::new(conn),
+            owner: this_process(),
+        })
+    }
+
+    /// WAL mode, durability and the schema, created or checked.
+    fn prepare(conn: &Connection, path: &Path) -> Result<()> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
@@ -385,12 +410,13 @@ impl Journal {
                 ),
             )));
         }
-        conn.execute_batch(SCHEMA)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        Ok(Self {
-            conn: Mutex::new(conn),
-            owner: this_process(),
-        })
+        let created = conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        ));
+        if created.is_err() && !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        Ok(created?)
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
@@ -1188,4 +1214,26 @@ fn gate(
         params![id, now_ms, token],
     )?;
     Ok(Admission::Act(token))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn processes_opening_a_new_journal_at_once_all_succeed() {
+        for round in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(format!("j{round}.db"));
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let path = path.clone();
+                    std::thread::spawn(move || Journal::open(&path).map(|_| ()))
+                })
+                .collect();
+            for h in handles {
+                h.join().unwrap().unwrap();
+            }
+        }
+    }
 }
