@@ -446,10 +446,28 @@ pub fn to_batch(diagnosed: &[Diagnosed]) -> Result<RecordBatch, arrow::error::Ar
     RecordBatch::try_new(incident_schema(), columns)
 }
 
-/// Writes `diagnosed` under `<log>/incidents/`, one file per event date; returns the paths.
+/// The ids of the incidents in the log (none when it has no `incidents/` yet).
+pub async fn logged_ids(log: &Location) -> Result<std::collections::HashSet<String>, String> {
+    let batches = match crate::query::query(log, "SELECT id FROM incidents").await {
+        Ok(b) => b,
+        Err(e) if e.to_string().contains("not found") => Vec::new(),
+        Err(e) => return Err(format!("reading the incidents of {}: {e}", log.display())),
+    };
+    let mut ids = std::collections::HashSet::new();
+    for b in batches {
+        let col = arrow::compute::cast(b.column(0), &DataType::Utf8).map_err(|e| e.to_string())?;
+        ids.extend(col.as_string::<i32>().iter().flatten().map(String::from));
+    }
+    Ok(ids)
+}
+
+/// Writes the incidents of `diagnosed` the log does not hold yet under `<log>/incidents/`,
+/// one file per event date; returns the paths. The log keeps the first decision recorded
+/// for an incident: running diagnose again adds new incidents and never duplicates one.
 pub async fn write(log: &Location, diagnosed: &[Diagnosed]) -> Result<Vec<String>, String> {
+    let logged = logged_ids(log).await?;
     let mut by_date: std::collections::BTreeMap<String, Vec<Diagnosed>> = Default::default();
-    for d in diagnosed {
+    for d in diagnosed.iter().filter(|d| !logged.contains(&d.id)) {
         by_date
             .entry(crate::sink::date_of(d.incident.start_ms))
             .or_default()

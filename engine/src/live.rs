@@ -75,19 +75,7 @@ impl LiveDiagnosis {
         llm: Option<BedrockConsultant>,
         remediator: Option<Remediator>,
     ) -> Result<Self, String> {
-        let mut done = HashSet::new();
-        let known = match crate::query::query(&log, "SELECT id FROM incidents").await {
-            Ok(batches) => batches,
-            // No `incidents/` yet: nothing handled.
-            Err(e) if e.to_string().contains("not found") => Vec::new(),
-            Err(e) => return Err(format!("reading the incidents of {}: {e}", log.display())),
-        };
-        for b in known {
-            let ids = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8)
-                .map_err(|e| e.to_string())?;
-            let ids = arrow::array::AsArray::as_string::<i32>(&ids);
-            done.extend(ids.iter().flatten().map(String::from));
-        }
+        let done = diagnose::logged_ids(&log).await?;
         Ok(Self {
             log,
             checkpoints: CheckpointStore::new(checkpoints),

@@ -434,6 +434,19 @@ fn replay_then_diagnose() {
         "{table}"
     );
 
+    // Diagnose ran six times over this log: each incident is in it once.
+    let q = healer()
+        .args([
+            "incidents",
+            log.to_str().unwrap(),
+            "--sql",
+            "SELECT count(*) = count(DISTINCT id) AS once, count(*) AS n FROM incidents",
+        ])
+        .output()
+        .unwrap();
+    let table = succeeded(&q);
+    assert!(table.contains("| true | 1 |"), "{table}");
+
     // A topology naming an unknown resource is rejected with its location.
     std::fs::write(
         &topology,
