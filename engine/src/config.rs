@@ -474,6 +474,38 @@ impl fmt::Display for ConfigProblem {
     }
 }
 
+impl ConfigProblem {
+    /// A problem of `key` at `line` of `file`.
+    pub fn at(file: &Path, line: usize, key: &str, message: String) -> Self {
+        Self {
+            file: file.to_path_buf(),
+            line,
+            key: key.to_string(),
+            message,
+        }
+    }
+
+    /// `path` could not be read.
+    pub fn unreadable(path: &Path, e: &std::io::Error) -> Self {
+        Self::at(path, 0, "", e.to_string())
+    }
+
+    /// A TOML error of `text` (syntax, or a type or field serde rejected), at the line its
+    /// span starts on.
+    pub fn toml(file: &Path, text: &str, e: &toml::de::Error) -> Self {
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+            .unwrap_or(0);
+        Self::at(file, line, "", e.message().to_string())
+    }
+}
+
+/// The text of the configuration file `path`, or the problem reading it.
+pub fn read_config(path: &Path) -> Result<String, Vec<ConfigProblem>> {
+    std::fs::read_to_string(path).map_err(|e| vec![ConfigProblem::unreadable(path, &e)])
+}
+
 /// Line of `key` inside `[section]` (or at top level when `section` is empty), by scanning
 /// the text. Good enough for messages; 0 when not found.
 fn locate(text: &str, section: &str, key: &str) -> usize {
@@ -514,32 +546,15 @@ fn key_in_message(message: &str) -> Option<&str> {
 impl PipelineConfig {
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Self, Vec<ConfigProblem>> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            vec![ConfigProblem {
-                file: path.to_path_buf(),
-                line: 0,
-                key: String::new(),
-                message: e.to_string(),
-            }]
-        })?;
-        Self::parse(path, &text)
+        Self::parse(path, &read_config(path)?)
     }
 
     /// Parses and validates configuration text; `file` is used in messages.
     pub fn parse(file: &Path, text: &str) -> Result<Self, Vec<ConfigProblem>> {
-        let problem = |line: usize, key: &str, message: String| ConfigProblem {
-            file: file.to_path_buf(),
-            line,
-            key: key.to_string(),
-            message,
-        };
-        let table: toml::Table = toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
-                .unwrap_or(0);
-            vec![problem(line, "", e.message().to_string())]
-        })?;
+        let problem =
+            |line: usize, key: &str, message: String| ConfigProblem::at(file, line, key, message);
+        let table: toml::Table =
+            toml::from_str(text).map_err(|e| vec![ConfigProblem::toml(file, text, &e)])?;
         let mut problems = Vec::new();
         let mut config = PipelineConfig::default();
         // Each section on its own, so one bad section does not hide the others' problems.

@@ -113,17 +113,7 @@ pub async fn read_changes(path: &std::path::Path) -> Result<Vec<Change>, String>
         let text = std::fs::read_to_string(path).map_err(|e| format!("{shown}: {e}"))?;
         return parse_changes(&shown, &text);
     }
-    let ctx = datafusion::prelude::SessionContext::new();
-    ctx.register_parquet("changes", &shown, Default::default())
-        .await
-        .map_err(|e| format!("{shown}: {e}"))?;
-    let batches = ctx
-        .sql("SELECT * FROM changes")
-        .await
-        .map_err(|e| format!("{shown}: {e}"))?
-        .collect()
-        .await
-        .map_err(|e| format!("{shown}: {e}"))?;
+    let batches = crate::query::query_parquet(&shown, "changes", "SELECT * FROM changes").await?;
     let mut out = Vec::new();
     for b in batches {
         let schema = b.schema();

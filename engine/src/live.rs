@@ -29,7 +29,6 @@ use healer_operators::topology::Topology;
 
 use crate::checkpoint::CheckpointStore;
 use crate::diagnose::{self, Diagnosed};
-use crate::llm::BedrockConsultant;
 use crate::remedy::Remediator;
 use crate::store::Location;
 
@@ -55,7 +54,6 @@ pub struct LiveDiagnosis {
     changes: Vec<Change>,
     rca: RcaConfig,
     policy: Policy,
-    llm: Option<BedrockConsultant>,
     remediator: Option<Remediator>,
     from_ms: Option<i64>,
     done: HashSet<String>,
@@ -64,7 +62,6 @@ pub struct LiveDiagnosis {
 impl LiveDiagnosis {
     /// The diagnosis of the job writing `log` and checkpointing to `checkpoints`. Incidents
     /// already in the log are not handled again.
-    #[allow(clippy::too_many_arguments)]
     pub async fn new(
         log: Location,
         checkpoints: Location,
@@ -72,7 +69,6 @@ impl LiveDiagnosis {
         changes: Vec<Change>,
         rca: RcaConfig,
         policy: Policy,
-        llm: Option<BedrockConsultant>,
         remediator: Option<Remediator>,
     ) -> Result<Self, String> {
         let done = diagnose::logged_ids(&log).await?;
@@ -83,7 +79,6 @@ impl LiveDiagnosis {
             changes,
             rca,
             policy,
-            llm,
             remediator,
             from_ms: None,
             done,
@@ -114,17 +109,9 @@ impl LiveDiagnosis {
         let mut anomalies = diagnose::read_anomalies_since(&self.log, self.from_ms).await?;
         round.anomalies = anomalies.len();
         if let Some(r) = &self.remediator {
-            let mut kept = Vec::with_capacity(anomalies.len());
-            for a in anomalies {
-                if r.caused_by_healer(&a.resource, a.ts_ms)
-                    .map_err(|e| e.to_string())?
-                {
-                    round.own += 1;
-                } else {
-                    kept.push(a);
-                }
-            }
+            let (kept, own) = r.drop_own(anomalies).map_err(|e| e.to_string())?;
             anomalies = kept;
+            round.own = own;
         }
         let (incidents, resume) =
             analyse_closed(&self.topology, &anomalies, &self.rca, watermark_ms);
@@ -133,7 +120,7 @@ impl LiveDiagnosis {
             &self.topology,
             &self.changes,
             &self.policy,
-            self.llm.as_ref(),
+            None,
             false,
         )
         .await;

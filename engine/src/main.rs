@@ -424,17 +424,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// Every problem of a configuration file, one a line.
+fn problems_error(problems: Vec<healer_engine::config::ConfigProblem>) -> anyhow::Error {
+    anyhow::anyhow!(
+        problems
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    )
+}
+
 fn load_config(path: Option<&PathBuf>) -> Result<PipelineConfig> {
     Ok(match path {
-        Some(path) => PipelineConfig::load(path).map_err(|problems| {
-            anyhow::anyhow!(
-                problems
-                    .iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            )
-        })?,
+        Some(path) => PipelineConfig::load(path).map_err(problems_error)?,
         None => PipelineConfig::default(),
     })
 }
@@ -817,7 +820,6 @@ async fn live_diagnosis(
         changes,
         RcaConfig::default(),
         Policy::default(),
-        None,
         remediator,
     )
     .await
@@ -1056,7 +1058,7 @@ async fn demo(args: DemoArgs) -> Result<ExitCode> {
         log.display()
     );
     println!(
-        "carry out the decisions (dry run by default): healer diagnose {} --topology {} --remediation engine/deploy/remediation.toml",
+        "diagnose again:  healer diagnose {} --topology {}",
         log.display(),
         input.topology.display()
     );
@@ -1242,19 +1244,10 @@ async fn diagnose(args: DiagnoseArgs) -> Result<ExitCode> {
         for rep in r.recover().await? {
             remedy_cli::print_report(&rep);
         }
-        let before = anomalies.len();
-        let mut kept = Vec::with_capacity(before);
-        for a in anomalies {
-            if !r.caused_by_healer(&a.resource, a.ts_ms)? {
-                kept.push(a);
-            }
-        }
+        let (kept, own) = r.drop_own(anomalies)?;
         anomalies = kept;
-        if anomalies.len() < before {
-            println!(
-                "{} anomal(ies) fall in healer's own remediations: not incidents",
-                before - anomalies.len()
-            );
+        if own > 0 {
+            println!("{own} anomal(ies) fall in healer's own remediations: not incidents");
         }
     }
     let config = RcaConfig {
@@ -1352,19 +1345,11 @@ async fn diagnose(args: DiagnoseArgs) -> Result<ExitCode> {
             ExitCode::SUCCESS
         });
     }
-    let mut targets = Vec::new();
-    if let Some(key) = &args.pagerduty_routing_key {
-        targets.push(healer_engine::notify::Target::PagerDuty {
-            url: args
-                .pagerduty_url
-                .clone()
-                .unwrap_or_else(|| healer_engine::notify::PAGERDUTY_EVENTS.to_string()),
-            routing_key: key.clone(),
-        });
-    }
-    if let Some(url) = &args.slack_webhook {
-        targets.push(healer_engine::notify::Target::Slack { url: url.clone() });
-    }
+    let targets = healer_engine::notify::targets(
+        args.pagerduty_routing_key.as_deref(),
+        args.pagerduty_url.as_deref(),
+        args.slack_webhook.as_deref(),
+    );
     let mut undelivered = 0;
     if !targets.is_empty() {
         use healer_operators::decision::Outcome;

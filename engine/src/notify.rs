@@ -384,6 +384,28 @@ pub enum Target {
     },
 }
 
+/// The escalation targets of a PagerDuty routing key (with its endpoint, PagerDuty's by
+/// default) and a Slack incoming webhook, each when given.
+pub fn targets(
+    pagerduty_routing_key: Option<&str>,
+    pagerduty_url: Option<&str>,
+    slack_webhook: Option<&str>,
+) -> Vec<Target> {
+    let mut targets = Vec::new();
+    if let Some(key) = pagerduty_routing_key {
+        targets.push(Target::PagerDuty {
+            url: pagerduty_url.unwrap_or(PAGERDUTY_EVENTS).to_string(),
+            routing_key: key.to_string(),
+        });
+    }
+    if let Some(url) = slack_webhook {
+        targets.push(Target::Slack {
+            url: url.to_string(),
+        });
+    }
+    targets
+}
+
 /// Sends `escalation` to every target; one result per target, in order.
 pub async fn escalate(
     client: &reqwest::Client,

@@ -75,3 +75,19 @@ pub async fn query(location: &Location, sql: &str) -> Result<Vec<RecordBatch>> {
     let ctx = context(location).await?;
     ctx.sql(sql).await?.collect().await
 }
+
+/// Runs `sql` over the local parquet file or folder `path`, registered as `table`; errors
+/// name the path.
+pub async fn query_parquet(
+    path: &str,
+    table: &str,
+    sql: &str,
+) -> std::result::Result<Vec<RecordBatch>, String> {
+    let ctx = SessionContext::new();
+    let run = async {
+        ctx.register_parquet(table, path, Default::default())
+            .await?;
+        ctx.sql(sql).await?.collect().await
+    };
+    run.await.map_err(|e| format!("{path}: {e}"))
+}

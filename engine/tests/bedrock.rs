@@ -140,8 +140,8 @@ async fn consultant(endpoint: &str, timeout: Duration, attempts: u32) -> Bedrock
 
 const DEPLOY: &str = "deploy v2.3.1 of the api";
 
-/// An api fault with a deploy an hour before: the decision needs the consult.
-fn pending(description: &str) -> (healer_operators::decision::ConsultRequest, Decision) {
+/// web calls api; api's CPU spikes, web's follows 30 s later: one incident, api the cause.
+fn api_fault() -> (Topology, healer_operators::rca::Incident) {
     let topology = Topology::from_parts(
         ["api", "web"]
             .iter()
@@ -167,6 +167,12 @@ fn pending(description: &str) -> (healer_operators::decision::ConsultRequest, De
         &RcaConfig::default(),
     )
     .remove(0);
+    (topology, incident)
+}
+
+/// An api fault with a deploy an hour before: the decision needs the consult.
+fn pending(description: &str) -> (healer_operators::decision::ConsultRequest, Decision) {
+    let (topology, incident) = api_fault();
     let change = Change {
         resource: "api".into(),
         ts_ms: 10_000_000 - 3_600_000,
@@ -314,31 +320,7 @@ async fn a_prompt_injection_stays_data_and_cannot_add_an_action() {
 
 /// An api fault the rules would heal automatically, and the optional root-cause check.
 fn healable() -> (healer_operators::rca::Incident, Decision) {
-    let topology = Topology::from_parts(
-        ["api", "web"]
-            .iter()
-            .map(|id| Resource {
-                id: id.to_string(),
-                kind: "application".into(),
-                service: None,
-            })
-            .collect(),
-        [("api".to_string(), "web".to_string())],
-    )
-    .unwrap();
-    let obs = |r: &str, t: i64| Observation {
-        resource: r.into(),
-        metric: "cpu_percent".into(),
-        ts_ms: 10_000_000 + t,
-        confidence: 0.9,
-        severity: Severity::High,
-    };
-    let incident = analyse(
-        &topology,
-        &[obs("api", 0), obs("web", 30_000)],
-        &RcaConfig::default(),
-    )
-    .remove(0);
+    let (topology, incident) = api_fault();
     let d = match begin(
         &incident,
         &topology,

@@ -301,7 +301,8 @@ fn fast_pipeline(dir: &Path, checkpoint_interval: &str) -> std::path::PathBuf {
     config
 }
 
-fn spawn_run(endpoint: &str, out: &Path, config: &Path) -> Child {
+/// `healer run` of stream `metrics` at `endpoint` into `out`, output discarded.
+fn run_command(endpoint: &str, out: &Path, config: &Path) -> Command {
     let mut c = healer();
     c.args(["run", "--config"])
         .arg(config)
@@ -313,7 +314,11 @@ fn spawn_run(endpoint: &str, out: &Path, config: &Path) -> Child {
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    c.spawn().unwrap()
+    c
+}
+
+fn spawn_run(endpoint: &str, out: &Path, config: &Path) -> Child {
+    run_command(endpoint, out, config).spawn().unwrap()
 }
 
 /// Anomaly files of epochs after the latest checkpoint.
@@ -628,21 +633,12 @@ async fn run_diagnoses_and_remediates_while_streaming_as_diagnose_would() {
     let config = fast_pipeline(dir.path(), "1s");
     produce(&endpoint, "metrics", &batches, 5).await;
     produce(&endpoint, "metrics", &[sentinel(&batches)], 1).await;
-    let mut run = healer();
-    run.args(["run", "--config"])
-        .arg(&config)
-        .args(["--stream", "metrics", "--endpoint", &endpoint, "--out"])
-        .arg(&out)
-        .arg("--topology")
+    let mut run = run_command(&endpoint, &out, &config);
+    run.arg("--topology")
         .arg(&topology)
         .arg("--remediation")
         .arg(&remediation)
-        .args(["--diagnose-every", "300ms"])
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_REGION", "us-east-1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .args(["--diagnose-every", "300ms"]);
     let mut child = run.spawn().unwrap();
     // Handled while the job runs, not only at its end.
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -168,6 +168,18 @@ impl Drop for Stop<'_> {
     }
 }
 
+/// `action` on `target` for `incident`, through every safety rule.
+async fn act(rem: &Remediator, incident: &str, action: &str, target: &str) -> Report {
+    rem.remediate(request(incident, action, target))
+        .await
+        .unwrap()
+}
+
+/// Whether one of `r`'s `step` lines says `text`.
+fn has_step(r: &Report, step: &str, text: &str) -> bool {
+    steps(r, step).iter().any(|s| s.contains(text))
+}
+
 fn steps(r: &Report, step: &str) -> Vec<String> {
     r.steps
         .iter()
@@ -194,16 +206,8 @@ async fn restart_service_dry_run_touches_nothing_then_enforced_restarts_and_veri
         .unwrap();
     assert_eq!(r.state, "dry_run", "{r:#?}");
     assert_eq!(svc.pid(), Some(before), "a dry run touches nothing");
-    assert!(
-        steps(&r, "execute").iter().any(|s| s.contains("planned")),
-        "{r:#?}"
-    );
-    assert!(
-        steps(&r, "preconditions")
-            .iter()
-            .any(|s| s.contains("reachable: yes")),
-        "{r:#?}"
-    );
+    assert!(has_step(&r, "execute", "planned"), "{r:#?}");
+    assert!(has_step(&r, "preconditions", "reachable: yes"), "{r:#?}");
 
     std::fs::write(
         dry.path(),
@@ -227,18 +231,8 @@ async fn restart_service_dry_run_touches_nothing_then_enforced_restarts_and_veri
     assert_eq!(r.state, "succeeded", "{r:#?}");
     let after = svc.pid().unwrap();
     assert_ne!(after, before);
-    assert!(
-        steps(&r, "execute")
-            .iter()
-            .any(|s| s.contains("drained, stopped")),
-        "{r:#?}"
-    );
-    assert!(
-        steps(&r, "verify")
-            .iter()
-            .any(|s| s.contains("healthy 3/3")),
-        "{r:#?}"
-    );
+    assert!(has_step(&r, "execute", "drained, stopped"), "{r:#?}");
+    assert!(has_step(&r, "verify", "healthy 3/3"), "{r:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,27 +250,16 @@ async fn rollback_deploy_verifies_and_a_bad_release_is_rolled_back_and_escalated
     let rem = setup.remediator();
 
     // v2 -> v1: healthy, verified.
-    let r = rem
-        .remediate(request("inc-1", "rollback_deploy", "api-1"))
-        .await
-        .unwrap();
+    let r = act(&rem, "inc-1", "rollback_deploy", "api-1").await;
     assert_eq!(r.state, "succeeded", "{r:#?}");
     assert!(wait_health(port).await.contains("\"v1\""));
     assert_eq!(svc.deploys(), ["bad-1", "v1"]);
 
     // v1 -> bad-1: unhealthy, so verify fails 3 times and v1 is redeployed.
-    let r = rem
-        .remediate(request("inc-2", "rollback_deploy", "api-1"))
-        .await
-        .unwrap();
+    let r = act(&rem, "inc-2", "rollback_deploy", "api-1").await;
     assert_eq!(r.state, "rolled_back", "{r:#?}");
     assert_eq!(steps(&r, "verify").len(), 3, "{r:#?}");
-    assert!(
-        steps(&r, "compensate")
-            .iter()
-            .any(|s| s.contains("restored release v1")),
-        "{r:#?}"
-    );
+    assert!(has_step(&r, "compensate", "restored release v1"), "{r:#?}");
     assert!(wait_health(port).await.contains("\"v1\""));
     assert_eq!(svc.deploys(), ["bad-1", "v1"]);
     let got = slack.received();
@@ -322,33 +305,19 @@ async fn increase_memory_raises_the_limit_until_the_ceiling_then_escalates() {
     let svc = start_service(&setup).await;
     let _stop = Stop(&svc);
     let rem = setup.remediator();
-    let r = rem
-        .remediate(request("inc-1", "increase_memory", "api-1"))
-        .await
-        .unwrap();
+    let r = act(&rem, "inc-1", "increase_memory", "api-1").await;
     assert_eq!(r.state, "succeeded", "{r:#?}");
-    assert!(
-        steps(&r, "verify")
-            .iter()
-            .any(|s| s.contains("under 768 MiB")),
-        "{r:#?}"
-    );
+    assert!(has_step(&r, "verify", "under 768 MiB"), "{r:#?}");
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", svc.pid().unwrap())).unwrap();
     assert!(
         limits.contains(&(768u64 * 1024 * 1024).to_string()),
         "{limits}"
     );
-    let r = rem
-        .remediate(request("inc-2", "increase_memory", "api-1"))
-        .await
-        .unwrap();
+    let r = act(&rem, "inc-2", "increase_memory", "api-1").await;
     assert_eq!(r.state, "succeeded", "{r:#?}");
     assert_eq!(svc.memory_mb(), Some(1024));
     let pid = svc.pid();
-    let r = rem
-        .remediate(request("inc-3", "increase_memory", "api-1"))
-        .await
-        .unwrap();
+    let r = act(&rem, "inc-3", "increase_memory", "api-1").await;
     assert_eq!(r.state, "escalated", "{r:#?}");
     assert!(r.reason.contains("ceiling"), "{r:#?}");
     assert_eq!(svc.pid(), pid, "at the ceiling nothing is touched");
@@ -366,33 +335,19 @@ async fn webhook_actuator_retries_server_errors_and_never_takes_them_for_success
         webhook_target("c", &format!("{}/act", refused.url)),
     ));
     let rem = setup.remediator();
-    let r = rem
-        .remediate(request("inc-1", "call_webhook", "a"))
-        .await
-        .unwrap();
+    let r = act(&rem, "inc-1", "call_webhook", "a").await;
     assert_eq!(r.state, "succeeded", "{r:#?}");
     let got = ok_after_503.received();
     assert_eq!(got.len(), 2);
     assert_eq!(got[0].idempotency_key, got[1].idempotency_key);
     assert_eq!(got[0].body["target"], "a");
 
-    let r = rem
-        .remediate(request("inc-2", "call_webhook", "b"))
-        .await
-        .unwrap();
+    let r = act(&rem, "inc-2", "call_webhook", "b").await;
     assert_eq!(r.state, "rolled_back", "{r:#?}");
     assert_eq!(always_500.received().len(), 5);
-    assert!(
-        steps(&r, "execute")
-            .iter()
-            .any(|s| s.contains("no success after 5")),
-        "{r:#?}"
-    );
+    assert!(has_step(&r, "execute", "no success after 5"), "{r:#?}");
 
-    let r = rem
-        .remediate(request("inc-3", "call_webhook", "c"))
-        .await
-        .unwrap();
+    let r = act(&rem, "inc-3", "call_webhook", "c").await;
     assert_eq!(r.state, "rolled_back", "{r:#?}");
     assert_eq!(refused.received().len(), 1, "a 4xx is final");
 }
@@ -411,23 +366,14 @@ async fn cooldown_budgets_recurrence_concurrency_and_the_kill_switch() {
     let s = Setup::new(&format!("mode = \"enforce\"\nallow = [\"*\"]\n{targets}"));
     let rem = s.remediator();
     assert_eq!(
-        rem.remediate(request("i1", "call_webhook", "t1"))
-            .await
-            .unwrap()
-            .state,
+        act(&rem, "i1", "call_webhook", "t1").await.state,
         "succeeded"
     );
-    let r = rem
-        .remediate(request("i2", "call_webhook", "t1"))
-        .await
-        .unwrap();
+    let r = act(&rem, "i2", "call_webhook", "t1").await;
     assert_eq!(r.state, "refused");
     assert!(r.reason.contains("cooling down"), "{r:#?}");
     // The same incident, action and target again: the saga that exists, not a new one.
-    let again = rem
-        .remediate(request("i1", "call_webhook", "t1"))
-        .await
-        .unwrap();
+    let again = act(&rem, "i1", "call_webhook", "t1").await;
     assert_eq!(again.state, "succeeded");
     assert_eq!(hook.received().len(), 1, "at most once per idempotency key");
 
@@ -438,29 +384,19 @@ async fn cooldown_budgets_recurrence_concurrency_and_the_kill_switch() {
     let rem = s.remediator();
     for i in 0..2 {
         assert_eq!(
-            rem.remediate(request(&format!("b{i}"), "call_webhook", "t1"))
+            act(&rem, &format!("b{i}"), "call_webhook", "t1")
                 .await
-                .unwrap()
                 .state,
             "succeeded"
         );
     }
-    let r = rem
-        .remediate(request("b2", "call_webhook", "t1"))
-        .await
-        .unwrap();
+    let r = act(&rem, "b2", "call_webhook", "t1").await;
     assert!(r.reason.contains("target budget spent: 2"), "{r:#?}");
     assert_eq!(
-        rem.remediate(request("b3", "call_webhook", "t2"))
-            .await
-            .unwrap()
-            .state,
+        act(&rem, "b3", "call_webhook", "t2").await.state,
         "succeeded"
     );
-    let r = rem
-        .remediate(request("b4", "call_webhook", "t3"))
-        .await
-        .unwrap();
+    let r = act(&rem, "b4", "call_webhook", "t3").await;
     assert!(r.reason.contains("service budget spent: 3"), "{r:#?}");
 
     // Recurrence: the same fix succeeding twice escalates the third time.
@@ -470,17 +406,13 @@ async fn cooldown_budgets_recurrence_concurrency_and_the_kill_switch() {
     let rem = s.remediator();
     for i in 0..2 {
         assert_eq!(
-            rem.remediate(request(&format!("r{i}"), "call_webhook", "t1"))
+            act(&rem, &format!("r{i}"), "call_webhook", "t1")
                 .await
-                .unwrap()
                 .state,
             "succeeded"
         );
     }
-    let r = rem
-        .remediate(request("r2", "call_webhook", "t1"))
-        .await
-        .unwrap();
+    let r = act(&rem, "r2", "call_webhook", "t1").await;
     assert_eq!(r.state, "escalated");
     assert!(r.reason.contains("does not hold"), "{r:#?}");
 
@@ -494,11 +426,7 @@ async fn cooldown_budgets_recurrence_concurrency_and_the_kill_switch() {
     let rem = std::sync::Arc::new(s.remediator());
     let in_flight = {
         let rem = std::sync::Arc::clone(&rem);
-        tokio::spawn(async move {
-            rem.remediate(request("k0", "call_webhook", "slow"))
-                .await
-                .unwrap()
-        })
+        tokio::spawn(async move { act(&rem, "k0", "call_webhook", "slow").await })
     };
     // Wait until the slow call has arrived: its saga is in flight.
     for _ in 0..100 {
@@ -508,10 +436,7 @@ async fn cooldown_budgets_recurrence_concurrency_and_the_kill_switch() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Concurrency cap 1: a second target waits its turn (refused, escalated).
-    let r = rem
-        .remediate(request("k1", "call_webhook", "t1"))
-        .await
-        .unwrap();
+    let r = act(&rem, "k1", "call_webhook", "t1").await;
     assert!(r.reason.contains("in flight (at most 1)"), "{r:#?}");
     let now = healer_engine::remedy::now_ms();
     rem.journal()
@@ -522,10 +447,7 @@ async fn cooldown_budgets_recurrence_concurrency_and_the_kill_switch() {
         "succeeded",
         "in-flight actions finish"
     );
-    let r = rem
-        .remediate(request("k2", "call_webhook", "t2"))
-        .await
-        .unwrap();
+    let r = act(&rem, "k2", "call_webhook", "t2").await;
     assert_eq!(r.state, "refused");
     assert!(
         r.reason.contains("paused by alice: bad deploy day"),
@@ -537,29 +459,17 @@ async fn cooldown_budgets_recurrence_concurrency_and_the_kill_switch() {
             .unwrap()
     );
     assert_eq!(
-        rem.remediate(request("k3", "call_webhook", "t2"))
-            .await
-            .unwrap()
-            .state,
+        act(&rem, "k3", "call_webhook", "t2").await.state,
         "succeeded"
     );
     let now = healer_engine::remedy::now_ms();
     rem.journal()
         .pause("short", "alice", now, Some(now + 200))
         .unwrap();
-    assert_eq!(
-        rem.remediate(request("k4", "call_webhook", "t3"))
-            .await
-            .unwrap()
-            .state,
-        "refused"
-    );
+    assert_eq!(act(&rem, "k4", "call_webhook", "t3").await.state, "refused");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        rem.remediate(request("k5", "call_webhook", "t4"))
-            .await
-            .unwrap()
-            .state,
+        act(&rem, "k5", "call_webhook", "t4").await.state,
         "succeeded"
     );
 
@@ -681,12 +591,7 @@ async fn clear_cache_flushes_a_real_redis_and_sees_memory_drop() {
     assert_eq!(r.state, "succeeded", "{r:#?}");
     let keys: u64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
     assert_eq!(keys, 0);
-    assert!(
-        steps(&r, "verify")
-            .iter()
-            .any(|s| s.contains("keys 2000 -> 0")),
-        "{r:#?}"
-    );
+    assert!(has_step(&r, "verify", "keys 2000 -> 0"), "{r:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -733,26 +638,17 @@ async fn scale_up_on_moto_auto_scaling_respects_healers_ceiling() {
             .desired_capacity()
             .unwrap()
     };
-    let r = rem
-        .remediate(request("i1", "scale_up", "web"))
-        .await
-        .unwrap();
+    let r = act(&rem, "i1", "scale_up", "web").await;
     assert_eq!(r.state, "succeeded", "{r:#?}");
     assert_eq!(desired().await, 3);
-    let r = rem
-        .remediate(request("i2", "scale_up_instances", "web"))
-        .await
-        .unwrap();
+    let r = act(&rem, "i2", "scale_up_instances", "web").await;
     assert_eq!(r.state, "succeeded", "{r:#?}");
     assert_eq!(
         desired().await,
         4,
         "capped at max_instances, though MaxSize is 10"
     );
-    let r = rem
-        .remediate(request("i3", "scale_up", "web"))
-        .await
-        .unwrap();
+    let r = act(&rem, "i3", "scale_up", "web").await;
     assert_eq!(r.state, "escalated", "{r:#?}");
     assert!(r.reason.contains("ceiling"), "{r:#?}");
     assert_eq!(desired().await, 4);
@@ -763,10 +659,7 @@ async fn failover_database_promotes_a_real_streaming_replica() {
     let pg = PgPair::start();
     let primary = PgPair::conn(pg.primary_port);
     let replica = PgPair::conn(pg.replica_port);
-    let (p, conn) = tokio_postgres::connect(&primary, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let p = pg_client(&primary).await;
     p.batch_execute(
         "CREATE TABLE orders (id int); INSERT INTO orders SELECT generate_series(1, 1000);",
     )
@@ -777,31 +670,18 @@ async fn failover_database_promotes_a_real_streaming_replica() {
     ));
     std::fs::write(s.dir.path().join("endpoint"), &primary).unwrap();
     let rem = s.remediator();
-    let r = rem
-        .remediate(request("i1", "failover_database", "db-1"))
-        .await
-        .unwrap();
+    let r = act(&rem, "i1", "failover_database", "db-1").await;
     assert_eq!(r.state, "succeeded", "{r:#?}");
     assert!(
-        steps(&r, "preconditions")
-            .iter()
-            .any(|s| s.contains("replica_lag_seconds")),
+        has_step(&r, "preconditions", "replica_lag_seconds"),
         "{r:#?}"
     );
-    assert!(
-        steps(&r, "execute")
-            .iter()
-            .any(|s| s.contains("replica promoted")),
-        "{r:#?}"
-    );
+    assert!(has_step(&r, "execute", "replica promoted"), "{r:#?}");
     assert_eq!(
         std::fs::read_to_string(s.dir.path().join("endpoint")).unwrap(),
         replica
     );
-    let (n, conn) = tokio_postgres::connect(&replica, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let n = pg_client(&replica).await;
     let row = n
         .query_one(
             "SELECT pg_is_in_recovery(), (SELECT count(*) FROM orders)",
@@ -814,16 +694,47 @@ async fn failover_database_promotes_a_real_streaming_replica() {
     n.batch_execute("INSERT INTO orders VALUES (1001)")
         .await
         .unwrap();
-    let (p2, conn) = tokio_postgres::connect(&primary, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let p2 = pg_client(&primary).await;
     assert!(
         p2.batch_execute("INSERT INTO orders VALUES (0)")
             .await
             .is_err(),
         "the old primary is read-only"
     );
+}
+
+async fn pg_client(conn: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// `healer remediation run ACTION api-1` aborted at failpoint `point`, then `healer
+/// remediation recover`: whether the recovery exited 0, and what it printed.
+fn crash_then_recover(s: &Setup, action: &str, point: &str) -> (bool, String) {
+    let out = healer()
+        .args(["remediation", "run", "--config"])
+        .arg(s.path())
+        .args([action, "api-1", "--incident", "inc-1"])
+        .env("HEALER_FAILPOINT", point)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{point}: the process aborts");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("failpoint {point}")),
+        "{point}"
+    );
+    let out = healer()
+        .args(["remediation", "recover", "--config"])
+        .arg(s.path())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
 
 fn healer() -> Command {
@@ -850,26 +761,8 @@ async fn a_crash_at_any_saga_step_is_resumed_or_compensated_and_acts_once() {
         ));
         let svc = start_service(&s).await;
         let _stop = Stop(&svc);
-        let out = healer()
-            .args(["remediation", "run", "--config"])
-            .arg(s.path())
-            .args(["increase_memory", "api-1", "--incident", "inc-1"])
-            .env("HEALER_FAILPOINT", point)
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{point}: the process aborts");
-        assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("failpoint {point}")));
-        let out = healer()
-            .args(["remediation", "recover", "--config"])
-            .arg(s.path())
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{point}: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (ok, text) = crash_then_recover(&s, "increase_memory", point);
+        assert!(ok, "{point}: {text}");
         assert!(text.contains("succeeded"), "{point}: {text}");
         assert_eq!(svc.memory_mb(), Some(768), "{point}: raised exactly once");
         let limits =
@@ -892,20 +785,7 @@ async fn a_crash_at_any_saga_step_is_resumed_or_compensated_and_acts_once() {
         let svc = start_service(&s).await;
         let _stop = Stop(&svc);
         let before = svc.pid();
-        let out = healer()
-            .args(["remediation", "run", "--config"])
-            .arg(s.path())
-            .args(["restart_service", "api-1", "--incident", "inc-1"])
-            .env("HEALER_FAILPOINT", point)
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{point}");
-        let out = healer()
-            .args(["remediation", "recover", "--config"])
-            .arg(s.path())
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
+        let (_, text) = crash_then_recover(&s, "restart_service", point);
         assert!(
             text.contains(&format!(": {want}")),
             "restart {point}: {text}"
@@ -926,20 +806,7 @@ async fn a_crash_at_any_saga_step_is_resumed_or_compensated_and_acts_once() {
         ));
         let svc = start_service(&s).await;
         let _stop = Stop(&svc);
-        let out = healer()
-            .args(["remediation", "run", "--config"])
-            .arg(s.path())
-            .args(["rollback_deploy", "api-1", "--incident", "inc-1"])
-            .env("HEALER_FAILPOINT", point)
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{point}");
-        let out = healer()
-            .args(["remediation", "recover", "--config"])
-            .arg(s.path())
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
+        let (_, text) = crash_then_recover(&s, "rollback_deploy", point);
         assert!(text.contains("rolled_back"), "{point}: {text}");
         assert!(wait_health(port).await.contains("\"v2\""), "{point}");
         assert_eq!(svc.deploys(), ["bad-1", "v2"], "{point}");
@@ -1006,10 +873,7 @@ async fn steps_go_to_the_incident_log_and_own_actions_are_not_incidents() {
     let rem = s.remediator();
     let before = healer_engine::remedy::now_ms();
     assert_eq!(
-        rem.remediate(request("i1", "call_webhook", "t1"))
-            .await
-            .unwrap()
-            .state,
+        act(&rem, "i1", "call_webhook", "t1").await.state,
         "succeeded"
     );
     assert!(rem.caused_by_healer("t1", before + 10).unwrap());
@@ -1053,14 +917,8 @@ async fn a_failover_that_fails_is_undone_before_promotion_and_needs_a_human_afte
     let pg = PgPair::start();
     let primary = PgPair::conn(pg.primary_port);
     let replica = PgPair::conn(pg.replica_port);
-    let (p, conn) = tokio_postgres::connect(&primary, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let (r, conn) = tokio_postgres::connect(&replica, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let p = pg_client(&primary).await;
+    let r = pg_client(&replica).await;
     p.batch_execute("CREATE TABLE t (id int)").await.unwrap();
     // The replica stops replaying, so it cannot catch up within max_lag_seconds.
     r.batch_execute("SELECT pg_wal_replay_pause()")
@@ -1079,29 +937,16 @@ async fn a_failover_that_fails_is_undone_before_promotion_and_needs_a_human_afte
     let s = Setup::new(&config("endpoint"));
     std::fs::write(s.dir.path().join("endpoint"), &primary).unwrap();
     let rem = s.remediator();
-    let rep = rem
-        .remediate(request("i1", "failover_database", "db-1"))
-        .await
-        .unwrap();
+    let rep = act(&rem, "i1", "failover_database", "db-1").await;
     // Not promoted: undoing is safe, so it is done at once and the primary takes writes.
     assert_eq!(rep.state, "rolled_back", "{rep:#?}");
+    assert!(has_step(&rep, "execute", "bytes behind"), "{rep:#?}");
     assert!(
-        steps(&rep, "execute")
-            .iter()
-            .any(|s| s.contains("bytes behind")),
-        "{rep:#?}"
-    );
-    assert!(
-        steps(&rep, "compensate")
-            .iter()
-            .any(|s| s.contains("primary writable again")),
+        has_step(&rep, "compensate", "primary writable again"),
         "{rep:#?}"
     );
     assert_eq!(slack.received().len(), 1, "escalated");
-    let (p2, conn) = tokio_postgres::connect(&primary, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let p2 = pg_client(&primary).await;
     p2.batch_execute("INSERT INTO t VALUES (0)").await.unwrap();
     assert_eq!(
         std::fs::read_to_string(s.dir.path().join("endpoint")).unwrap(),
@@ -1119,18 +964,10 @@ async fn a_failover_that_fails_is_undone_before_promotion_and_needs_a_human_afte
     )
     .unwrap();
     let rem = s.remediator();
-    let rep = rem
-        .remediate(request("i2", "failover_database", "db-1"))
-        .await
-        .unwrap();
+    let rep = act(&rem, "i2", "failover_database", "db-1").await;
     assert_eq!(rep.state, "failed", "{rep:#?}");
     assert!(rep.reason.contains("rollback needs approval"), "{rep:#?}");
-    assert!(
-        steps(&rep, "execute")
-            .iter()
-            .any(|s| s.contains("No such file")),
-        "{rep:#?}"
-    );
+    assert!(has_step(&rep, "execute", "No such file"), "{rep:#?}");
     let pending = rem.journal().approvals(false).unwrap();
     assert_eq!((pending.len(), pending[0].kind.as_str()), (1, "rollback"));
     rem.journal()
@@ -1307,9 +1144,7 @@ async fn a_precondition_held_for_a_while_is_read_from_telemetry() {
     let r = rem.remediate(at("i1", "api-1")).await.unwrap();
     assert_eq!(r.state, "succeeded", "{r:#?}");
     assert!(
-        steps(&r, "preconditions")
-            .iter()
-            .any(|s| s.contains("held in all 6 samples of the 5m")),
+        has_step(&r, "preconditions", "held in all 6 samples of the 5m"),
         "{r:#?}"
     );
     let r = rem.remediate(at("i2", "api-2")).await.unwrap();
@@ -1345,29 +1180,18 @@ async fn a_step_longer_than_the_lock_keeps_it_renewed_and_a_lost_lock_stops_the_
     let rem = std::sync::Arc::new(s.remediator());
     let first = {
         let rem = std::sync::Arc::clone(&rem);
-        tokio::spawn(async move {
-            rem.remediate(request("i1", "call_webhook", "t1"))
-                .await
-                .unwrap()
-        })
+        tokio::spawn(async move { act(&rem, "i1", "call_webhook", "t1").await })
     };
     tokio::time::sleep(Duration::from_millis(900)).await;
     // Three lock lifetimes into its execute, the saga still holds the target.
-    let r = rem
-        .remediate(request("i2", "call_webhook", "t1"))
-        .await
-        .unwrap();
+    let r = act(&rem, "i2", "call_webhook", "t1").await;
     assert!(r.reason.contains("is locked by saga"), "{r:#?}");
     assert_eq!(first.await.unwrap().state, "succeeded");
 
     // The lock is taken from a saga in the middle of its execute: it stops and escalates.
     let second = {
         let rem = std::sync::Arc::clone(&rem);
-        tokio::spawn(async move {
-            rem.remediate(request("i3", "call_webhook", "t1"))
-                .await
-                .unwrap()
-        })
+        tokio::spawn(async move { act(&rem, "i3", "call_webhook", "t1").await })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let db = rusqlite::Connection::open(s.dir.path().join("journal.db")).unwrap();

@@ -130,15 +130,7 @@ fn who(by: &Option<String>) -> String {
 }
 
 pub fn load(path: &Path) -> Result<RemediationConfig> {
-    RemediationConfig::load(path).map_err(|problems| {
-        anyhow::anyhow!(
-            problems
-                .iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join("\n")
-        )
-    })
+    RemediationConfig::load(path).map_err(crate::problems_error)
 }
 
 pub fn open(path: &Path) -> Result<Remediator> {

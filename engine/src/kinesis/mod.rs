@@ -138,6 +138,30 @@ pub async fn sdk_config(
     retry: RetryConfig,
     attempt_timeout: Duration,
 ) -> aws_config::SdkConfig {
+    let keys = match (&config.access_key_id, &config.secret_access_key) {
+        (Some(id), Some(secret)) => Some((id.as_str(), secret.as_str())),
+        _ => None,
+    };
+    aws_settings(
+        config.region.as_deref(),
+        endpoint,
+        keys,
+        retry,
+        attempt_timeout,
+    )
+    .await
+}
+
+/// AWS settings for any healer client: `region` (default: the standard chain's), an
+/// `endpoint` override, static `keys` (id, secret) or the standard credential chain, the
+/// given retries, a per-attempt timeout and a 3 s connect timeout.
+pub async fn aws_settings(
+    region: Option<&str>,
+    endpoint: Option<&str>,
+    keys: Option<(&str, &str)>,
+    retry: RetryConfig,
+    attempt_timeout: Duration,
+) -> aws_config::SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .retry_config(retry)
         .timeout_config(
@@ -146,13 +170,13 @@ pub async fn sdk_config(
                 .connect_timeout(Duration::from_secs(3))
                 .build(),
         );
-    if let Some(region) = &config.region {
-        loader = loader.region(Region::new(region.clone()));
+    if let Some(region) = region {
+        loader = loader.region(Region::new(region.to_string()));
     }
     if let Some(endpoint) = endpoint {
         loader = loader.endpoint_url(endpoint);
     }
-    if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
+    if let Some((id, secret)) = keys {
         loader = loader.credentials_provider(Credentials::new(id, secret, None, None, "healer"));
     }
     loader.load().await

@@ -614,15 +614,7 @@ pub fn glob(pattern: &str, text: &str) -> bool {
 impl RemediationConfig {
     /// Reads and checks `path`; relative paths in it are taken from its folder.
     pub fn load(path: &Path) -> Result<Self, Vec<ConfigProblem>> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            vec![ConfigProblem {
-                file: path.to_path_buf(),
-                line: 0,
-                key: String::new(),
-                message: e.to_string(),
-            }]
-        })?;
-        let mut config = Self::parse(path, &text)?;
+        let mut config = Self::parse(path, &crate::config::read_config(path)?)?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.journal = base.join(&config.journal);
         for t in &mut config.targets {
@@ -638,22 +630,11 @@ impl RemediationConfig {
 
     /// Parses and checks configuration text; `file` is named in problems.
     pub fn parse(file: &Path, text: &str) -> Result<Self, Vec<ConfigProblem>> {
-        let problem = |line: usize, key: &str, message: String| ConfigProblem {
-            file: file.to_path_buf(),
-            line,
-            key: key.to_string(),
-            message,
-        };
-        let config: Self = toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
-                .unwrap_or(0);
-            vec![problem(line, "", e.message().to_string())]
-        })?;
+        let config: Self =
+            toml::from_str(text).map_err(|e| vec![ConfigProblem::toml(file, text, &e)])?;
         let mut problems = Vec::new();
         for (key, message) in config.validate() {
-            problems.push(problem(locate(text, &key), &key, message));
+            problems.push(ConfigProblem::at(file, locate(text, &key), &key, message));
         }
         if problems.is_empty() {
             Ok(config)

@@ -358,6 +358,27 @@ fn saga_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Saga> {
     })
 }
 
+/// `'a', 'b'` for an SQL `IN`; only for the [`state`] names, never for outside text.
+fn in_list(states: &[&str]) -> String {
+    states
+        .iter()
+        .map(|s| format!("'{s}'"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn step_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StepRow> {
+    Ok(StepRow {
+        seq: r.get(0)?,
+        saga: r.get(1)?,
+        step: r.get(2)?,
+        status: r.get(3)?,
+        started_ms: r.get(4)?,
+        ended_ms: r.get(5)?,
+        detail: r.get(6)?,
+    })
+}
+
 const SAGA_COLUMNS: &str = "id, incident, action, target, service, dry_run, state, reason, created_ms, started_ms, ended_ms, token, snapshot, context, as_of_ms";
 
 fn ms(d: Duration) -> i64 {
@@ -448,11 +469,13 @@ impl Journal {
 
     /// Sagas in `states`, oldest first.
     pub fn sagas_in(&self, states: &[&str]) -> Result<Vec<Saga>> {
-        Ok(self
-            .sagas()?
-            .into_iter()
-            .filter(|s| states.contains(&s.state.as_str()))
-            .collect())
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {SAGA_COLUMNS} FROM sagas WHERE state IN ({}) ORDER BY created_ms, id",
+                in_list(states)
+            ))?;
+            st.query_map([], saga_row)?.collect()
+        })
     }
 
     /// The steps of `saga`, in order.
@@ -461,18 +484,7 @@ impl Journal {
             let mut st = c.prepare(
                 "SELECT seq, saga, step, status, started_ms, ended_ms, detail FROM steps WHERE saga = ?1 ORDER BY seq",
             )?;
-            st.query_map([saga], |r| {
-                Ok(StepRow {
-                    seq: r.get(0)?,
-                    saga: r.get(1)?,
-                    step: r.get(2)?,
-                    status: r.get(3)?,
-                    started_ms: r.get(4)?,
-                    ended_ms: r.get(5)?,
-                    detail: r.get(6)?,
-                })
-            })?
-            .collect()
+            st.query_map([saga], step_row)?.collect()
         })
     }
 
@@ -482,29 +494,22 @@ impl Journal {
             let mut st = c.prepare(
                 "SELECT seq, saga, step, status, started_ms, ended_ms, detail FROM steps WHERE exported = 0 AND (ended_ms IS NOT NULL OR status != 'started') ORDER BY seq",
             )?;
-            st.query_map([], |r| {
-                Ok(StepRow {
-                    seq: r.get(0)?,
-                    saga: r.get(1)?,
-                    step: r.get(2)?,
-                    status: r.get(3)?,
-                    started_ms: r.get(4)?,
-                    ended_ms: r.get(5)?,
-                    detail: r.get(6)?,
-                })
-            })?
-            .collect()
+            st.query_map([], step_row)?.collect()
         })?;
+        let mut sagas: std::collections::HashMap<String, Option<Saga>> = Default::default();
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            if let Some(s) = self.saga(&row.saga)? {
-                out.push((row, s));
+            if !sagas.contains_key(&row.saga) {
+                sagas.insert(row.saga.clone(), self.saga(&row.saga)?);
+            }
+            if let Some(Some(s)) = sagas.get(&row.saga) {
+                out.push((row, s.clone()));
             }
         }
         Ok(out)
     }
 
-    /// Marks steps up to `seq` exported.
+    /// Marks the steps `seqs` exported.
     pub fn mark_exported(&self, seqs: &[i64]) -> Result<()> {
         self.with(|c| {
             let tx = c.transaction()?;
@@ -619,25 +624,8 @@ impl Journal {
             if let Some(state) = existing {
                 return Ok(Admission::Exists(state));
             }
-            let dry = new.dry_run;
-            tx.execute(
-                &format!(
-                    "INSERT INTO sagas ({SAGA_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, '', ?8, NULL, NULL, NULL, NULL, ?9, ?10)"
-                ),
-                params![
-                    id,
-                    new.incident,
-                    new.action,
-                    new.target,
-                    new.service,
-                    dry,
-                    state::PLANNED,
-                    now_ms,
-                    new.context,
-                    new.as_of_ms
-                ],
-            )?;
-            let a = gate(&tx, &id, new, config, &owner, now_ms, dry)?;
+            insert_saga(&tx, &id, new, state::PLANNED, "", now_ms)?;
+            let a = gate(&tx, &id, new, config, &owner, now_ms, new.dry_run)?;
             tx.commit()?;
             Ok(a)
         })?;
@@ -700,24 +688,7 @@ impl Journal {
             if existing.is_some() {
                 return Ok((id.clone(), None));
             }
-            tx.execute(
-                &format!(
-                    "INSERT INTO sagas ({SAGA_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?11, ?6, ?7, ?8, NULL, NULL, NULL, NULL, ?9, ?10)"
-                ),
-                params![
-                    id,
-                    new.incident,
-                    new.action,
-                    new.target,
-                    new.service,
-                    state::AWAITING_APPROVAL,
-                    reason,
-                    now_ms,
-                    new.context,
-                    new.as_of_ms,
-                    new.dry_run
-                ],
-            )?;
+            insert_saga(&tx, &id, new, state::AWAITING_APPROVAL, reason, now_ms)?;
             let approval = insert_approval(&tx, &id, "action", reason, now_ms, ttl)?;
             tx.commit()?;
             Ok((id.clone(), Some(approval)))
@@ -930,27 +901,9 @@ impl Journal {
         let owner = self.owner.clone();
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let lock: Option<(String, i64, i64)> = tx
-                .query_row(
-                    "SELECT holder, token, expires_ms FROM locks WHERE target = ?1",
-                    [target],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()?;
-            let token = match lock {
-                Some((holder, _, expires)) if !holder.is_empty() && expires > now_ms => {
-                    return Ok(None);
-                }
-                Some((_, token, _)) => token + 1,
-                None => 1,
-            };
-            tx.execute(
-                "INSERT INTO locks (target, holder, owner, token, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (target) DO UPDATE SET holder = ?2, owner = ?3, token = ?4, expires_ms = ?5",
-                params![target, saga, owner, token, now_ms + ms(ttl)],
-            )?;
+            let taken = take_free_lock(&tx, target, saga, &owner, now_ms, ttl)?;
             tx.commit()?;
-            Ok(Some(token))
+            Ok(taken.ok())
         })
     }
 
@@ -1022,14 +975,14 @@ impl Journal {
         })
     }
 
-    /// Time windows in which healer acted on `resource` (start, end or `None` while in
+    /// Time windows in which healer acted, as (target, start, end or `None` while in
     /// flight), for telling its side effects from new incidents.
-    pub fn activity(&self, resource: &str) -> Result<Vec<(i64, Option<i64>)>> {
+    pub fn activity(&self) -> Result<Vec<(String, i64, Option<i64>)>> {
         self.with(|c| {
             let mut st = c.prepare(
-                "SELECT started_ms, ended_ms FROM sagas WHERE target = ?1 AND dry_run = 0 AND started_ms IS NOT NULL",
+                "SELECT target, started_ms, ended_ms FROM sagas WHERE dry_run = 0 AND started_ms IS NOT NULL",
             )?;
-            st.query_map([resource], |r| Ok((r.get(0)?, r.get(1)?)))?
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect()
         })
     }
@@ -1049,6 +1002,68 @@ fn paused(c: &Connection, now_ms: i64) -> rusqlite::Result<Option<Pause>> {
         },
     )
     .optional()
+}
+
+/// Inserts the saga `id` of `new` in `state`.
+fn insert_saga(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+    new: &NewSaga,
+    state: &str,
+    reason: &str,
+    now_ms: i64,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        &format!(
+            "INSERT INTO sagas ({SAGA_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, NULL, NULL, NULL, ?10, ?11)"
+        ),
+        params![
+            id,
+            new.incident,
+            new.action,
+            new.target,
+            new.service,
+            new.dry_run,
+            state,
+            reason,
+            now_ms,
+            new.context,
+            new.as_of_ms
+        ],
+    )?;
+    Ok(())
+}
+
+/// Takes `target`'s lock for `holder` when nobody holds it (or the holder's time is up):
+/// the new fencing token, or the current holder.
+fn take_free_lock(
+    tx: &rusqlite::Transaction<'_>,
+    target: &str,
+    holder: &str,
+    owner: &str,
+    now_ms: i64,
+    ttl: Duration,
+) -> rusqlite::Result<std::result::Result<i64, String>> {
+    let lock: Option<(String, i64, i64)> = tx
+        .query_row(
+            "SELECT holder, token, expires_ms FROM locks WHERE target = ?1",
+            [target],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let token = match lock {
+        Some((current, _, expires)) if !current.is_empty() && expires > now_ms => {
+            return Ok(Err(current));
+        }
+        Some((_, token, _)) => token + 1,
+        None => 1,
+    };
+    tx.execute(
+        "INSERT INTO locks (target, holder, owner, token, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (target) DO UPDATE SET holder = ?2, owner = ?3, token = ?4, expires_ms = ?5",
+        params![target, holder, owner, token, now_ms + ms(ttl)],
+    )?;
+    Ok(Ok(token))
 }
 
 fn insert_approval(
@@ -1171,11 +1186,7 @@ fn gate(
     let in_flight: i64 = tx.query_row(
         &format!(
             "SELECT COUNT(*) FROM sagas WHERE dry_run = 0 AND state IN ({}) AND id != ?1",
-            state::IN_FLIGHT
-                .iter()
-                .map(|s| format!("'{s}'"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            in_list(&state::IN_FLIGHT)
         ),
         [id],
         |r| r.get(0),
@@ -1188,27 +1199,14 @@ fn gate(
         end(state::REFUSED, &reason)?;
         return Ok(Admission::Refused(reason));
     }
-    let lock: Option<(String, i64, i64)> = tx
-        .query_row(
-            "SELECT holder, token, expires_ms FROM locks WHERE target = ?1",
-            [&new.target],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .optional()?;
-    let token = match lock {
-        Some((holder, _, expires)) if !holder.is_empty() && expires > now_ms => {
+    let token = match take_free_lock(tx, &new.target, id, owner, now_ms, limits.lock_ttl())? {
+        Ok(token) => token,
+        Err(holder) => {
             let reason = format!("{} is locked by saga {holder}", new.target);
             end(state::REFUSED, &reason)?;
             return Ok(Admission::Refused(reason));
         }
-        Some((_, token, _)) => token + 1,
-        None => 1,
     };
-    tx.execute(
-        "INSERT INTO locks (target, holder, owner, token, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (target) DO UPDATE SET holder = ?2, owner = ?3, token = ?4, expires_ms = ?5",
-        params![new.target, id, owner, token, now_ms + ms(limits.lock_ttl())],
-    )?;
     tx.execute(
         "UPDATE sagas SET started_ms = ?2, token = ?3 WHERE id = ?1",
         params![id, now_ms, token],

@@ -28,7 +28,7 @@ pub mod config;
 pub mod journal;
 mod saga;
 
-use std::time::Duration;
+use std::collections::HashMap;
 
 use arrow::array::{
     ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
@@ -41,6 +41,7 @@ use crate::notify::Escalation;
 use crate::store::Location;
 use config::{Radius, RemediationConfig};
 use healer_operators::decision::Outcome;
+use healer_operators::rca::Observation;
 use journal::{Journal, JournalError, NewSaga};
 
 pub use saga::Report;
@@ -202,6 +203,20 @@ impl Remediator {
         }
     }
 
+    /// [`Remediator::resolve`], or the escalation of why nothing fits.
+    async fn resolve_or_escalate(
+        &self,
+        r: &Request,
+    ) -> Result<(String, actuator::Backend), Report> {
+        match self.resolve(r).await {
+            Ok(x) => Ok(x),
+            Err(why) => {
+                let delivered = self.notify(&r.escalation).await;
+                Err(Report::escalation(&r.incident, &why, delivered))
+            }
+        }
+    }
+
     fn new_saga(&self, r: &Request, action: &str) -> NewSaga {
         NewSaga {
             incident: r.incident.clone(),
@@ -216,12 +231,9 @@ impl Remediator {
 
     /// Runs `r` as a saga through the safety rules.
     pub async fn remediate(&self, r: Request) -> Result<Report, JournalError> {
-        let (action, backend) = match self.resolve(&r).await {
+        let (action, backend) = match self.resolve_or_escalate(&r).await {
             Ok(x) => x,
-            Err(why) => {
-                let delivered = self.notify(&r.escalation).await;
-                return Ok(Report::escalation(&r.incident, &why, delivered));
-            }
+            Err(report) => return Ok(report),
         };
         let new = self.new_saga(&r, &action);
         let (id, admission) = self.journal.admit(&new, &self.config, now_ms())?;
@@ -230,12 +242,9 @@ impl Remediator {
 
     /// Records an approval request for `r`; `healer approvals approve` lets it run.
     pub async fn ask_approval(&self, r: Request, why: &str) -> Result<Report, JournalError> {
-        let (action, _) = match self.resolve(&r).await {
+        let (action, _) = match self.resolve_or_escalate(&r).await {
             Ok(x) => x,
-            Err(e) => {
-                let delivered = self.notify(&r.escalation).await;
-                return Ok(Report::escalation(&r.incident, &e, delivered));
-            }
+            Err(report) => return Ok(report),
         };
         let new = self.new_saga(&r, &action);
         let (id, approval) = self.journal.request_approval(
@@ -404,41 +413,44 @@ impl Remediator {
     }
 
     fn escalation_targets(&self) -> Vec<crate::notify::Target> {
-        let mut targets = Vec::new();
         let esc = &self.config.escalation;
-        if let Some(key) = &esc.pagerduty_routing_key {
-            targets.push(crate::notify::Target::PagerDuty {
-                url: esc
-                    .pagerduty_url
-                    .clone()
-                    .unwrap_or_else(|| crate::notify::PAGERDUTY_EVENTS.into()),
-                routing_key: key.clone(),
-            });
-        }
-        if let Some(url) = &esc.slack_webhook {
-            targets.push(crate::notify::Target::Slack { url: url.clone() });
-        }
-        targets
+        crate::notify::targets(
+            esc.pagerduty_routing_key.as_deref(),
+            esc.pagerduty_url.as_deref(),
+            esc.slack_webhook.as_deref(),
+        )
     }
 
-    /// Time windows (start, end; `None` while in flight) in which healer acted on
-    /// `resource`, each widened by `limits.settle` after its end.
-    pub fn own_activity(&self, resource: &str) -> Result<Vec<(i64, i64)>, JournalError> {
+    /// Per target, the time windows (start, end) in which healer acted on it, each widened
+    /// by `limits.settle` after its end (open-ended while in flight).
+    pub fn own_activity(&self) -> Result<HashMap<String, Vec<(i64, i64)>>, JournalError> {
         let settle = self.config.limits.settle().as_millis() as i64;
-        Ok(self
-            .journal
-            .activity(resource)?
-            .into_iter()
-            .map(|(s, e)| (s, e.map_or(i64::MAX, |e| e.saturating_add(settle))))
-            .collect())
+        let mut out: HashMap<String, Vec<(i64, i64)>> = HashMap::new();
+        for (target, start, end) in self.journal.activity()? {
+            let end = end.map_or(i64::MAX, |e| e.saturating_add(settle));
+            out.entry(target).or_default().push((start, end));
+        }
+        Ok(out)
     }
 
     /// Whether an anomaly of `resource` at `ts_ms` falls in one of healer's own actions.
     pub fn caused_by_healer(&self, resource: &str, ts_ms: i64) -> Result<bool, JournalError> {
-        Ok(self
-            .own_activity(resource)?
-            .iter()
-            .any(|(s, e)| *s <= ts_ms && ts_ms <= *e))
+        Ok(caused(&self.own_activity()?, resource, ts_ms))
+    }
+
+    /// `anomalies` without those that fall in healer's own actions, and how many those were.
+    pub fn drop_own(
+        &self,
+        anomalies: Vec<Observation>,
+    ) -> Result<(Vec<Observation>, usize), JournalError> {
+        let own = self.own_activity()?;
+        let before = anomalies.len();
+        let kept: Vec<Observation> = anomalies
+            .into_iter()
+            .filter(|a| !caused(&own, &a.resource, a.ts_ms))
+            .collect();
+        let dropped = before - kept.len();
+        Ok((kept, dropped))
     }
 
     /// Writes the journal's steps not exported yet to `<log>/remediations/`; returns how
@@ -474,24 +486,17 @@ pub async fn read_telemetry(path: &str, resources: &[String]) -> Result<Vec<Samp
     if resources.is_empty() {
         return Ok(Vec::new());
     }
-    let ctx = datafusion::prelude::SessionContext::new();
-    ctx.register_parquet("metrics", path, Default::default())
-        .await
-        .map_err(|e| format!("telemetry {path}: {e}"))?;
     let list: Vec<String> = resources
         .iter()
         .map(|r| format!("'{}'", r.replace('\'', "''")))
         .collect();
-    let batches = ctx
-        .sql(&format!(
-            "SELECT * FROM metrics WHERE resource IN ({})",
-            list.join(", ")
-        ))
+    let sql = format!(
+        "SELECT * FROM metrics WHERE resource IN ({})",
+        list.join(", ")
+    );
+    let batches = crate::query::query_parquet(path, "metrics", &sql)
         .await
-        .map_err(|e| format!("telemetry {path}: {e}"))?
-        .collect()
-        .await
-        .map_err(|e| format!("telemetry {path}: {e}"))?;
+        .map_err(|e| format!("telemetry {e}"))?;
     let ts_type = DataType::Timestamp(TimeUnit::Millisecond, None);
     let mut out = Vec::new();
     for b in batches {
@@ -527,6 +532,11 @@ pub async fn read_telemetry(path: &str, resources: &[String]) -> Result<Vec<Samp
         }
     }
     Ok(out)
+}
+
+fn caused(own: &HashMap<String, Vec<(i64, i64)>>, resource: &str, ts_ms: i64) -> bool {
+    own.get(resource)
+        .is_some_and(|w| w.iter().any(|(s, e)| *s <= ts_ms && ts_ms <= *e))
 }
 
 fn radius_name(r: Radius) -> &'static str {
@@ -597,9 +607,4 @@ fn steps_batch(
         ts(&|(_, s)| s.ended_ms),
     ];
     RecordBatch::try_new(remediation_schema(), columns)
-}
-
-/// How long a verify attempt waits before the next.
-pub(crate) fn verify_wait(spec: &config::ActionSpec) -> Duration {
-    spec.verify_every()
 }

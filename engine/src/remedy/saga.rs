@@ -5,7 +5,7 @@ use serde_json::Value;
 use super::actuator::{ActError, Backend, Call};
 use super::config::{ActionSpec, Precondition};
 use super::journal::{Admission, JournalError, Saga, StepRow, state};
-use super::{Remediator, now_ms, verify_wait};
+use super::{Remediator, now_ms};
 use crate::notify::Escalation;
 
 /// What became of a remediation.
@@ -121,12 +121,7 @@ impl Remediator {
         let Some(spec) = self.spec_of(&saga) else {
             return Ok(());
         };
-        let call = Call {
-            spec,
-            saga: &saga.id,
-            incident: &saga.incident,
-            target: &saga.target,
-        };
+        let call = Call::of(spec, &saga);
         let pre = self
             .preconditions(spec, &saga.target, saga.as_of_ms, backend)
             .await;
@@ -358,12 +353,7 @@ impl Remediator {
                 self.end(id, state::FAILED, &lost()).await?;
                 return self.report(id);
             }
-            let call = Call {
-                spec,
-                saga: &saga.id,
-                incident: &saga.incident,
-                target: &saga.target,
-            };
+            let call = Call::of(spec, &saga);
             let interrupted = self.interrupted(id, &saga.state)?;
             let step = async {
                 match saga.state.as_str() {
@@ -574,7 +564,7 @@ impl Remediator {
                         now_ms(),
                     )?;
                     if attempt < attempts {
-                        tokio::time::sleep(verify_wait(call.spec)).await;
+                        tokio::time::sleep(call.spec.verify_every()).await;
                     }
                 }
             }
@@ -656,12 +646,7 @@ impl Remediator {
         let Some(spec) = self.spec_of(saga) else {
             return self.report(&saga.id);
         };
-        let call = Call {
-            spec,
-            saga: &saga.id,
-            incident: &saga.incident,
-            target: &saga.target,
-        };
+        let call = Call::of(spec, saga);
         let seq = self
             .journal
             .step_start(&saga.id, "manual_rollback", now_ms())?;

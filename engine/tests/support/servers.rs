@@ -106,6 +106,18 @@ fn run(mut c: Command, what: &str) {
     );
 }
 
+/// Starts the server of data folder `dir/name` on `port` and waits for it.
+fn pg_start(dir: &Path, name: &str, port: u16) {
+    let mut c = pg("pg_ctl");
+    c.arg("-D")
+        .arg(dir.join(name))
+        .args(["-o", &format!("-p {port}"), "-l"])
+        .arg(dir.join(format!("{name}.log")))
+        .args(["-w", "start"]);
+    run(c, &format!("pg_ctl start {name}"));
+    wait_port(port, &format!("postgres {name}"));
+}
+
 /// A primary and a streaming replica of it.
 pub struct PgPair {
     dir: PathBuf,
@@ -137,14 +149,7 @@ impl PgPair {
         let mut text = std::fs::read_to_string(&path).unwrap();
         text.push_str(&conf);
         std::fs::write(&path, text).unwrap();
-        let mut c = pg("pg_ctl");
-        c.arg("-D")
-            .arg(&primary)
-            .args(["-o", &format!("-p {pp}"), "-l"])
-            .arg(dir.join("primary.log"))
-            .args(["-w", "start"]);
-        run(c, "pg_ctl start primary");
-        wait_port(pp, "postgres primary");
+        pg_start(&dir, "primary", pp);
         let mut c = pg("pg_basebackup");
         c.args([
             "-h",
@@ -160,14 +165,7 @@ impl PgPair {
         ])
         .arg(&replica);
         run(c, "pg_basebackup");
-        let mut c = pg("pg_ctl");
-        c.arg("-D")
-            .arg(&replica)
-            .args(["-o", &format!("-p {rp}"), "-l"])
-            .arg(dir.join("replica.log"))
-            .args(["-w", "start"]);
-        run(c, "pg_ctl start replica");
-        wait_port(rp, "postgres replica");
+        pg_start(&dir, "replica", rp);
         // Ready once the replica streams from the primary.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

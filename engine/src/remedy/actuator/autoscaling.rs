@@ -26,23 +26,19 @@ pub struct AutoScaling {
 impl AutoScaling {
     /// The backend of `config` (credentials and region from the usual AWS settings).
     pub async fn new(config: AutoScalingConfig) -> Self {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new(config.region.clone()))
-            .timeout_config(
-                aws_config::timeout::TimeoutConfig::builder()
-                    .operation_attempt_timeout(Duration::from_secs(10))
-                    .connect_timeout(Duration::from_secs(3))
-                    .build(),
-            );
-        if let Some(e) = &config.endpoint {
-            loader = loader.endpoint_url(e);
-        }
-        if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
-            loader = loader.credentials_provider(aws_sdk_autoscaling::config::Credentials::new(
-                id, secret, None, None, "healer",
-            ));
-        }
-        let client = Client::new(&loader.load().await);
+        let keys = match (&config.access_key_id, &config.secret_access_key) {
+            (Some(id), Some(secret)) => Some((id.as_str(), secret.as_str())),
+            _ => None,
+        };
+        let sdk = crate::kinesis::aws_settings(
+            Some(&config.region),
+            config.endpoint.as_deref(),
+            keys,
+            aws_config::retry::RetryConfig::standard(),
+            Duration::from_secs(10),
+        )
+        .await;
+        let client = Client::new(&sdk);
         Self { config, client }
     }
 

@@ -56,6 +56,18 @@ pub struct Call<'a> {
     pub target: &'a str,
 }
 
+impl<'a> Call<'a> {
+    /// The call of `spec` for `saga`.
+    pub fn of(spec: &'a ActionSpec, saga: &'a crate::remedy::journal::Saga) -> Self {
+        Self {
+            spec,
+            saga: &saga.id,
+            incident: &saga.incident,
+            target: &saga.target,
+        }
+    }
+}
+
 /// One target's backend.
 #[derive(Debug)]
 pub enum Backend {

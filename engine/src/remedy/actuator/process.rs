@@ -255,7 +255,8 @@ impl ProcessService {
 
     pub(super) async fn check(&self, name: &str) -> ActResult<bool> {
         match name {
-            "reachable" => Ok(std::fs::create_dir_all(&self.config.state_dir).is_ok()),
+            // Read-only, so a dry run touches nothing: the state folder is there.
+            "reachable" => Ok(self.config.state_dir.is_dir()),
             "healthy" => Ok(self.healthy().await.is_ok()),
             "running" => Ok(self.pid().is_some()),
             "has_previous_release" => Ok(self.deploys().len() >= 2),
