@@ -17,8 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, UInt32Array};
-use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
+use arrow::compute::{concat_batches, take_record_batch};
 use arrow::datatypes::SchemaRef;
+use arrow::row::{RowConverter, SortField};
 use healer_operators::keys::KeyValue;
 use healer_operators::schema::{LOG_TAGS, RESOURCE, anomaly_schema};
 use healer_operators::severity::Severity;
@@ -1015,15 +1016,22 @@ pub fn canonical_order(batch: &RecordBatch) -> Result<RecordBatch, arrow::error:
     if batch.num_rows() <= 1 {
         return Ok(batch.clone());
     }
-    let columns: Vec<SortColumn> = ["ts", "resource", "metric", "rule"]
+    // Compared in arrow's row format (one memcmp per pair of rows), several times faster
+    // than a lexicographic sort over the string columns; the same ascending order.
+    let columns: Vec<ArrayRef> = ["ts", "resource", "metric", "rule"]
         .iter()
-        .map(|c| SortColumn {
-            values: Arc::clone(batch.column_by_name(c).expect("anomaly schema")),
-            options: None,
-        })
+        .map(|c| Arc::clone(batch.column_by_name(c).expect("anomaly schema")))
         .collect();
-    let idx = lexsort_to_indices(&columns, None)?;
-    take_record_batch(batch, &idx)
+    let converter = RowConverter::new(
+        columns
+            .iter()
+            .map(|c| SortField::new(c.data_type().clone()))
+            .collect(),
+    )?;
+    let rows = converter.convert_columns(&columns)?;
+    let mut idx: Vec<u32> = (0..batch.num_rows() as u32).collect();
+    idx.sort_by(|&a, &b| rows.row(a as usize).cmp(&rows.row(b as usize)));
+    take_record_batch(batch, &UInt32Array::from(idx))
 }
 
 fn run_merge(

@@ -79,9 +79,19 @@ pub struct WrittenFile {
 }
 
 fn encode(batch: &RecordBatch, path: &str) -> Result<Bytes, SinkError> {
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .build();
+    // Dictionary encoding pays for repeated values (resource, metric, severity, rule) and
+    // only costs time on columns that hardly repeat: floats, and the ids.
+    let mut props =
+        WriterProperties::builder().set_compression(Compression::ZSTD(ZstdLevel::default()));
+    for field in batch.schema().fields() {
+        if field.data_type().is_floating() || field.name() == "id" {
+            props = props.set_column_dictionary_enabled(
+                parquet::schema::types::ColumnPath::from(field.name().as_str()),
+                false,
+            );
+        }
+    }
+    let props = props.build();
     let mut buffer = Vec::new();
     let err = |source| SinkError::Parquet {
         path: path.to_string(),

@@ -218,7 +218,17 @@ impl ColumnInterner {
 struct PairTable {
     dense: Vec<Vec<u32>>,
     sparse: HashMap<(u32, u32), u32>,
+    /// For second ids that came alone in a batch (the metric of a samples view): the group
+    /// id of every first id, `u32::MAX` where not assigned yet. A read-through copy of the
+    /// tables above, kept while it stays under [`BY_SECOND_LIMIT`] entries.
+    by_second: HashMap<u32, Vec<u32>>,
+    by_second_entries: usize,
+    /// Entries `by_second` may hold ([`BY_SECOND_LIMIT`]; smaller in tests).
+    by_second_limit: usize,
 }
+
+/// Entries (4 bytes each) the `by_second` cache may hold.
+const BY_SECOND_LIMIT: usize = 1 << 24;
 
 const DENSE_PAIR_LIMIT: u32 = 1 << 12;
 
@@ -245,6 +255,39 @@ impl PairTable {
     }
 }
 
+impl PairTable {
+    /// The group id of `(a, b)` for every `a` of `firsts`, appended to `out`; new pairs get
+    /// ids from `next` on.
+    fn get_column(&mut self, firsts: &[u32], b: u32, next: &mut u32, out: &mut Vec<u32>) {
+        let width = firsts.iter().copied().max().map_or(0, |m| m as usize + 1);
+        let cached = self.by_second.get(&b).map_or(0, Vec::len);
+        if width > cached && self.by_second_entries + (width - cached) > self.by_second_limit {
+            for &a in firsts {
+                let (id, new) = self.get_or_insert((a, b), *next);
+                *next += u32::from(new);
+                out.push(id);
+            }
+            return;
+        }
+        let mut column = self.by_second.remove(&b).unwrap_or_default();
+        if width > column.len() {
+            self.by_second_entries += width - column.len();
+            column.resize(width, u32::MAX);
+        }
+        for &a in firsts {
+            let mut id = column[a as usize];
+            if id == u32::MAX {
+                let (assigned, new) = self.get_or_insert((a, b), *next);
+                *next += u32::from(new);
+                column[a as usize] = assigned;
+                id = assigned;
+            }
+            out.push(id);
+        }
+        self.by_second.insert(b, column);
+    }
+}
+
 /// Maps rows of one or more key columns to dense, stable group ids.
 #[derive(Debug, Default)]
 pub struct KeyInterner {
@@ -252,7 +295,12 @@ pub struct KeyInterner {
     pairs: PairTable,
     tuples: HashMap<Box<[u32]>, u32>,
     groups: u32,
+    /// Per column: the ids of the rows of the last array interned, and that array. Views cut
+    /// from one batch share their key arrays (the samples view passes the same `resource`
+    /// column with every metric), so each is interned once; holding the array keeps its
+    /// address from being reused by another one.
     scratch: Vec<Vec<u32>>,
+    last: Vec<Option<ArrayRef>>,
 }
 
 impl KeyInterner {
@@ -261,6 +309,10 @@ impl KeyInterner {
         Self {
             columns: (0..columns).map(|_| ColumnInterner::default()).collect(),
             groups: u32::from(columns == 0),
+            pairs: PairTable {
+                by_second_limit: BY_SECOND_LIMIT,
+                ..PairTable::default()
+            },
             ..Self::default()
         }
     }
@@ -368,31 +420,43 @@ impl KeyInterner {
                 k.len()
             )));
         }
-        match keys.len() {
-            0 => Ok(vec![0; rows]),
+        let n = keys.len();
+        if n == 0 {
+            return Ok(vec![0; rows]);
+        }
+        self.scratch.resize_with(n, Vec::new);
+        self.last.resize(n, None);
+        for (c, key) in keys.iter().enumerate() {
+            if self.last[c].as_ref().is_some_and(|a| Arc::ptr_eq(a, key)) {
+                continue;
+            }
+            self.last[c] = None;
+            self.scratch[c].clear();
+            self.scratch[c].reserve(rows);
+            let (interner, scratch) = (&mut self.columns[c], &mut self.scratch[c]);
+            interner.intern(key.as_ref(), scratch)?;
+            self.last[c] = Some(Arc::clone(key));
+        }
+        match n {
             1 => {
-                let mut out = Vec::with_capacity(rows);
-                self.columns[0].intern(keys[0].as_ref(), &mut out)?;
                 self.groups = self.columns[0].next;
-                Ok(out)
+                Ok(self.scratch[0].clone())
             }
             n => {
-                self.scratch.resize_with(n, Vec::new);
-                for (c, key) in keys.iter().enumerate() {
-                    self.scratch[c].clear();
-                    self.scratch[c].reserve(rows);
-                    let (interner, scratch) = (&mut self.columns[c], &mut self.scratch[c]);
-                    interner.intern(key.as_ref(), scratch)?;
-                }
                 let mut out = Vec::with_capacity(rows);
                 if n == 2 {
-                    for i in 0..rows {
-                        let pair = (self.scratch[0][i], self.scratch[1][i]);
-                        let (id, new) = self.pairs.get_or_insert(pair, self.groups);
-                        if new {
-                            self.groups += 1;
+                    let (first, second) = (&self.scratch[0], &self.scratch[1]);
+                    let b = second.first().copied().unwrap_or(0);
+                    if second.iter().all(|&x| x == b) {
+                        // One value in the second column (a metric of the samples view):
+                        // one table row lookup per row.
+                        self.pairs.get_column(first, b, &mut self.groups, &mut out);
+                    } else {
+                        for (&a, &b) in first.iter().zip(second) {
+                            let (id, new) = self.pairs.get_or_insert((a, b), self.groups);
+                            self.groups += u32::from(new);
+                            out.push(id);
                         }
-                        out.push(id);
                     }
                 } else {
                     let mut tuple = vec![0u32; n];
@@ -467,6 +531,76 @@ mod tests {
             dict.intern(&[rd, md], 4).unwrap()
         );
         assert_eq!(plain.len(), 4);
+    }
+
+    /// Per-metric views of one batch: the resource column shared, one metric per view.
+    fn views(resources: &[&str], metrics: usize) -> Vec<[ArrayRef; 2]> {
+        let resource: ArrayRef = Arc::new(StringArray::from(resources.to_vec()));
+        let names: ArrayRef = Arc::new(StringArray::from(vec!["cpu", "mem", "disk"]));
+        (0..metrics)
+            .map(|m| {
+                let metric: ArrayRef = Arc::new(
+                    DictionaryArray::<Int32Type>::try_new(
+                        Int32Array::from(vec![m as i32; resources.len()]),
+                        Arc::clone(&names),
+                    )
+                    .unwrap(),
+                );
+                [Arc::clone(&resource), metric]
+            })
+            .collect()
+    }
+
+    /// The ids of every view, interned by `k`, with each array deep-copied first when `copy`
+    /// (so that nothing is shared and no cache applies).
+    fn ids_of(k: &mut KeyInterner, views: &[[ArrayRef; 2]], copy: bool) -> Vec<Vec<u32>> {
+        views
+            .iter()
+            .map(|v| {
+                let cols: Vec<ArrayRef> = if copy {
+                    v.iter()
+                        .map(|a| arrow::array::make_array(a.to_data()))
+                        .collect()
+                } else {
+                    v.to_vec()
+                };
+                k.intern(&cols, v[0].len()).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn shared_and_single_valued_columns_get_the_same_ids() {
+        // Cached columns and the one-metric table against interning every array afresh,
+        // over batches that bring new resources, repeat old ones and change their order.
+        let batches: [&[&str]; 3] = [&["a", "b", "c"], &["c", "d", "a", "a"], &["e", "b"]];
+        let (mut cached, mut fresh) = (KeyInterner::new(2), KeyInterner::new(2));
+        for resources in batches {
+            let v = views(resources, 3);
+            assert_eq!(ids_of(&mut cached, &v, false), ids_of(&mut fresh, &v, true));
+        }
+        assert_eq!(cached.len(), 15);
+        assert_eq!(cached.group_keys(), fresh.group_keys());
+        // Mixed metrics in one column take the general path and still agree.
+        let r: ArrayRef = Arc::new(StringArray::from(vec!["e", "a", "f"]));
+        let m: ArrayRef = Arc::new(StringArray::from(vec!["cpu", "disk", "mem"]));
+        assert_eq!(
+            cached.intern(&[Arc::clone(&r), Arc::clone(&m)], 3).unwrap(),
+            fresh.intern(&[r, m], 3).unwrap()
+        );
+    }
+
+    #[test]
+    fn single_valued_table_respects_its_limit() {
+        let mut small = KeyInterner::new(2);
+        small.pairs.by_second_limit = 4;
+        let mut large = KeyInterner::new(2);
+        let resources: Vec<String> = (0..10).map(|i| format!("r{i}")).collect();
+        let names: Vec<&str> = resources.iter().map(String::as_str).collect();
+        let v = views(&names, 3);
+        assert_eq!(ids_of(&mut small, &v, false), ids_of(&mut large, &v, false));
+        assert_eq!(small.pairs.by_second_entries, 0, "over the limit: no cache");
+        assert_eq!(large.pairs.by_second_entries, 30);
     }
 
     #[test]
