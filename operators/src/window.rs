@@ -1189,16 +1189,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn stable_with_large_offset_and_level_shift() {
-        // 1e9 offset with unit noise, then a level shift: naive Σx² loses all precision here.
-        let xs: Vec<Option<f64>> = (0..5000)
+    /// `len` values at a 1e9 offset with unit noise and a level shift half-way: naive Σx²
+    /// loses all precision on them.
+    fn level_shift(len: usize) -> Vec<Option<f64>> {
+        (0..len)
             .map(|i| {
                 let noise = ((i * 7919) % 13) as f64 - 6.0;
-                let level = if i > 2500 { 1e9 + 1e6 } else { 1e9 };
+                let level = if i > len / 2 { 1e9 + 1e6 } else { 1e9 };
                 Some(level + noise)
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn stable_with_large_offset_and_level_shift() {
+        let xs = level_shift(5000);
         let got = run(Frame::Rows { preceding: 299 }, &xs, 777);
         let want = reference(&xs, Some(299), AggKind::StddevSamp);
         for i in 0..xs.len() {
@@ -1322,13 +1327,7 @@ mod tests {
 
     #[test]
     fn plain_path_recomputes_after_a_level_shift() {
-        let xs: Vec<Option<f64>> = (0..12_000)
-            .map(|i| {
-                let noise = ((i * 7919) % 13) as f64 - 6.0;
-                let level = if i > 6000 { 1e9 + 1e6 } else { 1e9 };
-                Some(level + noise)
-            })
-            .collect();
+        let xs = level_shift(12_000);
         // The general path matches the two-pass reference on this series
         // (`stable_with_large_offset_and_level_shift`); the plain one must match it exactly.
         let (plain, general) = plain_and_general(&xs, 2, 299, 5000);
