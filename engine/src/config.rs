@@ -83,9 +83,11 @@ pub struct SourceConfig {
     pub paths: Vec<String>,
     /// Replay pace: `max` or `<factor>x`.
     pub speed: String,
-    /// Rows per batch read from a file. Every batch pays a fixed cost in each stage (kernel
-    /// calls, allocations, a watermark), so replay wants large ones: 65,536 rows replay the
-    /// benchmark 1.9× faster than 8,192, and 131,072 no faster.
+    /// Rows per batch read from a file, at most: wide rows get fewer, so that a batch holds
+    /// about 16 MiB of decoded columns (at least 1,024 rows). Every batch pays a fixed cost
+    /// in each stage (kernel calls, allocations, a watermark), so replay wants large ones:
+    /// 65,536 rows replay the benchmark (18 columns) 1.9× faster than 8,192, and 131,072 no
+    /// faster.
     pub batch_rows: usize,
     /// S3 settings for `s3://` inputs.
     pub s3: S3Config,

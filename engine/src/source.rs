@@ -321,6 +321,33 @@ impl Head {
     }
 }
 
+/// Decoded bytes a batch holds at most (see [`ParquetSource::batch_rows`]).
+pub const BATCH_BYTES: usize = 16 << 20;
+
+/// `configured` rows, fewer when rows of `schema` are so wide that they would hold more than
+/// [`BATCH_BYTES`], never fewer than 1,024.
+fn capped_batch_rows(configured: usize, schema: &Schema) -> usize {
+    let row_bytes: usize = schema
+        .fields()
+        .iter()
+        .map(|f| estimated_bytes(f.data_type()))
+        .sum();
+    let cap = (BATCH_BYTES / row_bytes.max(1)).max(1024);
+    configured.min(cap)
+}
+
+/// Decoded bytes of one value of `data_type`: the width of fixed-size types, the offset and
+/// a typical tag (24 bytes) for strings and other variable-size ones.
+fn estimated_bytes(data_type: &DataType) -> usize {
+    match data_type {
+        DataType::Dictionary(key, _) => estimated_bytes(key),
+        t => t.primitive_width().unwrap_or(match t {
+            DataType::Boolean => 1,
+            _ => 32,
+        }),
+    }
+}
+
 /// Replays parquet files in event-time order. See the [module docs](self).
 #[derive(Debug)]
 pub struct ParquetSource {
@@ -485,9 +512,16 @@ impl ParquetSource {
         let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
         builder
             .with_projection(mask)
-            .with_batch_size(self.batch_rows)
+            .with_batch_size(self.batch_rows())
             .build()
             .map_err(parquet_err)
+    }
+
+    /// Rows per decoded batch: the configured number, fewer for wide rows so that a batch
+    /// holds about [`BATCH_BYTES`] of decoded columns (at least 1,024 rows). Memory in flight
+    /// is then bounded by the channel capacities, whatever the number of columns.
+    pub fn batch_rows(&self) -> usize {
+        capped_batch_rows(self.batch_rows, &self.projection)
     }
 
     /// Replays every file into `tx` and ends with [`Message::End`].
@@ -591,5 +625,30 @@ impl ParquetSource {
             .await
             .map_err(|_| SourceError::Closed)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema(metrics: usize) -> Schema {
+        let mut fields = vec![
+            Field::new(TS, healer_operators::schema::ts_type(), false),
+            Field::new("resource", DataType::Utf8, false),
+        ];
+        fields.extend((0..metrics).map(|m| Field::new(format!("m{m}"), DataType::Float64, true)));
+        Schema::new(fields)
+    }
+
+    #[test]
+    fn wide_rows_get_smaller_batches() {
+        // The benchmark's 18 columns (168 estimated bytes a row) keep the configured size.
+        assert_eq!(capped_batch_rows(65_536, &schema(16)), 65_536);
+        // 200 metrics: 1,640 bytes a row, 16 MiB / 1,640.
+        assert_eq!(capped_batch_rows(65_536, &schema(200)), (16 << 20) / 1640);
+        // Never below 1,024 rows, never above what is configured.
+        assert_eq!(capped_batch_rows(65_536, &schema(100_000)), 1024);
+        assert_eq!(capped_batch_rows(500, &schema(200)), 500);
     }
 }
