@@ -253,9 +253,7 @@ impl PairTable {
         let id = *self.sparse.entry(pair).or_insert(next);
         (id, id == next)
     }
-}
 
-impl PairTable {
     /// The group id of `(a, b)` for every `a` of `firsts`, appended to `out`; new pairs get
     /// ids from `next` on.
     fn get_column(&mut self, firsts: &[u32], b: u32, next: &mut u32, out: &mut Vec<u32>) {
@@ -295,11 +293,11 @@ pub struct KeyInterner {
     pairs: PairTable,
     tuples: HashMap<Box<[u32]>, u32>,
     groups: u32,
-    /// Per column: the ids of the rows of the last array interned, and that array. Views cut
-    /// from one batch share their key arrays (the samples view passes the same `resource`
-    /// column with every metric), so each is interned once; holding the array keeps its
-    /// address from being reused by another one.
+    /// Per column: the ids of the rows of the last array interned.
     scratch: Vec<Vec<u32>>,
+    /// Per column: that array. Views cut from one batch share their key arrays (the samples
+    /// view passes the same `resource` column with every metric), so each is interned once;
+    /// holding the array keeps its address from being reused by another one.
     last: Vec<Option<ArrayRef>>,
 }
 

@@ -520,7 +520,7 @@ impl WindowOperator {
                 &mut self.snapshot,
             );
             for (_, kind, out) in &mut outs {
-                out.extend(&self.snapshot, len, *kind);
+                out.extend(&self.snapshot, len, self.frame, *kind);
             }
             start += len;
         }
@@ -530,7 +530,7 @@ impl WindowOperator {
     }
 }
 
-/// The output of one aggregate of a bounded frame, built chunk by chunk from snapshots.
+/// The output of one aggregate, built from snapshots (chunk by chunk on the plain path).
 enum Finished {
     Count(Vec<i64>),
     Values {
@@ -557,11 +557,19 @@ impl Finished {
         }
     }
 
-    /// Appends the aggregate of the first `len` rows of `snap`.
-    fn extend(&mut self, snap: &Snapshot, len: usize, kind: AggKind) {
+    /// Appends the aggregate of the first `len` rows of `snap`, taken over `frame`.
+    fn extend(&mut self, snap: &Snapshot, len: usize, frame: Frame, kind: AggKind) {
         let n = &snap.n[..len];
         let (shift, s1, s2) = (&snap.shift[..len], &snap.s1[..len], &snap.s2[..len]);
-        let m2 = |n: f64, s1: f64, s2: f64| (s2 - s1 * s1 / n).max(0.0);
+        let bounded = matches!(frame, Frame::Rows { .. });
+        // Σ(x − mean)² from the shifted sums (bounded) or Welford's M2 (unbounded).
+        let m2 = |n: f64, s1: f64, s2: f64| {
+            if bounded {
+                (s2 - s1 * s1 / n).max(0.0)
+            } else {
+                s2.max(0.0)
+            }
+        };
         match self {
             Finished::Count(counts) => counts.extend(n.iter().map(|&c| c as i64)),
             Finished::Values {
@@ -573,18 +581,20 @@ impl Finished {
                 // Zipped slices, so that the loops have no bounds checks and vectorise.
                 let sums = n.iter().zip(s1).zip(s2).map(|((&n, &s1), &s2)| (n, s1, s2));
                 match kind {
-                    AggKind::Sum => values.extend(
+                    AggKind::Sum if bounded => values.extend(
                         n.iter()
                             .zip(s1)
                             .zip(shift)
                             .map(|((&n, &s1), &shift)| s1 + n * shift),
                     ),
-                    AggKind::Avg => values.extend(
+                    AggKind::Sum => values.extend_from_slice(s1),
+                    AggKind::Avg if bounded => values.extend(
                         n.iter()
                             .zip(s1)
                             .zip(shift)
                             .map(|((&n, &s1), &shift)| shift + s1 / n),
                     ),
+                    AggKind::Avg => values.extend_from_slice(shift),
                     AggKind::VarPop => values.extend(sums.map(|(n, s1, s2)| m2(n, s1, s2) / n)),
                     AggKind::StddevPop => {
                         values.extend(sums.map(|(n, s1, s2)| (m2(n, s1, s2) / n).sqrt()))
@@ -595,8 +605,11 @@ impl Finished {
                     AggKind::StddevSamp => {
                         values.extend(sums.map(|(n, s1, s2)| (m2(n, s1, s2) / (n - 1.0)).sqrt()))
                     }
-                    AggKind::Count | AggKind::Min | AggKind::Max | AggKind::Forecast { .. } => {
-                        unreachable!("not an aggregate of the plain path")
+                    AggKind::Min => values.extend_from_slice(&snap.min[..len]),
+                    AggKind::Max => values.extend_from_slice(&snap.max[..len]),
+                    AggKind::Count => unreachable!("counts are integers"),
+                    AggKind::Forecast { .. } => {
+                        unreachable!("forecast aggregates are computed from gathered windows")
                     }
                 }
                 let least = *least;
@@ -781,48 +794,9 @@ fn forecast_column(
 
 /// The values of `kind` for the first `rows` snapshot rows; NULL where SQL says so.
 fn finish(snap: &Snapshot, rows: usize, frame: Frame, kind: AggKind) -> ArrayRef {
-    let n = &snap.n[..rows];
-    let (shift, s1, s2) = (&snap.shift[..rows], &snap.s1[..rows], &snap.s2[..rows]);
-    let bounded = matches!(frame, Frame::Rows { .. });
-    // Σ(x − mean)² from the shifted sums (bounded) or Welford's M2 (unbounded).
-    let m2 = |i: usize| {
-        if bounded {
-            (s2[i] - s1[i] * s1[i] / n[i]).max(0.0)
-        } else {
-            s2[i].max(0.0)
-        }
-    };
-    let values: Vec<f64> = match kind {
-        AggKind::Count => {
-            let counts: Vec<i64> = n.iter().map(|&c| c as i64).collect();
-            return Arc::new(Int64Array::new(counts.into(), None));
-        }
-        AggKind::Sum if bounded => (0..rows).map(|i| s1[i] + n[i] * shift[i]).collect(),
-        AggKind::Sum => s1.to_vec(),
-        AggKind::Avg if bounded => (0..rows).map(|i| shift[i] + s1[i] / n[i]).collect(),
-        AggKind::Avg => shift.to_vec(),
-        AggKind::VarPop => (0..rows).map(|i| m2(i) / n[i]).collect(),
-        AggKind::StddevPop => (0..rows).map(|i| (m2(i) / n[i]).sqrt()).collect(),
-        AggKind::VarSamp => (0..rows).map(|i| m2(i) / (n[i] - 1.0)).collect(),
-        AggKind::StddevSamp => (0..rows).map(|i| (m2(i) / (n[i] - 1.0)).sqrt()).collect(),
-        AggKind::Min => snap.min[..rows].to_vec(),
-        AggKind::Max => snap.max[..rows].to_vec(),
-        AggKind::Forecast { .. } => {
-            unreachable!("forecast aggregates are computed from gathered windows")
-        }
-    };
-    let least = match kind {
-        AggKind::VarSamp | AggKind::StddevSamp => 2.0,
-        _ => 1.0,
-    };
-    let nulls = if n.iter().all(|&c| c >= least) {
-        None
-    } else {
-        Some(NullBuffer::new(BooleanBuffer::from_iter(
-            n.iter().map(|&c| c >= least),
-        )))
-    };
-    Arc::new(Float64Array::new(values.into(), nulls))
+    let mut out = Finished::with_capacity(kind, rows);
+    out.extend(snap, rows, frame, kind);
+    out.finish()
 }
 
 fn push_extrema(e: &mut Extrema, seq: u64, x: f64) {
