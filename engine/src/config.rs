@@ -86,7 +86,7 @@ pub struct SourceConfig {
     /// Rows per batch read from a file, at most: wide rows get fewer, so that a batch holds
     /// about 16 MiB of decoded columns (at least 1,024 rows). Every batch pays a fixed cost
     /// in each stage (kernel calls, allocations, a watermark), so replay wants large ones:
-    /// 65,536 rows replay the benchmark (18 columns) 1.9× faster than 8,192, and 131,072 no
+    /// 65,536 rows replay the benchmark (18 columns) 1.7× faster than 8,192, and 131,072 no
     /// faster.
     pub batch_rows: usize,
     /// S3 settings for `s3://` inputs.

@@ -175,6 +175,14 @@ async fn act(rem: &Remediator, incident: &str, action: &str, target: &str) -> Re
         .unwrap()
 }
 
+/// Runs `call_webhook` on `target` for each incident, each of which must succeed.
+async fn succeed(rem: &Remediator, incidents: &[&str], target: &str) {
+    for incident in incidents {
+        let r = act(rem, incident, "call_webhook", target).await;
+        assert_eq!(r.state, "succeeded", "{incident}: {r:#?}");
+    }
+}
+
 /// Whether one of `r`'s `step` lines says `text`.
 fn has_step(r: &Report, step: &str, text: &str) -> bool {
     steps(r, step).iter().any(|s| s.contains(text))
@@ -365,10 +373,7 @@ async fn cooldown_budgets_recurrence_concurrency_and_the_kill_switch() {
     // Cooldown per (target, action).
     let s = Setup::new(&format!("mode = \"enforce\"\nallow = [\"*\"]\n{targets}"));
     let rem = s.remediator();
-    assert_eq!(
-        act(&rem, "i1", "call_webhook", "t1").await.state,
-        "succeeded"
-    );
+    succeed(&rem, &["i1"], "t1").await;
     let r = act(&rem, "i2", "call_webhook", "t1").await;
     assert_eq!(r.state, "refused");
     assert!(r.reason.contains("cooling down"), "{r:#?}");
@@ -382,20 +387,10 @@ async fn cooldown_budgets_recurrence_concurrency_and_the_kill_switch() {
         "mode = \"enforce\"\nallow = [\"*\"]\n[limits]\ncooldown = \"0s\"\nrecurrence_count = 0\nbudgets = [{{ scope = \"target\", max = 2, window = \"1h\" }}, {{ scope = \"service\", max = 3, window = \"1h\" }}]\n{targets}"
     ));
     let rem = s.remediator();
-    for i in 0..2 {
-        assert_eq!(
-            act(&rem, &format!("b{i}"), "call_webhook", "t1")
-                .await
-                .state,
-            "succeeded"
-        );
-    }
+    succeed(&rem, &["b0", "b1"], "t1").await;
     let r = act(&rem, "b2", "call_webhook", "t1").await;
     assert!(r.reason.contains("target budget spent: 2"), "{r:#?}");
-    assert_eq!(
-        act(&rem, "b3", "call_webhook", "t2").await.state,
-        "succeeded"
-    );
+    succeed(&rem, &["b3"], "t2").await;
     let r = act(&rem, "b4", "call_webhook", "t3").await;
     assert!(r.reason.contains("service budget spent: 3"), "{r:#?}");
 
@@ -404,14 +399,7 @@ async fn cooldown_budgets_recurrence_concurrency_and_the_kill_switch() {
         "mode = \"enforce\"\nallow = [\"*\"]\n[limits]\ncooldown = \"0s\"\nrecurrence_count = 2\n{targets}"
     ));
     let rem = s.remediator();
-    for i in 0..2 {
-        assert_eq!(
-            act(&rem, &format!("r{i}"), "call_webhook", "t1")
-                .await
-                .state,
-            "succeeded"
-        );
-    }
+    succeed(&rem, &["r0", "r1"], "t1").await;
     let r = act(&rem, "r2", "call_webhook", "t1").await;
     assert_eq!(r.state, "escalated");
     assert!(r.reason.contains("does not hold"), "{r:#?}");
@@ -872,10 +860,7 @@ async fn steps_go_to_the_incident_log_and_own_actions_are_not_incidents() {
     ));
     let rem = s.remediator();
     let before = healer_engine::remedy::now_ms();
-    assert_eq!(
-        act(&rem, "i1", "call_webhook", "t1").await.state,
-        "succeeded"
-    );
+    succeed(&rem, &["i1"], "t1").await;
     assert!(rem.caused_by_healer("t1", before + 10).unwrap());
     assert!(
         rem.caused_by_healer("t1", healer_engine::remedy::now_ms() + 30_000)
