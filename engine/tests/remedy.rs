@@ -128,6 +128,9 @@ stop_grace = "3s"
     )
 }
 
+/// The head of a config that acts (no dry run) on every target.
+const ENFORCE_ALL: &str = "mode = \"enforce\"\nallow = [\"*\"]\n";
+
 fn webhook_target(pattern: &str, url: &str) -> String {
     format!(
         "\n[[targets]]\nmatch = \"{pattern}\"\nservice = \"hooks\"\n[targets.webhook]\nurl = \"{url}\"\n"
@@ -248,7 +251,7 @@ async fn rollback_deploy_verifies_and_a_bad_release_is_rolled_back_and_escalated
     let slack = Receiver::start(&[]).await;
     let port = free_port();
     let setup = Setup::new(&format!(
-        "mode = \"enforce\"\nallow = [\"*\"]\n[limits]\ncooldown = \"0s\"\n[escalation]\nslack_webhook = \"{}/slack\"\n{}\n[[actions]]\nid = \"rollback_deploy\"\nname = \"Roll back\"\ndescription = \"d\"\noperation = \"rollback_deploy\"\nestimated = \"20s\"\nblast_radius = \"high\"\n{FAST}",
+        "{ENFORCE_ALL}[limits]\ncooldown = \"0s\"\n[escalation]\nslack_webhook = \"{}/slack\"\n{}\n[[actions]]\nid = \"rollback_deploy\"\nname = \"Roll back\"\ndescription = \"d\"\noperation = \"rollback_deploy\"\nestimated = \"20s\"\nblast_radius = \"high\"\n{FAST}",
         slack.url,
         service_target("api-*", port, &["bad-1", "v1", "v2"], "svc")
     ));
@@ -284,7 +287,7 @@ async fn a_failed_rollback_escalates_as_failed() {
     let pd = Receiver::start(&[]).await;
     let port = free_port();
     let setup = Setup::new(&format!(
-        "mode = \"enforce\"\nallow = [\"*\"]\n[escalation]\npagerduty_routing_key = \"rk\"\npagerduty_url = \"{}/v2/enqueue\"\n{}\n[[actions]]\nid = \"rollback_deploy\"\nname = \"Roll back\"\ndescription = \"d\"\noperation = \"rollback_deploy\"\nestimated = \"20s\"\nblast_radius = \"high\"\nverify_attempts = 1\n",
+        "{ENFORCE_ALL}[escalation]\npagerduty_routing_key = \"rk\"\npagerduty_url = \"{}/v2/enqueue\"\n{}\n[[actions]]\nid = \"rollback_deploy\"\nname = \"Roll back\"\ndescription = \"d\"\noperation = \"rollback_deploy\"\nestimated = \"20s\"\nblast_radius = \"high\"\nverify_attempts = 1\n",
         pd.url,
         service_target("api-*", port, &["bad-1", "bad-2"], "svc")
     ));
@@ -307,7 +310,7 @@ async fn a_failed_rollback_escalates_as_failed() {
 async fn increase_memory_raises_the_limit_until_the_ceiling_then_escalates() {
     let port = free_port();
     let setup = Setup::new(&format!(
-        "mode = \"enforce\"\nallow = [\"*\"]\n[limits]\ncooldown = \"0s\"\nrecurrence_count = 0\n{}",
+        "{ENFORCE_ALL}[limits]\ncooldown = \"0s\"\nrecurrence_count = 0\n{}",
         service_target("api-*", port, &["v1"], "svc")
     ));
     let svc = start_service(&setup).await;
@@ -337,7 +340,7 @@ async fn webhook_actuator_retries_server_errors_and_never_takes_them_for_success
     let always_500 = Receiver::start(&[Reply::Status(500); 5]).await;
     let refused = Receiver::start(&[Reply::Status(400)]).await;
     let setup = Setup::new(&format!(
-        "mode = \"enforce\"\nallow = [\"*\"]\n{}{}{}",
+        "{ENFORCE_ALL}{}{}{}",
         webhook_target("a", &format!("{}/act", ok_after_503.url)),
         webhook_target("b", &format!("{}/act", always_500.url)),
         webhook_target("c", &format!("{}/act", refused.url)),
@@ -371,7 +374,7 @@ async fn cooldown_budgets_recurrence_concurrency_and_the_kill_switch() {
     );
 
     // Cooldown per (target, action).
-    let s = Setup::new(&format!("mode = \"enforce\"\nallow = [\"*\"]\n{targets}"));
+    let s = Setup::new(&format!("{ENFORCE_ALL}{targets}"));
     let rem = s.remediator();
     succeed(&rem, &["i1"], "t1").await;
     let r = act(&rem, "i2", "call_webhook", "t1").await;
@@ -384,7 +387,7 @@ async fn cooldown_budgets_recurrence_concurrency_and_the_kill_switch() {
 
     // Budgets: at most 2 per target, 3 per service.
     let s = Setup::new(&format!(
-        "mode = \"enforce\"\nallow = [\"*\"]\n[limits]\ncooldown = \"0s\"\nrecurrence_count = 0\nbudgets = [{{ scope = \"target\", max = 2, window = \"1h\" }}, {{ scope = \"service\", max = 3, window = \"1h\" }}]\n{targets}"
+        "{ENFORCE_ALL}[limits]\ncooldown = \"0s\"\nrecurrence_count = 0\nbudgets = [{{ scope = \"target\", max = 2, window = \"1h\" }}, {{ scope = \"service\", max = 3, window = \"1h\" }}]\n{targets}"
     ));
     let rem = s.remediator();
     succeed(&rem, &["b0", "b1"], "t1").await;
@@ -396,7 +399,7 @@ async fn cooldown_budgets_recurrence_concurrency_and_the_kill_switch() {
 
     // Recurrence: the same fix succeeding twice escalates the third time.
     let s = Setup::new(&format!(
-        "mode = \"enforce\"\nallow = [\"*\"]\n[limits]\ncooldown = \"0s\"\nrecurrence_count = 2\n{targets}"
+        "{ENFORCE_ALL}[limits]\ncooldown = \"0s\"\nrecurrence_count = 2\n{targets}"
     ));
     let rem = s.remediator();
     succeed(&rem, &["r0", "r1"], "t1").await;
@@ -407,7 +410,7 @@ async fn cooldown_budgets_recurrence_concurrency_and_the_kill_switch() {
     // Kill switch: refuses new actions, lets the one in flight finish; expires.
     let slow = Receiver::start(&[Reply::Slow(200, Duration::from_millis(1500))]).await;
     let s = Setup::new(&format!(
-        "mode = \"enforce\"\nallow = [\"*\"]\n[limits]\nconcurrency = 1\n{}{}",
+        "{ENFORCE_ALL}[limits]\nconcurrency = 1\n{}{}",
         webhook_target("slow", &format!("{}/act", slow.url)),
         webhook_target("t*", &url)
     ));
@@ -476,7 +479,7 @@ async fn approvals_run_when_approved_are_recorded_and_expire_into_escalations() 
     let hook = Receiver::start(&[]).await;
     let slack = Receiver::start(&[]).await;
     let body = format!(
-        "mode = \"enforce\"\nallow = [\"*\"]\n[escalation]\nslack_webhook = \"{}/s\"\n{}",
+        "{ENFORCE_ALL}[escalation]\nslack_webhook = \"{}/s\"\n{}",
         slack.url,
         webhook_target("t*", &format!("{}/act", hook.url))
     );
@@ -744,7 +747,7 @@ async fn a_crash_at_any_saga_step_is_resumed_or_compensated_and_acts_once() {
     for point in happy {
         let port = free_port();
         let s = Setup::new(&format!(
-            "mode = \"enforce\"\nallow = [\"*\"]\n{}",
+            "{ENFORCE_ALL}{}",
             service_target("api-*", port, &["v1"], "svc")
         ));
         let svc = start_service(&s).await;
@@ -767,7 +770,7 @@ async fn a_crash_at_any_saga_step_is_resumed_or_compensated_and_acts_once() {
     ] {
         let port = free_port();
         let s = Setup::new(&format!(
-            "mode = \"enforce\"\nallow = [\"*\"]\n{}",
+            "{ENFORCE_ALL}{}",
             service_target("api-*", port, &["v1"], "svc")
         ));
         let svc = start_service(&s).await;
@@ -789,7 +792,7 @@ async fn a_crash_at_any_saga_step_is_resumed_or_compensated_and_acts_once() {
     for point in ["compensate:before", "compensate:after"] {
         let port = free_port();
         let s = Setup::new(&format!(
-            "mode = \"enforce\"\nallow = [\"*\"]\n{}\n[[actions]]\nid = \"rollback_deploy\"\nname = \"r\"\ndescription = \"d\"\noperation = \"rollback_deploy\"\nestimated = \"20s\"\nblast_radius = \"high\"\nverify_attempts = 1\n",
+            "{ENFORCE_ALL}{}\n[[actions]]\nid = \"rollback_deploy\"\nname = \"r\"\ndescription = \"d\"\noperation = \"rollback_deploy\"\nestimated = \"20s\"\nblast_radius = \"high\"\nverify_attempts = 1\n",
             service_target("api-*", port, &["bad-1", "v2"], "svc")
         ));
         let svc = start_service(&s).await;
@@ -805,7 +808,7 @@ async fn a_crash_at_any_saga_step_is_resumed_or_compensated_and_acts_once() {
 async fn two_healers_racing_for_one_target_act_once() {
     let port = free_port();
     let s = Setup::new(&format!(
-        "mode = \"enforce\"\nallow = [\"*\"]\n{}",
+        "{ENFORCE_ALL}{}",
         service_target("api-*", port, &["v1"], "svc")
     ));
     let svc = start_service(&s).await;
@@ -855,7 +858,7 @@ async fn two_healers_racing_for_one_target_act_once() {
 async fn steps_go_to_the_incident_log_and_own_actions_are_not_incidents() {
     let hook = Receiver::start(&[]).await;
     let s = Setup::new(&format!(
-        "mode = \"enforce\"\nallow = [\"*\"]\n[limits]\nsettle = \"1m\"\n{}",
+        "{ENFORCE_ALL}[limits]\nsettle = \"1m\"\n{}",
         webhook_target("t*", &format!("{}/act", hook.url))
     ));
     let rem = s.remediator();
@@ -984,7 +987,7 @@ async fn a_failover_that_fails_is_undone_before_promotion_and_needs_a_human_afte
 async fn the_command_line_pauses_resumes_and_answers_approvals() {
     let hook = Receiver::start(&[]).await;
     let s = Setup::new(&format!(
-        "mode = \"enforce\"\nallow = [\"*\"]\n{}",
+        "{ENFORCE_ALL}{}",
         webhook_target("t*", &format!("{}/act", hook.url))
     ));
     let run = |args: &[&str]| {
@@ -1073,7 +1076,7 @@ async fn a_precondition_held_for_a_while_is_read_from_telemetry() {
 
     let hook = Receiver::start(&[]).await;
     let s = Setup::new(&format!(
-        "mode = \"enforce\"\nallow = [\"*\"]\n[limits]\ncooldown = \"0s\"\n{}\n[[actions]]\nid = \"page_out\"\nname = \"Page out\"\ndescription = \"d\"\noperation = \"webhook\"\nestimated = \"10s\"\nblast_radius = \"low\"\npreconditions = [{{ metric = \"memory_percent\", op = \">\", threshold = 85.0, for = \"5m\" }}]\n",
+        "{ENFORCE_ALL}[limits]\ncooldown = \"0s\"\n{}\n[[actions]]\nid = \"page_out\"\nname = \"Page out\"\ndescription = \"d\"\noperation = \"webhook\"\nestimated = \"10s\"\nblast_radius = \"low\"\npreconditions = [{{ metric = \"memory_percent\", op = \">\", threshold = 85.0, for = \"5m\" }}]\n",
         webhook_target("*", &format!("{}/act", hook.url))
     ));
     // One sample a minute for 10 minutes; api-2 dips below 85 % three minutes before the end.
@@ -1159,7 +1162,7 @@ async fn a_step_longer_than_the_lock_keeps_it_renewed_and_a_lost_lock_stops_the_
     ])
     .await;
     let s = Setup::new(&format!(
-        "mode = \"enforce\"\nallow = [\"*\"]\n[limits]\nlock_ttl = \"300ms\"\ncooldown = \"0s\"\nconcurrency = 5\n{}",
+        "{ENFORCE_ALL}[limits]\nlock_ttl = \"300ms\"\ncooldown = \"0s\"\nconcurrency = 5\n{}",
         webhook_target("t*", &format!("{}/act", slow.url))
     ));
     let rem = std::sync::Arc::new(s.remediator());
