@@ -41,6 +41,8 @@ import time
 import pyarrow.parquet as pq
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The reference rolling z-score rule, so that figures compare across detector changes.
+ZSCORE = os.path.join(REPO, "sql", "rules", "zscore.sql")
 METRICS = [
     "cpu_percent", "memory_percent", "disk_io_read_mb", "disk_io_write_mb", "network_in_mb",
     "network_out_mb", "active_connections", "error_rate", "p95_latency_ms", "p99_latency_ms",
@@ -141,7 +143,8 @@ def run_healer(args, port, stream, out, config, status):
                AWS_REGION="us-east-1", HEALER_LOG="warn")
     return subprocess.Popen(
         [args.healer, "run", "--config", config, "--stream", stream, "--endpoint",
-         f"http://127.0.0.1:{port}", "--out", out, "--status-file", status],
+         f"http://127.0.0.1:{port}", "--out", out, "--status-file", status,
+         "--rules", str(ZSCORE)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

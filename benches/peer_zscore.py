@@ -4,7 +4,7 @@
 Workload (../shared/peer-bench): R resources x T seconds x 16 metrics in one parquet file,
 rolling z-score over the last 300 samples per (resource, metric), |z| > 3 flags.
 
-* healer: the whole process, `healer replay` from parquet to incident-log files (bundled
+* healer: the whole process, `healer replay` from parquet to incident-log files (the
   zscore_300 rule, SQL planned by DataFusion, healer's incremental window operators).
 * peers: the kit's own `peers.py` (numpy 2 threads, Polars, DuckDB, ...), which report
   load time and compute time separately; we report both and compare healer's end-to-end
@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# The reference rolling z-score rule, which the peers compute too.
+ZSCORE = HERE / ".." / "sql" / "rules" / "zscore.sql"
 KIT = (HERE / ".." / ".." / "shared" / "peer-bench").resolve()
 
 
@@ -36,7 +38,7 @@ def run_healer(healer: str, data: Path, partitions: int) -> dict:
     out = Path(tempfile.mkdtemp(prefix="healer-bench-"))
     summary = out / "summary.json"
     cmd = [healer, "replay", "--input", str(data), "--out", str(out / "log"), "--quiet",
-           "--partitions", str(partitions), "--summary-json", str(summary)]
+           "--rules", str(ZSCORE), "--partitions", str(partitions), "--summary-json", str(summary)]
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(p.pid, 0)

@@ -48,7 +48,7 @@ import time
 import boto3
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kinesis_run import REPO, Kinesis, read_status, sample, start_kinesalite  # noqa: E402
+from kinesis_run import REPO, ZSCORE, Kinesis, read_status, sample, start_kinesalite  # noqa: E402
 
 
 def start_dynamo():
@@ -109,7 +109,8 @@ def spawn(args, kport, stream, out, config, status, log, worker=None):
     env = dict(os.environ, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                AWS_REGION="us-east-1", HEALER_LOG="info")
     cmd = [args.healer, "run", "--config", config, "--stream", stream, "--endpoint",
-           f"http://127.0.0.1:{kport}", "--out", out, "--status-file", status]
+           f"http://127.0.0.1:{kport}", "--out", out, "--status-file", status,
+           "--rules", str(ZSCORE)]
     if worker:
         cmd += ["--worker-id", worker]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,

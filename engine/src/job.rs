@@ -38,9 +38,11 @@ use crate::sink::{DeadLetter, IncidentLog, SinkError, WrittenFile};
 use crate::source::{ParquetSource, SourceError};
 use crate::store::{Location, StoreError};
 
-/// The rules bundled with healer, used when no rule path is configured.
+/// The rules bundled with healer, used when no rule path is configured: the novelty
+/// detector (`sql/rules/novelty.sql`). The reference z-score rule, `sql/rules/zscore.sql`,
+/// runs with `--rules`.
 pub const BUNDLED_RULES: [(&str, &str); 1] =
-    [("zscore.sql", include_str!("../../sql/rules/zscore.sql"))];
+    [("novelty.sql", include_str!("../../sql/rules/novelty.sql"))];
 
 /// Errors of a job.
 #[derive(Debug, thiserror::Error)]

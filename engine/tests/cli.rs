@@ -50,7 +50,7 @@ fn demo_then_incidents_then_validate() {
         String::from_utf8_lossy(&run.stderr)
     );
     assert!(stdout.contains("replay finished"), "{stdout}");
-    assert!(stdout.contains("zscore_300"), "{stdout}");
+    assert!(stdout.contains("novelty"), "{stdout}");
     assert!(stdout.contains("injected faults detected"), "{stdout}");
     assert!(stdout.contains("over the fleet's topology"), "{stdout}");
 
@@ -209,6 +209,8 @@ fn replay_then_diagnose() {
     w.write(&batch).unwrap();
     w.close().unwrap();
     let log = dir.path().join("log");
+    // The reference z-score rule, whose anomalies this test counts.
+    let zscore = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../sql/rules/zscore.sql");
     let run = healer()
         .args([
             "replay",
@@ -217,6 +219,8 @@ fn replay_then_diagnose() {
             input.to_str().unwrap(),
             "--out",
             log.to_str().unwrap(),
+            "--rules",
+            zscore.to_str().unwrap(),
         ])
         .output()
         .unwrap();

@@ -22,10 +22,13 @@ fn fleet() -> (Vec<RecordBatch>, Vec<healer_datasets::Label>) {
     })
 }
 
+/// A replay of `inputs` into `out` with the reference z-score rule, whose rows these tests
+/// check (|z| > 3, value outside mean ± 3σ).
 fn config(inputs: Vec<String>, out: &Path) -> PipelineConfig {
     let mut c = PipelineConfig::default();
     c.source.paths = inputs;
     c.sink.out = out.display().to_string();
+    c.rules.paths = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../sql/rules/zscore.sql")];
     c
 }
 

@@ -29,7 +29,11 @@
 //! # Cost
 //! Amortised O(1) work per row and aggregate; memory is `series × (n + 1)` values for bounded
 //! frames and O(1) per series for unbounded ones. All ring buffers of an operator live in one
-//! slab that only grows when a new series appears.
+//! slab that only grows when a new series appears. The exception is
+//! [`AggKind::Quantile`]: its argument's present values are also kept sorted, one more
+//! `n + 1` values per series, and each row moves O(n) of them (a binary search and one
+//! `memmove`; about a microsecond per row for a 6,000-row frame). The sorted copy is not
+//! saved: a restored series rebuilds it from its ring.
 //!
 //! # Missing values
 //! NULL and NaN inputs are both *missing*: they occupy a row of the frame but are ignored by
@@ -37,6 +41,7 @@
 //! `COUNT(x) OVER w = n + 1` is the "full window" test (pandas' `min_periods = window`).
 //! Results: `COUNT` is 0 and the others are NULL when no value is present; `VAR_SAMP` and
 //! `STDDEV_SAMP` are NULL with fewer than two values. Variances never go negative.
+//! `FIRST_VALUE` is the frame's oldest row as it is: NULL when that row is missing.
 //!
 //! # Numerical stability
 //! Bounded frames keep sums of deviations from a shift (a recent value of the series). They
@@ -88,6 +93,30 @@ pub enum AggKind {
         /// What to return for the row.
         output: ForecastOutput,
     },
+    /// The `q` quantile of the frame's present values, interpolated linearly between the two
+    /// nearest ranks as `PERCENTILE_CONT(x, q)` does (`MEDIAN(x)` is q = 0.5). Bounded frames
+    /// only.
+    Quantile(Level),
+    /// The value of the frame's first (oldest) row, NULL when it is missing (`FIRST_VALUE`).
+    /// Over `ROWS BETWEEN n PRECEDING AND CURRENT ROW` that is the value `n` rows back once
+    /// the series has `n + 1` rows (a lag). Bounded frames only.
+    FirstValue,
+}
+
+/// The level `q` of an [`AggKind::Quantile`], in `[0, 1]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Level(u64);
+
+impl Level {
+    /// `q` as a level; `None` unless `0 <= q <= 1`.
+    pub fn new(q: f64) -> Option<Self> {
+        (0.0..=1.0).contains(&q).then_some(Self(q.to_bits()))
+    }
+
+    /// The level as a number.
+    pub fn get(self) -> f64 {
+        f64::from_bits(self.0)
+    }
 }
 
 /// What a [`AggKind::Forecast`] aggregate returns.
@@ -136,12 +165,36 @@ impl AggKind {
             "stddev_pop" => AggKind::StddevPop,
             "min" => AggKind::Min,
             "max" => AggKind::Max,
+            "median" => AggKind::Quantile(Level(0.5f64.to_bits())),
+            "first_value" => AggKind::FirstValue,
             _ => return None,
         })
     }
 
     fn needs_extrema(self) -> bool {
         matches!(self, AggKind::Min | AggKind::Max)
+    }
+
+    /// Whether the kind keeps its argument's present values in order.
+    fn needs_order(self) -> bool {
+        matches!(self, AggKind::Quantile(_))
+    }
+
+    /// Whether the kind is defined over bounded frames only.
+    pub fn needs_bounded_frame(self) -> bool {
+        matches!(self, AggKind::Quantile(_) | AggKind::FirstValue)
+    }
+
+    /// Whether the kind is computed by the plain path, from the running sums alone.
+    fn is_plain(self) -> bool {
+        !matches!(
+            self,
+            AggKind::Min
+                | AggKind::Max
+                | AggKind::Forecast { .. }
+                | AggKind::Quantile(_)
+                | AggKind::FirstValue
+        )
     }
 }
 
@@ -215,6 +268,14 @@ pub struct WindowOperator {
     series: Vec<Series>,
     /// Parallel to `series` when any aggregate is MIN or MAX, else empty.
     extremes: Vec<Extrema>,
+    /// Per argument: whether a quantile reads it, so its present values are kept sorted.
+    ordered: Vec<bool>,
+    /// Parallel to `series` when any aggregate is a quantile, else empty: the present values
+    /// of the frame in ascending order ([`f64::total_cmp`]).
+    sorted: Vec<Vec<f64>>,
+    /// Per argument: whether every aggregate reading it is computed from the running sums
+    /// alone (the plain path).
+    plain: Vec<bool>,
     /// Ring buffers of all series, slot-major: slot `k` of series `s` is at
     /// `k * stride + s`. Series advance roughly in lockstep (one sample per tick), so the
     /// values a tick writes and evicts are contiguous across series, which streams through
@@ -296,9 +357,21 @@ impl WindowOperator {
                 "window of {preceding} preceding rows is too large"
             )));
         }
+        if frame == Frame::Unbounded
+            && let Some(a) = aggregates.iter().find(|a| a.kind.needs_bounded_frame())
+        {
+            return Err(OperatorError::InvalidInput(format!(
+                "{:?} needs a bounded frame, ROWS BETWEEN n PRECEDING AND CURRENT ROW",
+                a.kind
+            )));
+        }
         let mut extrema = vec![false; n_args];
+        let mut ordered = vec![false; n_args];
+        let mut plain = vec![true; n_args];
         for a in &aggregates {
             extrema[a.arg] |= a.kind.needs_extrema();
+            ordered[a.arg] |= a.kind.needs_order();
+            plain[a.arg] &= a.kind.is_plain();
         }
         Ok(Self {
             frame,
@@ -307,6 +380,9 @@ impl WindowOperator {
             extrema,
             series: Vec::new(),
             extremes: Vec::new(),
+            ordered,
+            sorted: Vec::new(),
+            plain,
             slab: Vec::new(),
             stride: 0,
             snapshot: Snapshot::default(),
@@ -332,6 +408,9 @@ impl WindowOperator {
             self.series.resize_with(needed, Series::default);
             if self.extrema.iter().any(|e| *e) {
                 self.extremes.resize_with(needed, Extrema::default);
+            }
+            if self.ordered.iter().any(|o| *o) {
+                self.sorted.resize_with(needed, Vec::new);
             }
         }
         let cap = self.frame.capacity();
@@ -382,17 +461,31 @@ impl WindowOperator {
             }
             let extrema = self.extrema[arg];
             let forecast = self.forecast_args[arg];
+            let ordered = self.ordered[arg];
             self.gathered.values.clear();
             self.gathered.rows.clear();
             self.gathered.forecast_of = None;
             let input = &args[arg];
             let raw = input.values();
             let nulls = input.nulls();
-            if matches!(self.frame, Frame::Rows { .. }) && !extrema && !forecast {
+            if matches!(self.frame, Frame::Rows { .. }) && self.plain[arg] {
                 self.process_plain(arg, groups, input, &mut out_of);
                 continue;
             }
+            // The quantile levels read from this argument, each with its snapshot column.
+            let levels: Vec<f64> = self
+                .aggregates
+                .iter()
+                .filter_map(|a| match a.kind {
+                    AggKind::Quantile(q) if a.arg == arg => Some(q.get()),
+                    _ => None,
+                })
+                .collect();
             let snap = &mut self.snapshot;
+            snap.quantiles.resize_with(levels.len(), Vec::new);
+            for column in &mut snap.quantiles {
+                column.resize(rows, 0.0);
+            }
             // Pass 1, the only one that touches series state: push every row in input order
             // (consecutive rows belong to different series, so reads of the input and writes
             // of the snapshot stay sequential; visiting rows series by series was measured
@@ -409,6 +502,9 @@ impl WindowOperator {
                 } else {
                     None
                 };
+                // The value this row evicts from a full bounded frame.
+                let evicted = (cap > 0 && series.rows == cap)
+                    .then(|| self.slab[series.head * self.stride + s]);
                 match self.frame {
                     Frame::Rows { .. } => push_bounded(
                         series,
@@ -443,6 +539,25 @@ impl WindowOperator {
                 snap.shift[i] = series.shift;
                 snap.s1[i] = series.s1;
                 snap.s2[i] = series.s2;
+                if cap > 0 {
+                    // The oldest row of the frame.
+                    let slot = (series.head + cap - series.rows) % cap;
+                    snap.first[i] = self.slab[slot * self.stride + s];
+                }
+                if ordered {
+                    let sorted = &mut self.sorted[s];
+                    if let Some(old) = evicted.filter(|v| !v.is_nan()) {
+                        let at = sorted.partition_point(|v| v.total_cmp(&old).is_lt());
+                        sorted.remove(at);
+                    }
+                    if !x.is_nan() {
+                        let at = sorted.partition_point(|v| v.total_cmp(&x).is_lt());
+                        sorted.insert(at, x);
+                    }
+                    for (column, &q) in snap.quantiles.iter_mut().zip(&levels) {
+                        column[i] = quantile(sorted, q);
+                    }
+                }
                 if let Some(e) = ext {
                     snap.min[i] = e.min.front().map_or(f64::NAN, |&(_, v)| v);
                     snap.max[i] = e.max.front().map_or(f64::NAN, |&(_, v)| v);
@@ -451,11 +566,17 @@ impl WindowOperator {
             // Pass 2: each aggregate from the snapshot, one tight loop per aggregate over
             // plain slices (no state, no branches on the frame), which the compiler
             // vectorises.
+            let mut level = 0;
             for (o, agg) in self.aggregates.iter().enumerate() {
                 if agg.arg != arg {
                     continue;
                 }
                 out_of[o] = Some(match agg.kind {
+                    AggKind::Quantile(_) => {
+                        level += 1;
+                        present_column(&snap.quantiles[level - 1][..rows])
+                    }
+                    AggKind::FirstValue => present_column(&snap.first[..rows]),
                     AggKind::Forecast { model, output } => {
                         let g = &mut self.gathered;
                         if g.forecast_of != Some(model) {
@@ -611,6 +732,9 @@ impl Finished {
                     AggKind::Forecast { .. } => {
                         unreachable!("forecast aggregates are computed from gathered windows")
                     }
+                    AggKind::Quantile(_) | AggKind::FirstValue => {
+                        unreachable!("quantiles and first values are taken row by row")
+                    }
                 }
                 let least = *least;
                 if valid.is_none() && n.iter().any(|&c| c < least) {
@@ -731,6 +855,17 @@ impl WindowOperator {
                 e.min = saved.min.iter().copied().collect();
                 e.max = saved.max.iter().copied().collect();
             }
+            if let Some(sorted) = self.sorted.get_mut(base + a) {
+                // The frame's rows are the ring's last `rows` slots before `head`.
+                let rows = saved.stats.rows;
+                sorted.clear();
+                sorted.extend(
+                    (0..rows)
+                        .map(|k| saved.ring[(saved.stats.head + cap - rows + k) % cap])
+                        .filter(|v| !v.is_nan()),
+                );
+                sorted.sort_by(f64::total_cmp);
+            }
         }
         Ok(())
     }
@@ -745,6 +880,10 @@ struct Snapshot {
     s2: Vec<f64>,
     min: Vec<f64>,
     max: Vec<f64>,
+    /// Bounded frames: the value of the frame's oldest row.
+    first: Vec<f64>,
+    /// One column per quantile aggregate of the argument being processed.
+    quantiles: Vec<Vec<f64>>,
 }
 
 impl Snapshot {
@@ -756,6 +895,7 @@ impl Snapshot {
             &mut self.s2,
             &mut self.min,
             &mut self.max,
+            &mut self.first,
         ] {
             if v.len() < rows {
                 v.resize(rows, 0.0);
@@ -789,6 +929,31 @@ fn forecast_column(
     Arc::new(Float64Array::new(
         values.into(),
         Some(NullBuffer::new(BooleanBuffer::from(valid))),
+    ))
+}
+
+/// The `q` quantile of ascending `sorted`, interpolated linearly between the two nearest
+/// ranks; NaN when empty.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let Some(last) = sorted.len().checked_sub(1) else {
+        return f64::NAN;
+    };
+    let h = q * last as f64;
+    let lo = (h.floor() as usize).min(last);
+    let fraction = h - lo as f64;
+    if fraction == 0.0 {
+        return sorted[lo];
+    }
+    let (a, b) = (sorted[lo], sorted[(lo + 1).min(last)]);
+    a + fraction * (b - a)
+}
+
+/// A column holding `values`, NULL where a value is NaN (missing).
+fn present_column(values: &[f64]) -> ArrayRef {
+    let valid = BooleanBuffer::from_iter(values.iter().map(|v| !v.is_nan()));
+    Arc::new(Float64Array::new(
+        values.to_vec().into(),
+        Some(NullBuffer::new(valid)),
     ))
 }
 
@@ -1076,6 +1241,9 @@ mod tests {
                     AggKind::Min => present.iter().copied().reduce(f64::min),
                     AggKind::Max => present.iter().copied().reduce(f64::max),
                     AggKind::Forecast { .. } => unreachable!("not a SQL aggregate"),
+                    AggKind::Quantile(_) | AggKind::FirstValue => {
+                        unreachable!("see ordered_reference")
+                    }
                 }
             })
             .collect()
@@ -1131,7 +1299,7 @@ mod tests {
         out
     }
 
-    fn close(a: Option<f64>, b: Option<f64>, scale: f64) -> bool {
+    pub(super) fn close(a: Option<f64>, b: Option<f64>, scale: f64) -> bool {
         match (a, b) {
             (None, None) => true,
             (Some(a), Some(b)) => {
@@ -1359,8 +1527,9 @@ mod state_tests {
     use super::*;
     use crate::keys::KeyInterner;
 
-    fn all_aggregates() -> Vec<Aggregate> {
-        [
+    /// Every kind but forecasts; over bounded frames also quantiles and the first value.
+    fn all_aggregates(frame: Frame) -> Vec<Aggregate> {
+        let mut kinds = vec![
             AggKind::Count,
             AggKind::Sum,
             AggKind::Avg,
@@ -1368,10 +1537,14 @@ mod state_tests {
             AggKind::Max,
             AggKind::StddevSamp,
             AggKind::VarPop,
-        ]
-        .into_iter()
-        .map(|kind| Aggregate { kind, arg: 0 })
-        .collect()
+        ];
+        if frame != Frame::Unbounded {
+            kinds.extend(ORDERED);
+        }
+        kinds
+            .into_iter()
+            .map(|kind| Aggregate { kind, arg: 0 })
+            .collect()
     }
 
     fn run(
@@ -1415,7 +1588,7 @@ mod state_tests {
         let bytes = postcard::to_stdvec(&groups).unwrap();
         let groups: Vec<GroupState> = postcard::from_bytes(&bytes).unwrap();
         let mut keys = KeyInterner::new(1);
-        let mut restored = WindowOperator::try_new(frame, 1, all_aggregates()).unwrap();
+        let mut restored = WindowOperator::try_new(frame, 1, all_aggregates(frame)).unwrap();
         for g in groups.iter().rev() {
             let id = keys.intern_values(&g.key).unwrap();
             restored.import_group(id, g).unwrap();
@@ -1438,11 +1611,11 @@ mod state_tests {
             let frame = preceding.map_or(Frame::Unbounded, |p| Frame::Rows { preceding: p });
             let cut = cut.min(rows.len());
             let mut keys = KeyInterner::new(1);
-            let mut op = WindowOperator::try_new(frame, 1, all_aggregates()).unwrap();
+            let mut op = WindowOperator::try_new(frame, 1, all_aggregates(frame)).unwrap();
             let whole = run(&mut keys, &mut op, &rows);
 
             let mut keys = KeyInterner::new(1);
-            let mut op = WindowOperator::try_new(frame, 1, all_aggregates()).unwrap();
+            let mut op = WindowOperator::try_new(frame, 1, all_aggregates(frame)).unwrap();
             let first = run(&mut keys, &mut op, &rows[..cut]);
             let (mut keys, mut op) = save_and_restore(&keys, &op, frame);
             let second = run(&mut keys, &mut op, &rows[cut..]);
@@ -1451,6 +1624,93 @@ mod state_tests {
                 prop_assert_eq!(a, &joined);
             }
         }
+    }
+
+    /// The kinds that keep a bounded frame's values: quantiles at both ends, the median, a
+    /// high level that interpolates, and the first value.
+    const ORDERED: [AggKind; 5] = [
+        AggKind::Quantile(Level(0f64.to_bits())),
+        AggKind::Quantile(Level(0.5f64.to_bits())),
+        AggKind::Quantile(Level(0.999f64.to_bits())),
+        AggKind::Quantile(Level(1f64.to_bits())),
+        AggKind::FirstValue,
+    ];
+
+    /// Sorting reference of [`AggKind::Quantile`] and [`AggKind::FirstValue`]: numpy's
+    /// default (linear) quantile of the frame's present values, and its first row.
+    fn ordered_reference(xs: &[Option<f64>], preceding: usize, kind: AggKind) -> Vec<Option<f64>> {
+        (0..xs.len())
+            .map(|i| {
+                let frame = &xs[i.saturating_sub(preceding)..=i];
+                let mut present: Vec<f64> = frame.iter().flatten().copied().collect();
+                present.sort_by(f64::total_cmp);
+                match kind {
+                    AggKind::FirstValue => frame[0],
+                    AggKind::Quantile(q) if !present.is_empty() => {
+                        let h = q.get() * (present.len() - 1) as f64;
+                        let (lo, hi) = (h.floor() as usize, h.ceil() as usize);
+                        Some(present[lo] + (h - lo as f64) * (present[hi] - present[lo]))
+                    }
+                    AggKind::Quantile(_) => None,
+                    other => unreachable!("{other:?} is not ordered"),
+                }
+            })
+            .collect()
+    }
+
+    proptest! {
+        /// Quantiles and first values equal a sort of each frame, for any batching, with
+        /// missing values and ties (integers), beside the other kinds of one operator.
+        #[test]
+        fn ordered_kinds_match_a_sort_of_each_frame(
+            xs in proptest::collection::vec(
+                proptest::option::weighted(0.85, (-20i32..20).prop_map(f64::from)),
+                1..300,
+            ),
+            preceding in 0usize..40,
+            chunk in 1usize..64,
+        ) {
+            let frame = Frame::Rows { preceding };
+            let aggregates = all_aggregates(frame);
+            let mut op = WindowOperator::try_new(frame, 1, aggregates.clone()).unwrap();
+            let mut outputs = vec![Vec::new(); aggregates.len()];
+            for part in xs.chunks(chunk) {
+                let arrays = op
+                    .process(&vec![0; part.len()], &[Float64Array::from(part.to_vec())])
+                    .unwrap();
+                for (out, a) in outputs.iter_mut().zip(&arrays) {
+                    let a = arrow::compute::cast(a, &arrow::datatypes::DataType::Float64).unwrap();
+                    let a = a.as_any().downcast_ref::<Float64Array>().unwrap();
+                    out.extend((0..a.len()).map(|i| a.is_valid(i).then(|| a.value(i))));
+                }
+            }
+            for (agg, out) in aggregates.iter().zip(&outputs) {
+                if ORDERED.contains(&agg.kind) {
+                    let expected = ordered_reference(&xs, preceding, agg.kind);
+                    for (i, (e, o)) in expected.iter().zip(out).enumerate() {
+                        prop_assert!(super::tests::close(*e, *o, 20.0), "{:?} row {i}: {e:?} vs {o:?}", agg.kind);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ordered_kinds_need_a_bounded_frame() {
+        for kind in ORDERED {
+            let err =
+                WindowOperator::try_new(Frame::Unbounded, 1, vec![Aggregate { kind, arg: 0 }])
+                    .unwrap_err();
+            assert!(err.to_string().contains("bounded frame"), "{err}");
+        }
+        assert_eq!(Level::new(1.5), None);
+        assert_eq!(Level::new(f64::NAN), None);
+        assert_eq!(Level::new(0.25).map(Level::get), Some(0.25));
+        assert_eq!(AggKind::from_sql_name("MEDIAN"), Some(ORDERED[1]));
+        // Infinite values interpolate without NaN where the level falls on one of them.
+        assert_eq!(quantile(&[1.0, f64::INFINITY], 1.0), f64::INFINITY);
+        assert_eq!(quantile(&[f64::NEG_INFINITY, 1.0], 0.0), f64::NEG_INFINITY);
+        assert!(quantile(&[], 0.5).is_nan());
     }
 
     /// A forecaster for the tests: the window's last value plus its mean step, with the

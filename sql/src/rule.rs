@@ -19,7 +19,7 @@ use datafusion::sql::sqlparser::ast::{Spanned, Statement};
 use healer_operators::keys::KeyValue;
 use healer_operators::schema::TS;
 use healer_operators::unpivot::Unpivot;
-use healer_operators::window::{AggKind, Aggregate, Frame, GroupState, SeriesForecaster};
+use healer_operators::window::{AggKind, Aggregate, Frame, GroupState, Level, SeriesForecaster};
 
 use crate::error::{ExecError, RuleError, RuleErrors};
 use crate::forecast::LstmWindowUdf;
@@ -672,20 +672,27 @@ impl Lowering<'_> {
             let (name, kind, lstm) = match &wf.fun {
                 WindowFunctionDefinition::AggregateUDF(udaf) => {
                     let name = udaf.name().to_string();
-                    let kind = AggKind::from_sql_name(&name).ok_or_else(|| {
-                        CompileError::msg(format!(
-                            "aggregate `{name}` is not supported over a window; supported: COUNT, \
-                             SUM, AVG, MIN, MAX, STDDEV[_SAMP|_POP], VAR[_SAMP|_POP]"
-                        ))
-                    })?;
-                    (name, Some(kind), None)
+                    let kind = if is_percentile(&name) {
+                        // The level is the second argument, taken below.
+                        None
+                    } else {
+                        Some(AggKind::from_sql_name(&name).ok_or_else(|| {
+                            CompileError::msg(format!(
+                                "aggregate `{name}` is not supported over a window; supported: \
+                                 {SUPPORTED_WINDOW_FUNCTIONS}"
+                            ))
+                        })?)
+                    };
+                    (name, kind, None)
+                }
+                WindowFunctionDefinition::WindowUDF(udwf) if udwf.name() == "first_value" => {
+                    (udwf.name().to_string(), Some(AggKind::FirstValue), None)
                 }
                 WindowFunctionDefinition::WindowUDF(udwf) => {
                     let Some(lstm) = udwf.inner().downcast_ref::<LstmWindowUdf>() else {
                         return Err(CompileError::msg(format!(
                             "window function `{}` is not supported in streaming rules; \
-                             supported: COUNT, SUM, AVG, MIN, MAX, STDDEV[_SAMP|_POP], \
-                             VAR[_SAMP|_POP], lstm_forecast, lstm_residual",
+                             supported: {SUPPORTED_WINDOW_FUNCTIONS}",
                             udwf.name()
                         )));
                     };
@@ -730,9 +737,43 @@ impl Lowering<'_> {
                 WindowFrameBound::CurrentRow => Frame::Rows { preceding: 0 },
                 WindowFrameBound::Following(_) => return Err(frame_error()),
             };
+            if frame == Frame::Unbounded
+                && (kind.is_some_and(AggKind::needs_bounded_frame) || is_percentile(&name))
+            {
+                return Err(CompileError::msg(format!(
+                    "`{name}` keeps its frame's values: it needs a bounded frame, ROWS BETWEEN \
+                     <n> PRECEDING AND CURRENT ROW (got {})",
+                    p.window_frame
+                )));
+            }
             // The forecaster of an LSTM function, checked against the frame.
             let mut model = None;
+            let mut kind = kind;
             let arg = match (lstm, p.args.as_slice()) {
+                (None, [a, level]) if is_percentile(&name) => {
+                    let q = match level {
+                        Expr::Literal(v, _) => {
+                            match v.cast_to(&arrow::datatypes::DataType::Float64) {
+                                Ok(ScalarValue::Float64(Some(q))) => Level::new(q),
+                                _ => None,
+                            }
+                        }
+                        _ => None,
+                    }
+                    .ok_or_else(|| {
+                        CompileError::msg(format!(
+                            "`{name}`: the level must be a number literal between 0 and 1 \
+                             (got {level})"
+                        ))
+                    })?;
+                    kind = Some(AggKind::Quantile(q));
+                    a.clone()
+                }
+                (None, _) if is_percentile(&name) => {
+                    return Err(CompileError::msg(format!(
+                        "`{name}` over a window takes a value and a level: {name}(x, 0.99)"
+                    )));
+                }
                 (None, []) => Expr::Literal(ScalarValue::Int64(Some(1)), None),
                 (None, [a]) => a.clone(),
                 (None, _) => {
@@ -870,6 +911,16 @@ impl Lowering<'_> {
             input_columns: input.fields().len(),
         })
     }
+}
+
+/// The window functions rules can use, for error messages.
+const SUPPORTED_WINDOW_FUNCTIONS: &str = "COUNT, SUM, AVG, MIN, MAX, STDDEV[_SAMP|_POP], \
+     VAR[_SAMP|_POP], MEDIAN, PERCENTILE_CONT(x, q), FIRST_VALUE, lstm_forecast, lstm_residual";
+
+/// Whether `name` is DataFusion's exact percentile aggregate (`percentile_cont`, alias
+/// `quantile_cont`), whose level is its second argument.
+fn is_percentile(name: &str) -> bool {
+    name.eq_ignore_ascii_case("percentile_cont") || name.eq_ignore_ascii_case("quantile_cont")
 }
 
 /// The schema of `metrics` restricted to what `rules` read, in the order of `full`. The time

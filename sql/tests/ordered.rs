@@ -1,0 +1,267 @@
+//! Window functions that keep their frame's values (`MEDIAN`, `PERCENTILE_CONT`,
+//! `FIRST_VALUE`) agree with DataFusion's own evaluation of the same query, are rejected
+//! where they cannot run, and carry the bundled novelty rule.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+};
+use arrow::compute::concat_batches;
+use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+use healer_operators::schema::{canonical_metrics_schema, ts_type};
+use healer_operators::unpivot::Unpivot;
+use healer_sql::{CompiledRule, RuleCompiler};
+
+const NOVELTY: &str = include_str!("../rules/novelty.sql");
+
+fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("ts", ts_type(), false),
+        Field::new("resource", DataType::Utf8, false),
+        Field::new("cpu_percent", DataType::Float64, true),
+    ]))
+}
+
+/// A deterministic uniform in [-0.5, 0.5).
+fn noise(seed: u64) -> impl FnMut() -> f64 {
+    let mut state = seed;
+    move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 11) as f64) / ((1u64 << 53) as f64) - 0.5
+    }
+}
+
+/// `resources` series of `rows` samples, one a minute, from `value(resource, t)` (`None` is
+/// NULL).
+fn series(
+    resources: usize,
+    rows: i64,
+    mut value: impl FnMut(usize, i64) -> Option<f64>,
+) -> RecordBatch {
+    let (mut ts, mut res, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
+    for t in 0..rows {
+        for r in 0..resources {
+            ts.push(1_700_000_000_000 + t * 60_000);
+            res.push(format!("host-{r}"));
+            cpu.push(value(r, t));
+        }
+    }
+    RecordBatch::try_new(
+        schema(),
+        vec![
+            Arc::new(TimestampMillisecondArray::from(ts).with_timezone("UTC")),
+            Arc::new(StringArray::from(res)),
+            Arc::new(Float64Array::from(cpu)),
+        ],
+    )
+    .unwrap()
+}
+
+fn compile(compiler: RuleCompiler, sql: &str) -> Arc<CompiledRule> {
+    compiler
+        .compile_str(Path::new("ordered.sql"), sql)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .remove(0)
+}
+
+fn run(rule: &Arc<CompiledRule>, input: &RecordBatch, chunk: usize) -> RecordBatch {
+    let mut instance = rule.instantiate().unwrap();
+    let out: Vec<RecordBatch> = (0..input.num_rows())
+        .step_by(chunk)
+        .map(|offset| {
+            let len = chunk.min(input.num_rows() - offset);
+            instance.process(input.slice(offset, len)).unwrap()
+        })
+        .collect();
+    concat_batches(&out[0].schema(), &out).unwrap()
+}
+
+fn f64s(batch: &RecordBatch, name: &str) -> Vec<Option<f64>> {
+    let a = batch
+        .column_by_name(name)
+        .unwrap()
+        .as_primitive::<Float64Type>();
+    (0..a.len())
+        .map(|i| a.is_valid(i).then(|| a.value(i)))
+        .collect()
+}
+
+#[test]
+fn ordered_functions_agree_with_datafusion() {
+    // Integers, so that the frames hold ties; NULLs, so that frames hold missing rows.
+    let mut u = noise(7);
+    let input = series(3, 300, |r, t| {
+        let v = (u() * 20.0).round() + r as f64;
+        (t % 17 != 5).then_some(v)
+    });
+    let query = "SELECT ts, resource, cpu_percent, \
+           median(cpu_percent) OVER w AS med, \
+           percentile_cont(cpu_percent, 0.9) OVER w AS p90, \
+           quantile_cont(cpu_percent, 0.999) OVER w AS p999, \
+           first_value(cpu_percent) OVER w AS first, \
+           percentile_cont(cpu_percent, 0.25) OVER (PARTITION BY resource ORDER BY ts \
+             ROWS BETWEEN 3 PRECEDING AND CURRENT ROW) AS p25_short \
+         FROM metrics \
+         WINDOW w AS (PARTITION BY resource ORDER BY ts ROWS BETWEEN 40 PRECEDING AND CURRENT ROW)";
+    let rule = compile(
+        RuleCompiler::try_new(schema())
+            .unwrap()
+            .without_output_contract(),
+        &format!("CREATE VIEW q AS {query}"),
+    );
+    let ctx = SessionContext::new();
+    let table = MemTable::try_new(schema(), vec![vec![input.clone()]]).unwrap();
+    ctx.register_table("metrics", Arc::new(table)).unwrap();
+    let reference = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let sql = format!("SELECT * FROM ({query}) ORDER BY ts, resource");
+            ctx.sql(&sql).await.unwrap().collect().await.unwrap()
+        });
+    let reference = concat_batches(&reference[0].schema(), &reference).unwrap();
+    for chunk in [1, 7, 64, input.num_rows()] {
+        let healer = run(&rule, &input, chunk);
+        assert_eq!(healer.num_rows(), reference.num_rows());
+        for column in ["med", "p90", "p999", "first", "p25_short"] {
+            let (a, b) = (f64s(&healer, column), f64s(&reference, column));
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                let same = match (x, y) {
+                    // DataFusion rounds the interpolation fraction to 1e-6 (its
+                    // INTERPOLATION_PRECISION); healer interpolates exactly. Values span < 25.
+                    (Some(x), Some(y)) => (x - y).abs() <= 25e-6,
+                    (x, y) => x == y,
+                };
+                assert!(same, "{column} row {i}, batches of {chunk}: {x:?} vs {y:?}");
+            }
+        }
+    }
+}
+
+fn errors(sql: &str) -> Vec<String> {
+    let compiler = RuleCompiler::try_new(canonical_metrics_schema()).unwrap();
+    match compiler.compile_str(Path::new("rules/bad.sql"), sql) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+#[test]
+fn bad_levels_and_unbounded_frames_are_rejected_at_load() {
+    let rule = |agg: &str, frame: &str| {
+        format!(
+            "CREATE VIEW q AS SELECT ts, resource, 'cpu' AS metric, cpu_percent AS value, \
+             {agg} OVER (PARTITION BY resource ORDER BY ts {frame}) AS score FROM metrics"
+        )
+    };
+    let rows = "ROWS BETWEEN 9 PRECEDING AND CURRENT ROW";
+    let unbounded = "ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW";
+    for (agg, frame, message) in [
+        (
+            "percentile_cont(cpu_percent, 1.5)",
+            rows,
+            "the level must be a number literal between 0 and 1",
+        ),
+        (
+            "percentile_cont(cpu_percent, cpu_percent)",
+            rows,
+            "the level must be a number literal",
+        ),
+        ("median(cpu_percent)", unbounded, "needs a bounded frame"),
+        (
+            "first_value(cpu_percent)",
+            unbounded,
+            "needs a bounded frame",
+        ),
+        (
+            "percentile_cont(cpu_percent, 0.5)",
+            unbounded,
+            "needs a bounded frame",
+        ),
+    ] {
+        let e = errors(&rule(agg, frame));
+        assert_eq!(e.len(), 1, "{agg} {frame}: {e:#?}");
+        assert!(
+            e[0].starts_with("rules/bad.sql:1:") && e[0].contains(message),
+            "{agg} {frame}: {}",
+            e[0]
+        );
+    }
+}
+
+/// The novelty rule over `input` (one metric, `cpu_percent`): (row of the series, confidence)
+/// of every anomaly of resource `host-0`.
+fn novelty(input: &RecordBatch) -> Vec<(usize, f64)> {
+    let rule = compile(RuleCompiler::try_new(schema()).unwrap(), NOVELTY);
+    let mut instance = rule.instantiate().unwrap();
+    let samples = Unpivot::try_new(&input.schema())
+        .unwrap()
+        .apply(input)
+        .unwrap();
+    let out = instance.anomalies(samples).unwrap();
+    let start = input
+        .column_by_name("ts")
+        .unwrap()
+        .as_primitive::<arrow::datatypes::TimestampMillisecondType>()
+        .value(0);
+    let ts = out
+        .column_by_name("ts")
+        .unwrap()
+        .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+    let resource = out.column_by_name("resource").unwrap().as_string::<i32>();
+    let confidence = f64s(&out, "confidence");
+    (0..out.num_rows())
+        .filter(|&i| resource.value(i) == "host-0")
+        .map(|i| {
+            let row = ((ts.value(i) - start) / 60_000) as usize;
+            (row, confidence[i].unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn novelty_flags_a_spike_and_a_shift_at_once_and_little_else() {
+    // Heavy-tailed noise (a cube of a uniform, ±5) around a daily cycle (±10); a spike at row
+    // 3,000 and, at row 5,000, a level shift beyond the range of cycle and noise.
+    let mut u = noise(11);
+    let input = series(2, 7_000, |_, t| {
+        let e = u();
+        let daily = 10.0 * (t as f64 * std::f64::consts::TAU / 1_440.0).sin();
+        let mut v = 50.0 + daily + 40.0 * e * e * e;
+        if t == 3_000 {
+            v += 30.0;
+        }
+        if t >= 5_000 {
+            v += 25.0;
+        }
+        Some(v)
+    });
+    let flags = novelty(&input);
+    assert!(flags.iter().all(|&(row, _)| row >= 299), "{flags:?}");
+    let near = |at: usize| {
+        flags
+            .iter()
+            .filter(|&&(r, _)| (at..at + 100).contains(&r))
+            .count()
+    };
+    assert_eq!(near(3_000), 1, "{flags:?}");
+    assert!(
+        flags.iter().any(|&(r, c)| r == 3_000 && c > 0.8),
+        "{flags:?}"
+    );
+    // The shift is flagged on its first row; later rows only while its ratio still grows.
+    assert!((1..=3).contains(&near(5_000)), "{flags:?}");
+    assert!(
+        flags.iter().any(|&(r, c)| r == 5_000 && c >= 0.8),
+        "{flags:?}"
+    );
+    // Elsewhere the rule flags about one sample in a thousand, at most one per 100 rows.
+    let others = flags.len() - near(3_000) - near(5_000);
+    assert!(others <= 20, "{others} other flags: {flags:?}");
+}
