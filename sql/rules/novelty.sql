@@ -2,13 +2,15 @@
 -- the series' recent median further than the series has in the last 6,000 samples, except
 -- one time in a thousand.
 --
--- Three deviations from the median of the last 6,000 samples (the current one included):
+-- Four deviations, three from the median of the last 6,000 samples (the current one
+-- included):
 --   * d_value  |x − median|, a spike or a level beyond what the series does;
 --   * d_recent |mean of the last 5 − median|, a smaller shift that persists (noise averages
 --              out over 5 samples, a shift does not);
---   * d_day    |x − the sample 288 rows back|, one day at 5-minute sampling: a break of the
---              daily pattern that stays within the series' usual range.
--- Each is divided by its own 99.9th percentile over the same 6,000 samples, so the three
+--   * d_day    |x − the sample 288 rows back|, one day at 5-minute sampling, and
+--   * d_week   |x − the sample 2,016 rows back|, one week: a break of the daily or weekly
+--              pattern that stays within the series' usual range.
+-- Each is divided by its own 99.9th percentile over the same 6,000 samples, so the four
 -- are on one scale whatever the metric's units or noise: ratio > 1 means "beyond what this
 -- series has shown 999 times in 1,000". No Gaussian assumption: infrastructure metrics are
 -- heavy-tailed, and a z-score's 3σ flags them far too often.
@@ -29,18 +31,22 @@ WITH base AS (
         COUNT(value)       OVER history AS n,
         AVG(value)         OVER recent  AS recent_mean,
         FIRST_VALUE(value) OVER day     AS day_ago,
-        COUNT(1)           OVER day     AS day_rows
+        COUNT(1)           OVER day     AS day_rows,
+        FIRST_VALUE(value) OVER week    AS week_ago,
+        COUNT(1)           OVER week    AS week_rows
     FROM samples
     WINDOW history AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 5999 PRECEDING AND CURRENT ROW),
            recent  AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 4 PRECEDING AND CURRENT ROW),
-           day     AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 288 PRECEDING AND CURRENT ROW)
+           day     AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 288 PRECEDING AND CURRENT ROW),
+           week    AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 2016 PRECEDING AND CURRENT ROW)
 ),
 deviations AS (
     SELECT
         ts, resource, metric, value, center, n,
         abs(value - center)       AS d_value,
         abs(recent_mean - center) AS d_recent,
-        CASE WHEN day_rows = 289 THEN abs(value - day_ago) END AS d_day
+        CASE WHEN day_rows = 289 THEN abs(value - day_ago) END AS d_day,
+        CASE WHEN week_rows = 2017 THEN abs(value - week_ago) END AS d_week
     FROM base
 ),
 ratios AS (
@@ -50,7 +56,8 @@ ratios AS (
         greatest(
             d_value  / NULLIF(PERCENTILE_CONT(d_value, 0.999)  OVER history, 0),
             d_recent / NULLIF(PERCENTILE_CONT(d_recent, 0.999) OVER history, 0),
-            d_day    / NULLIF(PERCENTILE_CONT(d_day, 0.999)    OVER history, 0)
+            d_day    / NULLIF(PERCENTILE_CONT(d_day, 0.999)    OVER history, 0),
+            d_week   / NULLIF(PERCENTILE_CONT(d_week, 0.999)   OVER history, 0)
         ) AS ratio
     FROM deviations
     WINDOW history AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 5999 PRECEDING AND CURRENT ROW)
