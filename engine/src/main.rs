@@ -89,11 +89,15 @@ struct EvalNabArgs {
     #[arg(long)]
     dataset: PathBuf,
     /// Rule files or directories (default: the bundled rules).
-    #[arg(long, num_args = 1..)]
+    #[arg(long, num_args = 1.., conflicts_with = "scores")]
     rules: Vec<PathBuf>,
     /// Write NAB-format result CSVs (`<out>/<category>/<file>.csv`) for every data file.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Score another detector instead of running healer's rules: NAB-format result CSVs
+    /// (`<dir>/<category>/<file>.csv` with an `anomaly_score` column, one row per data row).
+    #[arg(long)]
+    scores: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -1387,8 +1391,17 @@ async fn diagnose(args: DiagnoseArgs) -> Result<ExitCode> {
 async fn eval_nab(args: EvalNabArgs) -> Result<ExitCode> {
     use healer_engine::nab_eval;
     let series = nab_eval::load(&args.dataset)?;
-    let work = tempfile_dir()?;
-    let scores = nab_eval::detect(&series, &args.rules, work.path()).await?;
+    let (scores, detector) = match &args.scores {
+        Some(dir) => (
+            nab_eval::read_results(dir, &series)?,
+            format!("scores in {}", dir.display()),
+        ),
+        None => {
+            let work = tempfile_dir()?;
+            let scores = nab_eval::detect(&series, &args.rules, work.path()).await?;
+            (scores, "healer (this run)".to_string())
+        }
+    };
     if let Some(out) = &args.out {
         nab_eval::write_results(out, &series, &scores)
             .with_context(|| format!("writing results under {}", out.display()))?;
@@ -1414,7 +1427,7 @@ async fn eval_nab(args: EvalNabArgs) -> Result<ExitCode> {
     };
     println!(
         "  {:<28} {:>9.1} {:>14.1} {:>14.1}",
-        "healer (this run)",
+        detector,
         by_name("standard"),
         by_name("reward_low_FP_rate"),
         by_name("reward_low_FN_rate")

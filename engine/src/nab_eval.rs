@@ -286,6 +286,54 @@ pub fn write_results(out: &Path, series: &[Series], scores: &[Vec<f64>]) -> std:
     Ok(())
 }
 
+/// Scores from NAB-format result files, `<dir>/<category>/<file>.csv` with an
+/// `anomaly_score` column, one row per data row (as NAB's own `results/<detector>/` files and
+/// [`write_results`] hold them), so that any detector's output is scored by the same rules.
+/// Every labelled series needs its file; an unlabelled one without a file scores 0.
+pub fn read_results(dir: &Path, series: &[Series]) -> Result<Vec<Vec<f64>>, NabError> {
+    series
+        .iter()
+        .map(|s| {
+            let path = dir.join(&s.key);
+            let err = |reason: String| NabError::Data {
+                path: path.clone(),
+                reason,
+            };
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && s.windows.is_none() => {
+                    return Ok(vec![0.0; s.timestamps.len()]);
+                }
+                Err(e) => return Err(err(e.to_string())),
+            };
+            let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+            let header = lines.next().ok_or_else(|| err("empty file".into()))?;
+            let column = header
+                .split(',')
+                .position(|c| c.trim() == "anomaly_score")
+                .ok_or_else(|| err("no `anomaly_score` column in the header".into()))?;
+            let scores = lines
+                .enumerate()
+                .map(|(n, line)| {
+                    let cell = line.split(',').nth(column).unwrap_or_default().trim();
+                    cell.parse::<f64>()
+                        .ok()
+                        .filter(|v| !v.is_nan())
+                        .ok_or_else(|| err(format!("row {}: bad anomaly_score `{cell}`", n + 1)))
+                })
+                .collect::<Result<Vec<f64>, _>>()?;
+            if scores.len() != s.timestamps.len() {
+                return Err(err(format!(
+                    "{} scores for the data file's {} rows",
+                    scores.len(),
+                    s.timestamps.len()
+                )));
+            }
+            Ok(scores)
+        })
+        .collect()
+}
+
 /// NAB's three profiles scored over the labelled files.
 #[derive(Debug, Clone)]
 pub struct NabReport {
