@@ -81,6 +81,12 @@ struct EvalSmdArgs {
     /// The SMD folder (`train/`, `test/`, `test_label/`, `interpretation_label/`).
     #[arg(long)]
     dataset: PathBuf,
+    /// `gaussian` (Σ z² against the training data's mean and std) or `iforest`.
+    #[arg(long, default_value = "gaussian", value_parser = ["gaussian", "iforest"])]
+    detector: String,
+    /// Average each row's score with the rows before it, this many in all (1: none).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    smooth: u32,
 }
 
 #[derive(Debug, Args)]
@@ -1473,9 +1479,23 @@ async fn eval_nab(args: EvalNabArgs) -> Result<ExitCode> {
 }
 
 fn eval_smd(args: EvalSmdArgs) -> Result<ExitCode> {
-    let machines = healer_engine::smd_eval::evaluate(&args.dataset)?;
+    use healer_engine::smd_eval::{Detector, SmdOptions};
+    let options = SmdOptions {
+        detector: if args.detector == "iforest" {
+            Detector::Forest
+        } else {
+            Detector::Gaussian
+        },
+        smooth: args.smooth as usize,
+    };
+    let machines = healer_engine::smd_eval::evaluate(&args.dataset, &options)?;
+    let detector = match options.detector {
+        Detector::Forest => "isolation forest (100 trees × 256 rows, seed 0)",
+        Detector::Gaussian => "Gaussian deviation (Σ z² against train/'s mean and std)",
+    };
     println!(
-        "SMD, isolation forest (100 trees × 256 rows, seed 0) trained on train/, scored on test/"
+        "SMD, {detector} fitted on train/, scored on test/, each score averaged over {} row(s)",
+        options.smooth
     );
     println!();
     println!(

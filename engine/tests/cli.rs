@@ -666,6 +666,17 @@ fn eval_smd_on_the_shared_machines() {
         assert!(f[6].contains('/'), "culprits {line}");
     }
     assert!(stdout.contains("TCN AE"), "{stdout}");
+    // The default detector keeps the quality the README reports: mean point-wise F1 and
+    // culprit hit rate.
+    let mean: Vec<&str> = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("mean"))
+        .unwrap_or_else(|| panic!("{stdout}"))
+        .split_whitespace()
+        .collect();
+    let f1: f64 = mean[1].parse().unwrap();
+    let culprits: f64 = mean[5].parse().unwrap();
+    assert!(f1 >= 0.51 && culprits >= 0.89, "{stdout}");
 }
 
 /// The fused rule (z-score and LSTM p-values) replayed by 1 and by 2 workers in batches of
