@@ -30,6 +30,7 @@ pub mod rca;
 pub mod schema;
 pub mod scoring;
 pub mod severity;
+pub mod sorted;
 pub mod topology;
 pub mod unpivot;
 pub mod window;

@@ -30,10 +30,11 @@
 //! Amortised O(1) work per row and aggregate; memory is `series × (n + 1)` values for bounded
 //! frames and O(1) per series for unbounded ones. All ring buffers of an operator live in one
 //! slab that only grows when a new series appears. The exception is
-//! [`AggKind::Quantile`]: its argument's present values are also kept sorted, one more
-//! `n + 1` values per series, and each row moves O(n) of them (a binary search and one
-//! `memmove`; about a microsecond per row for a 6,000-row frame). The sorted copy is not
-//! saved: a restored series rebuilds it from its ring.
+//! [`AggKind::Quantile`]: its argument's present values are also kept sorted
+//! ([`SortedBlocks`](crate::sorted::SortedBlocks)), one more `n + 1` values per series, and
+//! each row costs O(√n)-like work (a search and a move within one block of at most 256
+//! values, and a walk over the block lengths). The sorted copy is not saved: a restored
+//! series rebuilds it from its ring.
 //!
 //! # Missing values
 //! NULL and NaN inputs are both *missing*: they occupy a row of the frame but are ignored by
@@ -59,6 +60,7 @@ use arrow::buffer::{BooleanBuffer, NullBuffer};
 use serde::{Deserialize, Serialize};
 
 use crate::keys::KeyValue;
+use crate::sorted::SortedBlocks;
 use crate::{OperatorError, Result};
 
 /// An aggregate function computed over a frame.
@@ -272,7 +274,7 @@ pub struct WindowOperator {
     ordered: Vec<bool>,
     /// Parallel to `series` when any aggregate is a quantile, else empty: the present values
     /// of the frame in ascending order ([`f64::total_cmp`]).
-    sorted: Vec<Vec<f64>>,
+    sorted: Vec<SortedBlocks>,
     /// Per argument: whether every aggregate reading it is computed from the running sums
     /// alone (the plain path).
     plain: Vec<bool>,
@@ -410,7 +412,7 @@ impl WindowOperator {
                 self.extremes.resize_with(needed, Extrema::default);
             }
             if self.ordered.iter().any(|o| *o) {
-                self.sorted.resize_with(needed, Vec::new);
+                self.sorted.resize_with(needed, SortedBlocks::default);
             }
         }
         let cap = self.frame.capacity();
@@ -547,15 +549,14 @@ impl WindowOperator {
                 if ordered {
                     let sorted = &mut self.sorted[s];
                     if let Some(old) = evicted.filter(|v| !v.is_nan()) {
-                        let at = sorted.partition_point(|v| v.total_cmp(&old).is_lt());
-                        sorted.remove(at);
+                        let removed = sorted.remove(old);
+                        debug_assert!(removed, "an evicted value is in the sorted set");
                     }
                     if !x.is_nan() {
-                        let at = sorted.partition_point(|v| v.total_cmp(&x).is_lt());
-                        sorted.insert(at, x);
+                        sorted.insert(x);
                     }
                     for (column, &q) in snap.quantiles.iter_mut().zip(&levels) {
-                        column[i] = quantile(sorted, q);
+                        column[i] = sorted.quantile(q);
                     }
                 }
                 if let Some(e) = ext {
@@ -858,13 +859,12 @@ impl WindowOperator {
             if let Some(sorted) = self.sorted.get_mut(base + a) {
                 // The frame's rows are the ring's last `rows` slots before `head`.
                 let rows = saved.stats.rows;
-                sorted.clear();
-                sorted.extend(
+                *sorted = SortedBlocks::from_values(
                     (0..rows)
                         .map(|k| saved.ring[(saved.stats.head + cap - rows + k) % cap])
-                        .filter(|v| !v.is_nan()),
+                        .filter(|v| !v.is_nan())
+                        .collect(),
                 );
-                sorted.sort_by(f64::total_cmp);
             }
         }
         Ok(())
@@ -930,22 +930,6 @@ fn forecast_column(
         values.into(),
         Some(NullBuffer::new(BooleanBuffer::from(valid))),
     ))
-}
-
-/// The `q` quantile of ascending `sorted`, interpolated linearly between the two nearest
-/// ranks; NaN when empty.
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    let Some(last) = sorted.len().checked_sub(1) else {
-        return f64::NAN;
-    };
-    let h = q * last as f64;
-    let lo = (h.floor() as usize).min(last);
-    let fraction = h - lo as f64;
-    if fraction == 0.0 {
-        return sorted[lo];
-    }
-    let (a, b) = (sorted[lo], sorted[(lo + 1).min(last)]);
-    a + fraction * (b - a)
 }
 
 /// A column holding `values`, NULL where a value is NaN (missing).
@@ -1707,10 +1691,6 @@ mod state_tests {
         assert_eq!(Level::new(f64::NAN), None);
         assert_eq!(Level::new(0.25).map(Level::get), Some(0.25));
         assert_eq!(AggKind::from_sql_name("MEDIAN"), Some(ORDERED[1]));
-        // Infinite values interpolate without NaN where the level falls on one of them.
-        assert_eq!(quantile(&[1.0, f64::INFINITY], 1.0), f64::INFINITY);
-        assert_eq!(quantile(&[f64::NEG_INFINITY, 1.0], 0.0), f64::NEG_INFINITY);
-        assert!(quantile(&[], 0.5).is_nan());
     }
 
     /// A forecaster for the tests: the window's last value plus its mean step, with the
