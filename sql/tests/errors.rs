@@ -151,3 +151,46 @@ mod fuzz {
         }
     }
 }
+
+#[test]
+fn bad_levels_and_unbounded_frames_are_rejected_at_load() {
+    let rule = |agg: &str, frame: &str| {
+        format!(
+            "CREATE VIEW q AS SELECT ts, resource, 'cpu' AS metric, cpu_percent AS value, \
+             {agg} OVER (PARTITION BY resource ORDER BY ts {frame}) AS score FROM metrics"
+        )
+    };
+    let rows = "ROWS BETWEEN 9 PRECEDING AND CURRENT ROW";
+    let unbounded = "ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW";
+    for (agg, frame, message) in [
+        (
+            "percentile_cont(cpu_percent, 1.5)",
+            rows,
+            "the level must be a number literal between 0 and 1",
+        ),
+        (
+            "percentile_cont(cpu_percent, cpu_percent)",
+            rows,
+            "the level must be a number literal",
+        ),
+        ("median(cpu_percent)", unbounded, "needs a bounded frame"),
+        (
+            "first_value(cpu_percent)",
+            unbounded,
+            "needs a bounded frame",
+        ),
+        (
+            "percentile_cont(cpu_percent, 0.5)",
+            unbounded,
+            "needs a bounded frame",
+        ),
+    ] {
+        let e = errors(&rule(agg, frame));
+        assert_eq!(e.len(), 1, "{agg} {frame}: {e:#?}");
+        assert!(
+            e[0].starts_with("rules/bad.sql:1:") && e[0].contains(message),
+            "{agg} {frame}: {}",
+            e[0]
+        );
+    }
+}

@@ -6,17 +6,18 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{
-    Array, AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray,
-};
+use arrow::array::{AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use arrow::compute::concat_batches;
-use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 use healer_operators::schema::ts_type;
 use healer_sql::forecast::ForecasterRegistry;
 use healer_sql::models::ModelRegistry;
 use healer_sql::{CompiledRule, RuleCompiler};
+
+mod common;
+use common::{f64s, run};
 
 fn model_dir() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -89,40 +90,6 @@ fn compile(sql: &str) -> Arc<CompiledRule> {
         .compile_str(Path::new("lstm.sql"), sql)
         .unwrap_or_else(|e| panic!("{e}"))
         .remove(0)
-}
-
-/// Runs `rule` over `input` in batches of `chunk` rows; at row `checkpoint` (if any) the state
-/// is saved and restored into a fresh instance, as a restart from a checkpoint does.
-fn run(
-    rule: &Arc<CompiledRule>,
-    input: &RecordBatch,
-    chunk: usize,
-    checkpoint: Option<usize>,
-) -> RecordBatch {
-    let mut instance = rule.instantiate().unwrap();
-    let mut out = Vec::new();
-    let mut offset = 0;
-    while offset < input.num_rows() {
-        if checkpoint == Some(offset) {
-            let state = instance.save();
-            instance = rule.instantiate().unwrap();
-            instance.restore(&state, &|_, _| true).unwrap();
-        }
-        let len = chunk.min(input.num_rows() - offset);
-        out.push(instance.process(input.slice(offset, len)).unwrap());
-        offset += len;
-    }
-    concat_batches(&out[0].schema(), &out).unwrap()
-}
-
-fn f64s(batch: &RecordBatch, name: &str) -> Vec<Option<f64>> {
-    let a = batch
-        .column_by_name(name)
-        .unwrap()
-        .as_primitive::<Float64Type>();
-    (0..a.len())
-        .map(|i| a.is_valid(i).then(|| a.value(i)))
-        .collect()
 }
 
 #[test]
