@@ -6,32 +6,22 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow::array::{AsArray, RecordBatch};
 use arrow::compute::concat_batches;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
-use healer_operators::schema::ts_type;
 use healer_sql::forecast::ForecasterRegistry;
 use healer_sql::models::ModelRegistry;
 use healer_sql::{CompiledRule, RuleCompiler};
 
 mod common;
-use common::{f64s, run};
+use common::{cpu_batch, f64s, run, schema};
 
 fn model_dir() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../models/lstm")
         .display()
         .to_string()
-}
-
-fn schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("ts", ts_type(), false),
-        Field::new("resource", DataType::Utf8, false),
-        Field::new("cpu_percent", DataType::Float64, true),
-    ]))
 }
 
 /// Three resources, 420 samples each: daily-like cycles with noise, a spike, a level shift
@@ -60,15 +50,7 @@ fn data() -> RecordBatch {
             cpu.push((!(r == 0 && (100..103).contains(&t))).then_some(v));
         }
     }
-    RecordBatch::try_new(
-        schema(),
-        vec![
-            Arc::new(TimestampMillisecondArray::from(ts).with_timezone("UTC")),
-            Arc::new(StringArray::from(res)),
-            Arc::new(Float64Array::from(cpu)),
-        ],
-    )
-    .unwrap()
+    cpu_batch(ts, res, cpu)
 }
 
 fn query(frame: usize) -> String {

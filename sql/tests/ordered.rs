@@ -5,27 +5,17 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow::array::{AsArray, RecordBatch};
 use arrow::compute::concat_batches;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
-use healer_operators::schema::ts_type;
 use healer_operators::unpivot::Unpivot;
 use healer_sql::{CompiledRule, RuleCompiler};
 
 mod common;
-use common::{f64s, run};
+use common::{cpu_batch, f64s, run, schema};
 
 const NOVELTY: &str = include_str!("../rules/novelty.sql");
-
-fn schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("ts", ts_type(), false),
-        Field::new("resource", DataType::Utf8, false),
-        Field::new("cpu_percent", DataType::Float64, true),
-    ]))
-}
 
 /// A deterministic uniform in [-0.5, 0.5).
 fn noise(seed: u64) -> impl FnMut() -> f64 {
@@ -53,15 +43,7 @@ fn series(
             cpu.push(value(r, t));
         }
     }
-    RecordBatch::try_new(
-        schema(),
-        vec![
-            Arc::new(TimestampMillisecondArray::from(ts).with_timezone("UTC")),
-            Arc::new(StringArray::from(res)),
-            Arc::new(Float64Array::from(cpu)),
-        ],
-    )
-    .unwrap()
+    cpu_batch(ts, res, cpu)
 }
 
 fn compile(compiler: RuleCompiler, sql: &str) -> Arc<CompiledRule> {

@@ -2,10 +2,35 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::array::{
+    Array, AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+};
 use arrow::compute::concat_batches;
-use arrow::datatypes::Float64Type;
+use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
+use healer_operators::schema::ts_type;
 use healer_sql::CompiledRule;
+
+/// The `metrics` stream of the tests: `ts`, `resource` and one metric, `cpu_percent`.
+pub fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("ts", ts_type(), false),
+        Field::new("resource", DataType::Utf8, false),
+        Field::new("cpu_percent", DataType::Float64, true),
+    ]))
+}
+
+/// A batch of [`schema`] from its columns (`ts` in ms since the epoch).
+pub fn cpu_batch(ts: Vec<i64>, res: Vec<String>, cpu: Vec<Option<f64>>) -> RecordBatch {
+    RecordBatch::try_new(
+        schema(),
+        vec![
+            Arc::new(TimestampMillisecondArray::from(ts).with_timezone("UTC")),
+            Arc::new(StringArray::from(res)),
+            Arc::new(Float64Array::from(cpu)),
+        ],
+    )
+    .unwrap()
+}
 
 /// Runs `rule` over `input` in batches of `chunk` rows; at row `checkpoint` (if any) the state
 /// is saved and restored into a fresh instance, as a restart from a checkpoint does.
