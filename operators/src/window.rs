@@ -32,8 +32,8 @@
 //! slab that only grows when a new series appears. The exception is
 //! [`AggKind::Quantile`]: its argument's present values are also kept sorted
 //! ([`SortedBlocks`](crate::sorted::SortedBlocks)), one more `n + 1` values per series, and
-//! each row costs O(√n)-like work (a search and a move within one block of at most 256
-//! values, and a walk over the block lengths). The sorted copy is not saved: a restored
+//! each row costs a search and a move within one block of at most 256 values plus a walk
+//! over the block lengths (about n / 128 of them). The sorted copy is not saved: a restored
 //! series rebuilds it from its ring.
 //!
 //! # Missing values
