@@ -31,7 +31,7 @@
 //! frames and O(1) per series for unbounded ones. All ring buffers of an operator live in one
 //! slab that only grows when a new series appears. The exception is
 //! [`AggKind::Quantile`]: its argument's present values are also kept sorted
-//! ([`SortedBlocks`](crate::sorted::SortedBlocks)), one more `n + 1` values per series, and
+//! ([`SortedBlocks`]), one more `n + 1` values per series, and
 //! each row costs a search and a move within one block of at most 256 values plus a walk
 //! over the block lengths (about n / 128 of them). The sorted copy is not saved: a restored
 //! series rebuilds it from its ring.
