@@ -1,4 +1,5 @@
-//! A multiset of `f64` in [`f64::total_cmp`] order, for windowed quantiles.
+//! Ordered state for windowed quantiles: [`SortedBlocks`], every value of a window in order,
+//! and [`TopK`], just the candidates for a window's `k` largest values.
 //!
 //! Values are kept in sorted blocks of at most `2 × BLOCK` values, the layout of Python's
 //! `sortedcontainers`: an insert or a removal finds its block by a binary search over the
@@ -133,6 +134,138 @@ impl SortedBlocks {
     }
 }
 
+/// The candidates for the `k` largest values of a sliding window, for quantiles near 1.
+///
+/// A value stays a candidate until `k` larger values have arrived after it: from then on
+/// those `k` values share every window that holds it, so it can never again be among the
+/// `k` largest. What remains depends only on the window's contents (rebuilding from them
+/// gives the same set), and is about `k · (1 + ln(n / k))` values for noise, `k` for a rising
+/// series and at worst all `n` for a falling one. Each value costs one pass over the
+/// candidates, against a search and a move in a [`SortedBlocks`] of the whole window.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TopK {
+    /// Candidates, oldest first, from `start` on: sequence numbers, values, and how many
+    /// later values are larger.
+    seqs: Vec<u64>,
+    values: Vec<f64>,
+    beaten: Vec<u32>,
+    start: usize,
+    /// The largest candidates, descending, at most `k` of them; `None` after one of them
+    /// left the window, until the next query rebuilds it.
+    largest: Option<Vec<(f64, u64)>>,
+}
+
+impl TopK {
+    /// Drops the candidates older than sequence number `first`.
+    pub fn evict_before(&mut self, first: u64) {
+        while self.start < self.seqs.len() && self.seqs[self.start] < first {
+            self.start += 1;
+        }
+        if self
+            .largest
+            .as_ref()
+            .is_some_and(|l| l.iter().any(|&(_, seq)| seq < first))
+        {
+            self.largest = None;
+        }
+        if self.start > 64 && self.start * 2 > self.seqs.len() {
+            self.seqs.drain(..self.start);
+            self.values.drain(..self.start);
+            self.beaten.drain(..self.start);
+            self.start = 0;
+        }
+    }
+
+    /// Adds `x`, the value of sequence number `seq` (later than every candidate), keeping
+    /// the candidates for the `k` largest.
+    pub fn push(&mut self, seq: u64, x: f64, k: usize) {
+        let k = u32::try_from(k).unwrap_or(u32::MAX);
+        let mut dominated = false;
+        for (v, b) in self.values[self.start..]
+            .iter()
+            .zip(&mut self.beaten[self.start..])
+        {
+            let larger = u32::from(v.total_cmp(&x).is_lt());
+            *b += larger;
+            dominated |= *b >= k;
+        }
+        if dominated {
+            let mut keep = self.start;
+            for i in self.start..self.seqs.len() {
+                if self.beaten[i] < k {
+                    self.seqs[keep] = self.seqs[i];
+                    self.values[keep] = self.values[i];
+                    self.beaten[keep] = self.beaten[i];
+                    keep += 1;
+                }
+            }
+            self.seqs.truncate(keep);
+            self.values.truncate(keep);
+            self.beaten.truncate(keep);
+        }
+        self.seqs.push(seq);
+        self.values.push(x);
+        self.beaten.push(0);
+        if let Some(largest) = &mut self.largest {
+            let at = largest.partition_point(|&(v, _)| v.total_cmp(&x).is_ge());
+            if at < k as usize {
+                largest.insert(at, (x, seq));
+                largest.truncate(k as usize);
+            }
+        }
+    }
+
+    /// Number of candidates.
+    pub fn len(&self) -> usize {
+        self.seqs.len() - self.start
+    }
+
+    /// Whether there are no candidates.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The `q` quantile of a window of `n` present values whose `k` largest are among the
+    /// candidates, as [`SortedBlocks::quantile`] computes it: `NaN` when `n` is 0 or when
+    /// the ranks it needs are not among the `k` largest.
+    pub fn quantile(&mut self, q: f64, n: usize, k: usize) -> f64 {
+        let Some(last) = n.checked_sub(1) else {
+            return f64::NAN;
+        };
+        let h = q * last as f64;
+        let lo = (h.floor() as usize).min(last);
+        let fraction = h - lo as f64;
+        // Ranks from the top: the value at `lo` is the (last - lo)-th largest (0-based).
+        let from_top = last - lo;
+        let largest = self.largest.get_or_insert_with(|| {
+            let mut all: Vec<(f64, u64)> = self.values[self.start..]
+                .iter()
+                .copied()
+                .zip(self.seqs[self.start..].iter().copied())
+                .collect();
+            all.sort_by(|a, b| b.0.total_cmp(&a.0));
+            all.truncate(k);
+            all
+        });
+        let Some(&(a, _)) = largest.get(from_top) else {
+            return f64::NAN;
+        };
+        if fraction == 0.0 || from_top == 0 {
+            return a;
+        }
+        // The next rank up.
+        let b = largest[from_top - 1].0;
+        a + fraction * (b - a)
+    }
+}
+
+/// The `k` a [`TopK`] needs for the `q` quantile of windows of up to `n` values:
+/// `n − ⌊q(n − 1)⌋` ranks from the top, at most `⌈(1 − q)(n − 1)⌉ + 1`, plus one for the
+/// interpolation.
+pub fn top_k_for(q: f64, n: usize) -> usize {
+    ((1.0 - q) * n.saturating_sub(1) as f64).ceil() as usize + 2
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +304,56 @@ mod tests {
                 prop_assert!(set.blocks.iter().all(|b| (1..=2 * BLOCK).contains(&b.len())));
             }
         }
+    }
+
+    proptest! {
+        /// Over a sliding window, a `TopK` gives the same high quantiles as a sort of the
+        /// window, bit for bit, with ties and missing values (NaN is skipped by the caller).
+        #[test]
+        fn top_k_matches_a_sort_of_the_window(
+            xs in proptest::collection::vec(
+                proptest::option::weighted(0.9, (-30i32..30).prop_map(f64::from)),
+                1..600,
+            ),
+            window in 1usize..200,
+            q in prop_oneof![Just(1.0), Just(0.999), Just(0.99), Just(0.95), Just(0.9)],
+        ) {
+            let k = top_k_for(q, window);
+            let mut top = TopK::default();
+            let mut most = 0;
+            for (t, x) in xs.iter().enumerate() {
+                let first = (t + 1).saturating_sub(window);
+                top.evict_before(first as u64);
+                if let Some(x) = x {
+                    top.push(t as u64, *x, k);
+                }
+                most = most.max(top.len());
+                let frame: Vec<f64> = xs[first..=t].iter().flatten().copied().collect();
+                let expected = SortedBlocks::from_values(frame.clone()).quantile(q);
+                let got = top.quantile(q, frame.len(), k);
+                prop_assert_eq!(got.to_bits(), expected.to_bits(), "row {} of {:?}", t, frame);
+            }
+            prop_assert!(most <= window);
+        }
+    }
+
+    #[test]
+    fn top_k_keeps_few_candidates_for_noise_and_a_rising_series() {
+        let mut top = TopK::default();
+        let mut state = 1u64;
+        for t in 0..20_000u64 {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            top.evict_before(t.saturating_sub(5_999));
+            top.push(t, (state >> 11) as f64, top_k_for(0.999, 6_000));
+        }
+        assert!(top.len() < 120, "{} candidates", top.len());
+        let mut rising = TopK::default();
+        for t in 0..10_000u64 {
+            rising.push(t, t as f64, 8);
+        }
+        assert_eq!(rising.len(), 8);
     }
 
     #[test]

@@ -30,11 +30,13 @@
 //! Amortised O(1) work per row and aggregate; memory is `series × (n + 1)` values for bounded
 //! frames and O(1) per series for unbounded ones. All ring buffers of an operator live in one
 //! slab that only grows when a new series appears. The exception is
-//! [`AggKind::Quantile`]: its argument's present values are also kept sorted
-//! ([`SortedBlocks`]), one more `n + 1` values per series, and
-//! each row costs a search and a move within one block of at most 256 values plus a walk
-//! over the block lengths (about n / 128 of them). The sorted copy is not saved: a restored
-//! series rebuilds it from its ring.
+//! [`AggKind::Quantile`]. Quantiles within 64 ranks of the top (the 99.9th percentile of a
+//! 6,000-row frame needs 8) keep only the candidates for the frame's largest values
+//! ([`TopK`]: about `k · (1 + ln(n / k))` of them for noise), each row costing a pass over
+//! them. Other quantiles keep the argument's present values sorted ([`SortedBlocks`]), one
+//! more `n + 1` values per series, each row costing a search and a move within one block of
+//! at most 256 values plus a walk over the block lengths. Neither is saved: a restored series
+//! rebuilds it from its ring.
 //!
 //! # Missing values
 //! NULL and NaN inputs are both *missing*: they occupy a row of the frame but are ignored by
@@ -60,7 +62,7 @@ use arrow::buffer::{BooleanBuffer, NullBuffer};
 use serde::{Deserialize, Serialize};
 
 use crate::keys::KeyValue;
-use crate::sorted::SortedBlocks;
+use crate::sorted::{SortedBlocks, TopK, top_k_for};
 use crate::{OperatorError, Result};
 
 /// An aggregate function computed over a frame.
@@ -177,11 +179,6 @@ impl AggKind {
         matches!(self, AggKind::Min | AggKind::Max)
     }
 
-    /// Whether the kind keeps its argument's present values in order.
-    fn needs_order(self) -> bool {
-        matches!(self, AggKind::Quantile(_))
-    }
-
     /// Whether the kind is defined over bounded frames only.
     pub fn needs_bounded_frame(self) -> bool {
         matches!(self, AggKind::Quantile(_) | AggKind::FirstValue)
@@ -251,6 +248,22 @@ struct Series {
     seq: u64,
 }
 
+/// The ordered state an argument's quantiles need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// No quantile reads the argument.
+    None,
+    /// Every present value of the frame, sorted.
+    Sorted,
+    /// Only the candidates for the frame's `k` largest values: every quantile of the
+    /// argument is close enough to 1 (at most [`TOP_K_LIMIT`] ranks from the top).
+    Top(usize),
+}
+
+/// The most ranks from the top for which quantiles keep a [`TopK`] instead of sorting the
+/// whole frame.
+const TOP_K_LIMIT: usize = 64;
+
 /// Monotonic deques of (seq, value) for MIN / MAX of one series, kept only when needed.
 #[derive(Debug, Clone, Default)]
 struct Extrema {
@@ -270,11 +283,13 @@ pub struct WindowOperator {
     series: Vec<Series>,
     /// Parallel to `series` when any aggregate is MIN or MAX, else empty.
     extremes: Vec<Extrema>,
-    /// Per argument: whether a quantile reads it, so its present values are kept sorted.
-    ordered: Vec<bool>,
-    /// Parallel to `series` when any aggregate is a quantile, else empty: the present values
-    /// of the frame in ascending order ([`f64::total_cmp`]).
+    /// Per argument: the ordered state its quantiles read.
+    ordered: Vec<Order>,
+    /// Parallel to `series` when any argument keeps [`Order::Sorted`], else empty: the
+    /// present values of the frame in ascending order ([`f64::total_cmp`]).
     sorted: Vec<SortedBlocks>,
+    /// Parallel to `series` when any argument keeps [`Order::Top`], else empty.
+    tops: Vec<TopK>,
     /// Per argument: whether every aggregate reading it is computed from the running sums
     /// alone (the plain path).
     plain: Vec<bool>,
@@ -368,12 +383,20 @@ impl WindowOperator {
             )));
         }
         let mut extrema = vec![false; n_args];
-        let mut ordered = vec![false; n_args];
+        let mut ordered = vec![Order::None; n_args];
         let mut plain = vec![true; n_args];
         for a in &aggregates {
             extrema[a.arg] |= a.kind.needs_extrema();
-            ordered[a.arg] |= a.kind.needs_order();
             plain[a.arg] &= a.kind.is_plain();
+            if let AggKind::Quantile(q) = a.kind {
+                let k = top_k_for(q.get(), frame.capacity());
+                ordered[a.arg] = match ordered[a.arg] {
+                    Order::Sorted => Order::Sorted,
+                    _ if k > TOP_K_LIMIT => Order::Sorted,
+                    Order::Top(other) => Order::Top(other.max(k)),
+                    Order::None => Order::Top(k),
+                };
+            }
         }
         Ok(Self {
             frame,
@@ -384,6 +407,7 @@ impl WindowOperator {
             extremes: Vec::new(),
             ordered,
             sorted: Vec::new(),
+            tops: Vec::new(),
             plain,
             slab: Vec::new(),
             stride: 0,
@@ -411,8 +435,11 @@ impl WindowOperator {
             if self.extrema.iter().any(|e| *e) {
                 self.extremes.resize_with(needed, Extrema::default);
             }
-            if self.ordered.iter().any(|o| *o) {
+            if self.ordered.contains(&Order::Sorted) {
                 self.sorted.resize_with(needed, SortedBlocks::default);
+            }
+            if self.ordered.iter().any(|o| matches!(o, Order::Top(_))) {
+                self.tops.resize_with(needed, TopK::default);
             }
         }
         let cap = self.frame.capacity();
@@ -546,17 +573,32 @@ impl WindowOperator {
                     let slot = (series.head + cap - series.rows) % cap;
                     snap.first[i] = self.slab[slot * self.stride + s];
                 }
-                if ordered {
-                    let sorted = &mut self.sorted[s];
-                    if let Some(old) = evicted.filter(|v| !v.is_nan()) {
-                        let removed = sorted.remove(old);
-                        debug_assert!(removed, "an evicted value is in the sorted set");
+                match ordered {
+                    Order::None => {}
+                    Order::Sorted => {
+                        let sorted = &mut self.sorted[s];
+                        if let Some(old) = evicted.filter(|v| !v.is_nan()) {
+                            let removed = sorted.remove(old);
+                            debug_assert!(removed, "an evicted value is in the sorted set");
+                        }
+                        if !x.is_nan() {
+                            sorted.insert(x);
+                        }
+                        for (column, &q) in snap.quantiles.iter_mut().zip(&levels) {
+                            column[i] = sorted.quantile(q);
+                        }
                     }
-                    if !x.is_nan() {
-                        sorted.insert(x);
-                    }
-                    for (column, &q) in snap.quantiles.iter_mut().zip(&levels) {
-                        column[i] = sorted.quantile(q);
+                    Order::Top(k) => {
+                        // The frame holds sequence numbers (seq - rows ..= seq - 1).
+                        let top = &mut self.tops[s];
+                        top.evict_before(series.seq - series.rows as u64);
+                        if !x.is_nan() {
+                            top.push(series.seq - 1, x, k);
+                        }
+                        let n = series.n as usize;
+                        for (column, &q) in snap.quantiles.iter_mut().zip(&levels) {
+                            column[i] = top.quantile(q, n, k);
+                        }
                     }
                 }
                 if let Some(e) = ext {
@@ -856,15 +898,25 @@ impl WindowOperator {
                 e.min = saved.min.iter().copied().collect();
                 e.max = saved.max.iter().copied().collect();
             }
-            if let Some(sorted) = self.sorted.get_mut(base + a) {
-                // The frame's rows are the ring's last `rows` slots before `head`.
-                let rows = saved.stats.rows;
-                *sorted = SortedBlocks::from_values(
-                    (0..rows)
-                        .map(|k| saved.ring[(saved.stats.head + cap - rows + k) % cap])
-                        .filter(|v| !v.is_nan())
-                        .collect(),
-                );
+            // The frame's rows are the ring's last `rows` slots before `head`, oldest first.
+            let rows = saved.stats.rows;
+            let frame = (0..rows).map(|k| saved.ring[(saved.stats.head + cap - rows + k) % cap]);
+            match self.ordered[a] {
+                Order::None => {}
+                Order::Sorted => {
+                    self.sorted[base + a] =
+                        SortedBlocks::from_values(frame.filter(|v| !v.is_nan()).collect());
+                }
+                Order::Top(k) => {
+                    let first = saved.stats.seq - rows as u64;
+                    let mut top = TopK::default();
+                    for (seq, v) in (first..).zip(frame) {
+                        if !v.is_nan() {
+                            top.push(seq, v, k);
+                        }
+                    }
+                    self.tops[base + a] = top;
+                }
             }
         }
         Ok(())
@@ -1676,6 +1728,65 @@ mod state_tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Large frames: the median sorts the whole frame in blocks, a lone 99.9th percentile
+    /// keeps only the top candidates; both equal a sort of each frame and continue bit for
+    /// bit after a save and restore.
+    #[test]
+    fn large_frames_sorted_and_top_k_match_and_restore() {
+        let preceding = 999;
+        let frame = Frame::Rows { preceding };
+        let mut state = 7u64;
+        let xs: Vec<Option<f64>> = (0..3_000)
+            .map(|t| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let v = ((state >> 40) % 500) as f64 + if t > 2_000 { 300.0 } else { 0.0 };
+                (t % 97 != 3).then_some(v)
+            })
+            .collect();
+        let median = AggKind::Quantile(Level::new(0.5).unwrap());
+        let high = AggKind::Quantile(Level::new(0.999).unwrap());
+        let aggregates = vec![
+            Aggregate {
+                kind: median,
+                arg: 0,
+            },
+            Aggregate { kind: high, arg: 0 },
+            Aggregate { kind: high, arg: 1 },
+        ];
+        let op = || WindowOperator::try_new(frame, 2, aggregates.clone()).unwrap();
+        assert_eq!(op().ordered, vec![Order::Sorted, Order::Top(3)]);
+        let feed = |op: &mut WindowOperator, rows: &[Option<f64>]| -> Vec<Vec<Option<u64>>> {
+            let x = Float64Array::from(rows.to_vec());
+            let out = op.process(&vec![0; rows.len()], &[x.clone(), x]).unwrap();
+            out.iter()
+                .map(|a| {
+                    let a = a.as_any().downcast_ref::<Float64Array>().unwrap();
+                    (0..a.len())
+                        .map(|i| a.is_valid(i).then(|| a.value(i).to_bits()))
+                        .collect()
+                })
+                .collect()
+        };
+        let whole = feed(&mut op(), &xs);
+        for (agg, out) in aggregates.iter().zip(&whole) {
+            let expected = ordered_reference(&xs, preceding, agg.kind);
+            let expected: Vec<Option<u64>> = expected.iter().map(|v| v.map(f64::to_bits)).collect();
+            assert_eq!(out, &expected, "{agg:?}");
+        }
+        let mut first = op();
+        let head = feed(&mut first, &xs[..1_700]);
+        let state = first.export_group(0, vec![]).unwrap();
+        let mut restored = op();
+        restored.import_group(0, &state).unwrap();
+        let tail = feed(&mut restored, &xs[1_700..]);
+        for (w, (h, t)) in whole.iter().zip(head.iter().zip(&tail)) {
+            let joined: Vec<Option<u64>> = h.iter().chain(t).copied().collect();
+            assert_eq!(w, &joined);
         }
     }
 
