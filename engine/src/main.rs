@@ -82,10 +82,14 @@ struct EvalSmdArgs {
     #[arg(long)]
     dataset: PathBuf,
     /// `gaussian` (Σ z² against the training data's mean and std) or `iforest`.
-    #[arg(long, default_value = "gaussian", value_parser = ["gaussian", "iforest"])]
-    detector: String,
+    #[arg(long, value_enum, default_value_t = healer_engine::smd_eval::Detector::Gaussian)]
+    detector: healer_engine::smd_eval::Detector,
     /// Average each row's score with the rows before it, this many in all (1: none).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(
+        long,
+        default_value_t = healer_engine::smd_eval::DEFAULT_SMOOTH as u32,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
     smooth: u32,
 }
 
@@ -1479,22 +1483,14 @@ async fn eval_nab(args: EvalNabArgs) -> Result<ExitCode> {
 }
 
 fn eval_smd(args: EvalSmdArgs) -> Result<ExitCode> {
-    use healer_engine::smd_eval::{Detector, SmdOptions};
-    let options = SmdOptions {
-        detector: if args.detector == "iforest" {
-            Detector::Forest
-        } else {
-            Detector::Gaussian
-        },
+    let options = healer_engine::smd_eval::SmdOptions {
+        detector: args.detector,
         smooth: args.smooth as usize,
     };
     let machines = healer_engine::smd_eval::evaluate(&args.dataset, &options)?;
-    let detector = match options.detector {
-        Detector::Forest => "isolation forest (100 trees × 256 rows, seed 0)",
-        Detector::Gaussian => "Gaussian deviation (Σ z² against train/'s mean and std)",
-    };
     println!(
-        "SMD, {detector} fitted on train/, scored on test/, each score averaged over {} row(s)",
+        "SMD, {} fitted on train/, scored on test/, each score averaged over {} row(s)",
+        options.detector.describe(),
         options.smooth
     );
     println!();

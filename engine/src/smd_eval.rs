@@ -32,16 +32,31 @@ pub struct SmdError {
 }
 
 /// What scores the test rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Detector {
     /// healer's isolation forest (the model `healer train iforest` writes, its defaults: 100
     /// trees, 256 rows per tree, seed 0) over all metrics.
+    #[value(name = "iforest")]
     Forest,
     /// Gaussian deviation: Σ over metrics of z², z = (x − mean) / std with each metric's
     /// mean and population standard deviation on the training data (a metric constant there
-    /// is measured in its own units). The "raw signal" detector of Garg et al. (2021).
+    /// is measured in its own units); close to the "raw signal" detector of Garg et al.
+    /// (2021), whose exact scoring may differ.
     Gaussian,
 }
+
+impl Detector {
+    /// A one-line description, for reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Detector::Forest => "isolation forest (100 trees × 256 rows, seed 0)",
+            Detector::Gaussian => "Gaussian deviation (Σ z² against train/'s mean and std)",
+        }
+    }
+}
+
+/// Rows the default score is averaged over: ten minutes at SMD's one-minute sampling.
+pub const DEFAULT_SMOOTH: usize = 10;
 
 /// How `healer eval smd` scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +72,7 @@ impl Default for SmdOptions {
     fn default() -> Self {
         Self {
             detector: Detector::Gaussian,
-            smooth: 10,
+            smooth: DEFAULT_SMOOTH,
         }
     }
 }
@@ -70,11 +85,10 @@ fn mean_std(column: &[f64]) -> (f64, f64) {
     (mean, if std > 0.0 { std } else { 1.0 })
 }
 
-/// Σ z² of every test row against the training columns' mean and standard deviation.
-fn gaussian_scores(train: &[&[f64]], test: &[&[f64]], rows: usize) -> Vec<f64> {
+/// Σ z² of every test row against each column's training mean and standard deviation.
+fn gaussian_scores(centre: &[(f64, f64)], test: &[&[f64]], rows: usize) -> Vec<f64> {
     let mut scores = vec![0.0; rows];
-    for (tr, te) in train.iter().zip(test) {
-        let (mean, std) = mean_std(tr);
+    for (&(mean, std), te) in centre.iter().zip(test) {
         for (s, x) in scores.iter_mut().zip(te.iter()) {
             let z = (x - mean) / std;
             *s += z * z;
@@ -173,6 +187,9 @@ pub fn evaluate_machine(
         .select(&train.names)
         .map_err(|e| err(&label_path, e))?;
     let test_columns = test.select(&train.names).map_err(|e| err(&label_path, e))?;
+    // Each dimension's mean and standard deviation on the training data: the Gaussian
+    // detector's parameters and the culprit ranking's scale.
+    let centre: Vec<(f64, f64)> = train_columns.iter().map(|c| mean_std(c)).collect();
     let scores = match options.detector {
         Detector::Forest => {
             let model = IforestModel::train(
@@ -189,7 +206,7 @@ pub fn evaluate_machine(
                 .map_err(|e| err(&label_path, e.to_string()))?;
             scores
         }
-        Detector::Gaussian => gaussian_scores(&train_columns, &test_columns, test.rows()),
+        Detector::Gaussian => gaussian_scores(&centre, &test_columns, test.rows()),
     };
     let scores = trailing_mean(&scores, options.smooth);
     let missing = |what: &str| {
@@ -206,8 +223,6 @@ pub fn evaluate_machine(
     let interpretation = dataset.join("interpretation_label").join(&file);
     let culprits = match std::fs::read_to_string(&interpretation) {
         Ok(text) => {
-            // Each dimension's mean and standard deviation on the training data.
-            let centre: Vec<(f64, f64)> = train_columns.iter().map(|c| mean_std(c)).collect();
             let segments = parse_interpretation(&text);
             let mut hits = 0;
             for (start, end, dims) in &segments {
@@ -218,11 +233,8 @@ pub fn evaluate_machine(
                     .enumerate()
                     .map(|(d, (col, &(m, std)))| {
                         let rows = &col[start.min(end)..=end];
-                        let mean = rows
-                            .iter()
-                            .map(|x| ((x - m) / std) * ((x - m) / std))
-                            .sum::<f64>()
-                            / rows.len().max(1) as f64;
+                        let z2 = |x: &f64| ((x - m) / std).powi(2);
+                        let mean = rows.iter().map(z2).sum::<f64>() / rows.len().max(1) as f64;
                         (d + 1, mean)
                     })
                     .collect();
@@ -290,8 +302,10 @@ mod tests {
     fn gaussian_scores_sum_squared_z() {
         // Training mean 2 and std 1 in the first metric; the second is constant (std 1).
         let (a, b) = ([1.0, 3.0], [5.0, 5.0]);
+        let centre = [mean_std(&a), mean_std(&b)];
+        assert_eq!(centre, [(2.0, 1.0), (5.0, 1.0)]);
         let (ta, tb) = ([2.0, 4.0], [5.0, 7.0]);
-        let s = gaussian_scores(&[&a, &b], &[&ta, &tb], 2);
+        let s = gaussian_scores(&centre, &[&ta, &tb], 2);
         assert_eq!(s, vec![0.0, 4.0 + 4.0]);
     }
 

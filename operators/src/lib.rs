@@ -52,3 +52,16 @@ pub enum OperatorError {
 
 /// Result alias of this crate.
 pub type Result<T, E = OperatorError> = std::result::Result<T, E>;
+
+/// Deterministic pseudo-random `u64`s for tests (Knuth's MMIX linear congruential
+/// generator), so that test data needs no dependency and never changes.
+#[cfg(test)]
+pub(crate) fn test_randoms(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed;
+    move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        state
+    }
+}

@@ -1,7 +1,7 @@
 //! Ordered state for windowed quantiles: [`SortedBlocks`], every value of a window in order,
 //! and [`TopK`], just the candidates for a window's `k` largest values.
 //!
-//! Values are kept in sorted blocks of at most `2 × BLOCK` values, the layout of Python's
+//! [`SortedBlocks`] keeps its values in sorted blocks of at most `2 × BLOCK` values, the layout of Python's
 //! `sortedcontainers`: an insert or a removal finds its block by a binary search over the
 //! blocks' last values and moves at most one block's values, instead of half the whole set as
 //! a single sorted vector does (the `memmove` that dominated a 6,000-value window). The `k`-th
@@ -35,12 +35,6 @@ impl SortedBlocks {
     /// Whether there are no values.
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    /// Removes every value.
-    pub fn clear(&mut self) {
-        self.blocks.clear();
-        self.len = 0;
     }
 
     /// Index of the first block whose last value is not below `x` (`blocks.len()` if none).
@@ -114,22 +108,16 @@ impl SortedBlocks {
     /// The `q` quantile, interpolated linearly between the two nearest ranks as
     /// `PERCENTILE_CONT` does; NaN when empty.
     pub fn quantile(&self, q: f64) -> f64 {
-        let Some(last) = self.len.checked_sub(1) else {
+        let Some((lo, fraction)) = rank(q, self.len) else {
             return f64::NAN;
         };
-        let h = q * last as f64;
-        let lo = (h.floor() as usize).min(last);
-        let fraction = h - lo as f64;
         let a = self.get(lo).unwrap_or(f64::NAN);
-        if fraction == 0.0 {
-            return a;
-        }
-        let b = self.get((lo + 1).min(last)).unwrap_or(f64::NAN);
-        a + fraction * (b - a)
+        interpolate(a, || self.get(lo + 1).unwrap_or(f64::NAN), fraction)
     }
 
     /// All values, ascending.
-    pub fn iter(&self) -> impl Iterator<Item = f64> + '_ {
+    #[cfg(test)]
+    fn iter(&self) -> impl Iterator<Item = f64> + '_ {
         self.blocks.iter().flatten().copied()
     }
 }
@@ -229,14 +217,11 @@ impl TopK {
     /// candidates, as [`SortedBlocks::quantile`] computes it: `NaN` when `n` is 0 or when
     /// the ranks it needs are not among the `k` largest.
     pub fn quantile(&mut self, q: f64, n: usize, k: usize) -> f64 {
-        let Some(last) = n.checked_sub(1) else {
+        let Some((lo, fraction)) = rank(q, n) else {
             return f64::NAN;
         };
-        let h = q * last as f64;
-        let lo = (h.floor() as usize).min(last);
-        let fraction = h - lo as f64;
-        // Ranks from the top: the value at `lo` is the (last - lo)-th largest (0-based).
-        let from_top = last - lo;
+        // Ranks from the top: the value at `lo` is the (n - 1 - lo)-th largest (0-based).
+        let from_top = n - 1 - lo;
         let largest = self.largest.get_or_insert_with(|| {
             let mut all: Vec<(f64, u64)> = self.values[self.start..]
                 .iter()
@@ -250,12 +235,27 @@ impl TopK {
         let Some(&(a, _)) = largest.get(from_top) else {
             return f64::NAN;
         };
-        if fraction == 0.0 || from_top == 0 {
-            return a;
-        }
-        // The next rank up.
-        let b = largest[from_top - 1].0;
-        a + fraction * (b - a)
+        // The next rank up (a fraction only exists below the top rank).
+        interpolate(a, || largest[from_top - 1].0, fraction)
+    }
+}
+
+/// Where the `q` quantile of `n` ascending values falls, as `PERCENTILE_CONT` places it:
+/// the 0-based rank at or below it and the fraction of the way to the next rank (0 at the
+/// top rank). `None` when `n` is 0.
+fn rank(q: f64, n: usize) -> Option<(usize, f64)> {
+    let last = n.checked_sub(1)?;
+    let h = q * last as f64;
+    let lo = (h.floor() as usize).min(last);
+    Some((lo, if lo == last { 0.0 } else { h - lo as f64 }))
+}
+
+/// `a + fraction · (b − a)`, reading `b` only when the fraction is not 0.
+fn interpolate(a: f64, b: impl FnOnce() -> f64, fraction: f64) -> f64 {
+    if fraction == 0.0 {
+        a
+    } else {
+        a + fraction * (b() - a)
     }
 }
 
@@ -340,13 +340,10 @@ mod tests {
     #[test]
     fn top_k_keeps_few_candidates_for_noise_and_a_rising_series() {
         let mut top = TopK::default();
-        let mut state = 1u64;
+        let mut random = crate::test_randoms(1);
         for t in 0..20_000u64 {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
             top.evict_before(t.saturating_sub(5_999));
-            top.push(t, (state >> 11) as f64, top_k_for(0.999, 6_000));
+            top.push(t, (random() >> 11) as f64, top_k_for(0.999, 6_000));
         }
         assert!(top.len() < 120, "{} candidates", top.len());
         let mut rising = TopK::default();

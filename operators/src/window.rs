@@ -491,6 +491,10 @@ impl WindowOperator {
             let extrema = self.extrema[arg];
             let forecast = self.forecast_args[arg];
             let ordered = self.ordered[arg];
+            let first_value = self
+                .aggregates
+                .iter()
+                .any(|a| a.arg == arg && a.kind == AggKind::FirstValue);
             self.gathered.values.clear();
             self.gathered.rows.clear();
             self.gathered.forecast_of = None;
@@ -531,8 +535,8 @@ impl WindowOperator {
                 } else {
                     None
                 };
-                // The value this row evicts from a full bounded frame.
-                let evicted = (cap > 0 && series.rows == cap)
+                // The value this row evicts from a full bounded frame, for the sorted values.
+                let evicted = (ordered == Order::Sorted && series.rows == cap)
                     .then(|| self.slab[series.head * self.stride + s]);
                 match self.frame {
                     Frame::Rows { .. } => push_bounded(
@@ -568,8 +572,8 @@ impl WindowOperator {
                 snap.shift[i] = series.shift;
                 snap.s1[i] = series.s1;
                 snap.s2[i] = series.s2;
-                if cap > 0 {
-                    // The oldest row of the frame.
+                if first_value {
+                    // The oldest row of the frame (bounded: FIRST_VALUE needs one).
                     let slot = (series.head + cap - series.rows) % cap;
                     snap.first[i] = self.slab[slot * self.stride + s];
                 }
@@ -1738,13 +1742,10 @@ mod state_tests {
     fn large_frames_sorted_and_top_k_match_and_restore() {
         let preceding = 999;
         let frame = Frame::Rows { preceding };
-        let mut state = 7u64;
+        let mut random = crate::test_randoms(7);
         let xs: Vec<Option<f64>> = (0..3_000)
             .map(|t| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let v = ((state >> 40) % 500) as f64 + if t > 2_000 { 300.0 } else { 0.0 };
+                let v = ((random() >> 40) % 500) as f64 + if t > 2_000 { 300.0 } else { 0.0 };
                 (t % 97 != 3).then_some(v)
             })
             .collect();
