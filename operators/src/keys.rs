@@ -272,15 +272,21 @@ impl PairTable {
             self.by_second_entries += width - column.len();
             column.resize(width, u32::MAX);
         }
-        for &a in firsts {
-            let mut id = column[a as usize];
-            if id == u32::MAX {
-                let (assigned, new) = self.get_or_insert((a, b), *next);
-                *next += u32::from(new);
-                column[a as usize] = assigned;
-                id = assigned;
+        // A plain gather first (it vectorises), then the rows of pairs not seen before.
+        let start = out.len();
+        out.extend(firsts.iter().map(|&a| column[a as usize]));
+        if out[start..].contains(&u32::MAX) {
+            for (&a, id) in firsts.iter().zip(&mut out[start..]) {
+                if *id == u32::MAX {
+                    let slot = &mut column[a as usize];
+                    if *slot == u32::MAX {
+                        let (assigned, new) = self.get_or_insert((a, b), *next);
+                        *next += u32::from(new);
+                        *slot = assigned;
+                    }
+                    *id = *slot;
+                }
             }
-            out.push(id);
         }
         self.by_second.insert(b, column);
     }

@@ -739,7 +739,7 @@ impl Finished {
             }
         };
         match self {
-            Finished::Count(counts) => counts.extend(n.iter().map(|&c| c as i64)),
+            Finished::Count(counts) => counts.extend(n.iter().map(|&c| count_to_i64(c))),
             Finished::Values {
                 values,
                 least,
@@ -784,7 +784,9 @@ impl Finished {
                     }
                 }
                 let least = *least;
-                if valid.is_none() && n.iter().any(|&c| c < least) {
+                // Counted rather than `any`: a scan without an early exit vectorises, and
+                // almost every chunk has no short frame to find.
+                if valid.is_none() && n.iter().map(|&c| usize::from(c < least)).sum::<usize>() > 0 {
                     let mut b = arrow::array::BooleanBufferBuilder::new(values.capacity());
                     b.append_n(before, true);
                     *valid = Some(b);
@@ -925,6 +927,15 @@ impl WindowOperator {
         }
         Ok(())
     }
+}
+
+/// A count held as `f64` (a whole number in `0 ..= 2^52`) as `i64`, without the
+/// saturating conversion's per-value range checks (which keep `as` from vectorising): added
+/// to 2^52, the count is the low bits of the sum's representation.
+#[inline]
+fn count_to_i64(c: f64) -> i64 {
+    const TWO_52: f64 = 4_503_599_627_370_496.0;
+    ((c + TWO_52).to_bits() - TWO_52.to_bits()) as i64
 }
 
 /// Per-row copies of a series' running sums, taken right after the row was pushed.
@@ -1506,6 +1517,23 @@ mod tests {
         // (`stable_with_large_offset_and_level_shift`); the plain one must match it exactly.
         let (plain, general) = plain_and_general(&xs, 2, 299, 5000);
         assert_eq!(plain, general);
+    }
+
+    #[test]
+    fn counts_convert_exactly() {
+        for c in [
+            0u64,
+            1,
+            2,
+            299,
+            300,
+            65_536,
+            1 << 40,
+            (1 << 52) - 1,
+            1 << 52,
+        ] {
+            assert_eq!(count_to_i64(c as f64), c as i64);
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ use arrow::array::{
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Float64Type, Schema, TimestampMillisecondType};
 use arrow::error::ArrowError;
-use healer_operators::id::anomaly_id;
+use healer_operators::id::AnomalyIds;
 use healer_operators::schema::{anomaly_schema, ts_type};
 use healer_operators::severity::{Severity, zscore_confidence};
 
@@ -184,10 +184,18 @@ impl OutputMapping {
         let tsv = ts.as_primitive::<TimestampMillisecondType>();
         let res = resource.as_string::<i32>();
         let met = metric.as_string::<i32>();
-        let ids: StringArray = (0..n)
-            .map(|i| Some(anomaly_id(rule, res.value(i), met.value(i), tsv.value(i))))
-            .collect();
-        let rules: StringArray = std::iter::repeat_n(Some(rule), n).collect();
+        let hasher = AnomalyIds::new(rule);
+        let mut ids = StringBuilder::with_capacity(n, 32 * n);
+        for i in 0..n {
+            let digits = hasher.digits(res.value(i), met.value(i), tsv.value(i));
+            ids.append_value(std::str::from_utf8(&digits).expect("hex digits are ASCII"));
+        }
+        let ids = ids.finish();
+        let mut rules = StringBuilder::with_capacity(n, rule.len() * n);
+        for _ in 0..n {
+            rules.append_value(rule);
+        }
+        let rules = rules.finish();
         let columns: Vec<ArrayRef> = vec![
             Arc::new(ids),
             ts,
