@@ -33,19 +33,29 @@ deviations AS (
         abs(residual) AS d_lstm
     FROM base
 ),
+spreads AS (
+    SELECT
+        ts, resource, metric, value, center, n, d_value, d_recent, d_day, d_week, d_lstm,
+        PERCENTILE_CONT(d_value, 0.999)  OVER history AS q_value,
+        PERCENTILE_CONT(d_recent, 0.999) OVER history AS q_recent,
+        PERCENTILE_CONT(d_day, 0.999)    OVER history AS q_day,
+        PERCENTILE_CONT(d_week, 0.999)   OVER history AS q_week,
+        PERCENTILE_CONT(d_lstm, 0.999)   OVER history AS q_lstm
+    FROM deviations
+    WINDOW history AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 5999 PRECEDING AND CURRENT ROW)
+),
 ratios AS (
     SELECT
         ts, resource, metric, value, center, n,
-        PERCENTILE_CONT(d_value, 0.999) OVER history AS spread,
+        q_value AS spread,
         greatest(
-            d_value  / NULLIF(PERCENTILE_CONT(d_value, 0.999)  OVER history, 0),
-            d_recent / NULLIF(PERCENTILE_CONT(d_recent, 0.999) OVER history, 0),
-            d_day    / NULLIF(PERCENTILE_CONT(d_day, 0.999)    OVER history, 0),
-            d_week   / NULLIF(PERCENTILE_CONT(d_week, 0.999)   OVER history, 0),
-            d_lstm   / NULLIF(PERCENTILE_CONT(d_lstm, 0.999)   OVER history, 0)
+            d_value  / NULLIF(q_value, 0),
+            d_recent / NULLIF(q_recent, 0),
+            d_day    / NULLIF(q_day, 0),
+            d_week   / NULLIF(q_week, 0),
+            d_lstm   / NULLIF(q_lstm, 0)
         ) AS ratio
-    FROM deviations
-    WINDOW history AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 5999 PRECEDING AND CURRENT ROW)
+    FROM spreads
 ),
 held AS (
     SELECT
