@@ -935,6 +935,10 @@ impl WindowOperator {
 #[inline]
 fn count_to_i64(c: f64) -> i64 {
     const TWO_52: f64 = 4_503_599_627_370_496.0;
+    debug_assert!(
+        (0.0..=TWO_52).contains(&c) && c.fract() == 0.0,
+        "not a count: {c}"
+    );
     ((c + TWO_52).to_bits() - TWO_52.to_bits()) as i64
 }
 
