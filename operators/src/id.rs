@@ -62,12 +62,11 @@ impl StableHasher {
 
     /// The 128-bit id as 32 hex digits.
     pub fn hex(&self) -> String {
-        let digits = self.hex_digits();
-        String::from_utf8(digits.to_vec()).expect("hex digits are ASCII")
+        self.hex_digits().as_str().to_owned()
     }
 
-    /// The 128-bit id as 32 lower-case hex digits (ASCII), without an allocation.
-    pub fn hex_digits(&self) -> [u8; 32] {
+    /// The 128-bit id as 32 lower-case hex digits, without an allocation.
+    pub fn hex_digits(&self) -> HexId {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut out = [0u8; 32];
         for (half, v) in [self.a, self.b].into_iter().enumerate() {
@@ -76,18 +75,31 @@ impl StableHasher {
                 out[half * 16 + 2 * i + 1] = HEX[usize::from(byte & 0xf)];
             }
         }
-        out
+        HexId(out)
+    }
+}
+
+/// A 128-bit id as 32 lower-case hex digits, on the stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HexId([u8; 32]);
+
+impl HexId {
+    /// The digits.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
     }
 }
 
 /// The id of an anomaly row: a function of (rule, resource, metric, event time) only.
 pub fn anomaly_id(rule: &str, resource: &str, metric: &str, ts_ms: i64) -> String {
-    let digits = AnomalyIds::new(rule).digits(resource, metric, ts_ms);
-    String::from_utf8(digits.to_vec()).expect("hex digits are ASCII")
+    AnomalyIds::new(rule)
+        .id(resource, metric, ts_ms)
+        .as_str()
+        .to_owned()
 }
 
 /// [`anomaly_id`] for many rows of one rule: the rule's part of the hash is computed once,
-/// and each id comes back as digits on the stack, ready to append to a string column.
+/// and each id comes back on the stack, ready to append to a string column.
 #[derive(Debug, Clone)]
 pub struct AnomalyIds {
     /// The hasher after the version tag and the rule.
@@ -102,8 +114,8 @@ impl AnomalyIds {
         Self { prefix }
     }
 
-    /// The id of the anomaly at (`resource`, `metric`, `ts_ms`), as 32 hex digits.
-    pub fn digits(&self, resource: &str, metric: &str, ts_ms: i64) -> [u8; 32] {
+    /// The id of the anomaly at (`resource`, `metric`, `ts_ms`).
+    pub fn id(&self, resource: &str, metric: &str, ts_ms: i64) -> HexId {
         let mut h = self.prefix.clone();
         h.str(resource).str(metric).i64(ts_ms);
         h.hex_digits()

@@ -187,15 +187,10 @@ impl OutputMapping {
         let hasher = AnomalyIds::new(rule);
         let mut ids = StringBuilder::with_capacity(n, 32 * n);
         for i in 0..n {
-            let digits = hasher.digits(res.value(i), met.value(i), tsv.value(i));
-            ids.append_value(std::str::from_utf8(&digits).expect("hex digits are ASCII"));
+            ids.append_value(hasher.id(res.value(i), met.value(i), tsv.value(i)).as_str());
         }
         let ids = ids.finish();
-        let mut rules = StringBuilder::with_capacity(n, rule.len() * n);
-        for _ in 0..n {
-            rules.append_value(rule);
-        }
-        let rules = rules.finish();
+        let rules = StringArray::from_iter_values(std::iter::repeat_n(rule, n));
         let columns: Vec<ArrayRef> = vec![
             Arc::new(ids),
             ts,
