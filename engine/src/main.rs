@@ -84,13 +84,17 @@ struct EvalSmdArgs {
     /// `gaussian` (Σ z² against the training data's mean and std) or `iforest`.
     #[arg(long, value_enum, default_value_t = healer_engine::smd_eval::Detector::Gaussian)]
     detector: healer_engine::smd_eval::Detector,
-    /// Average each row's score with the rows before it, this many in all (1: none).
+    /// Average each row's score with the rows before it over this horizon in rows (1: none).
     #[arg(
         long,
         default_value_t = healer_engine::smd_eval::DEFAULT_SMOOTH as u32,
         value_parser = clap::value_parser!(u32).range(1..)
     )]
     smooth: u32,
+    /// `exp` (exponentially weighted, time constant `--smooth`) or `window` (the last
+    /// `--smooth` rows).
+    #[arg(long, value_enum, default_value_t = healer_engine::smd_eval::Smoother::Exponential)]
+    smoother: healer_engine::smd_eval::Smoother,
 }
 
 #[derive(Debug, Args)]
@@ -1486,12 +1490,13 @@ fn eval_smd(args: EvalSmdArgs) -> Result<ExitCode> {
     let options = healer_engine::smd_eval::SmdOptions {
         detector: args.detector,
         smooth: args.smooth as usize,
+        smoother: args.smoother,
     };
     let machines = healer_engine::smd_eval::evaluate(&args.dataset, &options)?;
     println!(
-        "SMD, {} fitted on train/, scored on test/, each score averaged over {} row(s)",
+        "SMD, {} fitted on train/, scored on test/, each score {}",
         options.detector.describe(),
-        options.smooth
+        options.smoother.describe(options.smooth)
     );
     println!();
     println!(

@@ -4,7 +4,7 @@
 //! and report point-wise F1 at the best threshold (no point adjustment), the point-adjusted
 //! F1, AUROC and AUPRC (average precision), all computed over the machine's rows; the means
 //! over machines are what the published tables report. Each row's score may be averaged
-//! with those of the rows just before it (`smooth`), which a stream can do as well.
+//! with those of the rows before it ([`Smoother`]), which a stream can do as well.
 //!
 //! Culprit metrics: for each labelled segment of `interpretation_label/`, the dimensions
 //! are ranked by their share of the Gaussian deviation over the segment, the mean of z² with
@@ -55,17 +55,50 @@ impl Detector {
     }
 }
 
-/// Rows the default score is averaged over: ten minutes at SMD's one-minute sampling.
+/// The default smoothing horizon in rows: ten minutes at SMD's one-minute sampling.
 pub const DEFAULT_SMOOTH: usize = 10;
+
+/// How a row's score is averaged with the scores before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Smoother {
+    /// Exponentially weighted mean with time constant `smooth` rows: s ← s + (x − s) / smooth.
+    /// One number of state per series, and a deviation fades out instead of dropping out of
+    /// the average all at once `smooth` rows later.
+    #[value(name = "exp")]
+    Exponential,
+    /// Plain mean of the last `smooth` rows (fewer at the start).
+    Window,
+}
+
+impl Smoother {
+    /// Smooths `scores` in one pass; a horizon of 1 leaves them as they are.
+    fn apply(self, scores: &[f64], horizon: usize) -> Vec<f64> {
+        match self {
+            Smoother::Exponential => exponential_mean(scores, horizon),
+            Smoother::Window => trailing_mean(scores, horizon),
+        }
+    }
+
+    /// A few words for reports.
+    pub fn describe(self, horizon: usize) -> String {
+        match self {
+            Smoother::Exponential => {
+                format!("exponentially averaged, time constant {horizon} row(s)")
+            }
+            Smoother::Window => format!("averaged over the last {horizon} row(s)"),
+        }
+    }
+}
 
 /// How `healer eval smd` scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SmdOptions {
     /// The detector.
     pub detector: Detector,
-    /// A row's score is the mean of the detector's scores of this many rows, the row and the
-    /// ones before it (1: no smoothing).
+    /// The smoothing horizon in rows (1: no smoothing).
     pub smooth: usize,
+    /// How the horizon is applied.
+    pub smoother: Smoother,
 }
 
 impl Default for SmdOptions {
@@ -73,6 +106,7 @@ impl Default for SmdOptions {
         Self {
             detector: Detector::Gaussian,
             smooth: DEFAULT_SMOOTH,
+            smoother: Smoother::Exponential,
         }
     }
 }
@@ -110,6 +144,20 @@ fn trailing_mean(scores: &[f64], k: usize) -> Vec<f64> {
                 sum -= scores[i - k];
             }
             sum / (i + 1).min(k) as f64
+        })
+        .collect()
+}
+
+/// Each score replaced by its exponentially weighted mean with time constant `k` rows,
+/// starting from the first score.
+fn exponential_mean(scores: &[f64], k: usize) -> Vec<f64> {
+    let alpha = 1.0 / k.max(1) as f64;
+    let mut mean = scores.first().copied().unwrap_or(0.0);
+    scores
+        .iter()
+        .map(|&x| {
+            mean += alpha * (x - mean);
+            mean
         })
         .collect()
 }
@@ -208,7 +256,7 @@ pub fn evaluate_machine(
         }
         Detector::Gaussian => gaussian_scores(&centre, &test_columns, test.rows()),
     };
-    let scores = trailing_mean(&scores, options.smooth);
+    let scores = options.smoother.apply(&scores, options.smooth);
     let missing = |what: &str| {
         err(
             &label_path,
@@ -296,6 +344,16 @@ mod tests {
         assert_eq!(trailing_mean(&x, 1), x.to_vec());
         assert_eq!(trailing_mean(&x, 2), vec![1.0, 1.5, 2.5, 3.5, 4.5]);
         assert_eq!(trailing_mean(&x, 10), vec![1.0, 1.5, 2.0, 2.5, 3.0]);
+    }
+
+    #[test]
+    fn exponential_mean_follows_with_time_constant_k() {
+        let x = [4.0, 0.0, 0.0, 8.0];
+        assert_eq!(exponential_mean(&x, 1), x.to_vec());
+        // s ← s + (x − s) / 2 from s = 4.
+        assert_eq!(exponential_mean(&x, 2), vec![4.0, 2.0, 1.0, 4.5]);
+        assert_eq!(exponential_mean(&[], 10), Vec::<f64>::new());
+        assert_eq!(Smoother::Window.apply(&x, 2), vec![4.0, 2.0, 0.0, 4.0]);
     }
 
     #[test]
