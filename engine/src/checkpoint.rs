@@ -33,8 +33,31 @@ use tokio::sync::{mpsc, watch};
 use crate::gate::GateState;
 use crate::store::Location;
 
-/// Format version of checkpoint objects.
-pub const CHECKPOINT_VERSION: u32 = 1;
+/// Format version of checkpoint objects. 2: window state of `RANGE` frames (event times).
+pub const CHECKPOINT_VERSION: u32 = 2;
+
+/// Decodes a checkpoint object read from `path`, checking its format version first so
+/// that one written by another version of healer is reported as such.
+pub fn decode_checkpoint(bytes: &[u8], path: &str) -> Result<Checkpoint, CheckpointError> {
+    /// The leading fields of every version.
+    #[derive(Deserialize)]
+    struct Header {
+        version: u32,
+    }
+    let corrupt = |reason: String| CheckpointError::Corrupt {
+        path: path.to_string(),
+        reason,
+    };
+    let header: Header = postcard::from_bytes(bytes).map_err(|e| corrupt(e.to_string()))?;
+    if header.version != CHECKPOINT_VERSION {
+        return Err(corrupt(format!(
+            "checkpoint format version {}, this healer reads version {CHECKPOINT_VERSION}: \
+             replay from the source, or start with a new checkpoint location",
+            header.version
+        )));
+    }
+    postcard::from_bytes(bytes).map_err(|e| corrupt(e.to_string()))
+}
 
 /// Errors reading or writing checkpoints.
 #[derive(Debug, thiserror::Error)]
@@ -185,11 +208,7 @@ impl CheckpointStore {
         let latest: Latest = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
         let file = self.location.child(&latest.file);
         let bytes = self.location.store.get(&file).await?.bytes().await?;
-        let checkpoint: Checkpoint =
-            postcard::from_bytes(&bytes).map_err(|e| CheckpointError::Corrupt {
-                path: file.to_string(),
-                reason: e.to_string(),
-            })?;
+        let checkpoint = decode_checkpoint(&bytes, file.as_ref())?;
         if checkpoint.version != CHECKPOINT_VERSION || checkpoint.epoch != latest.epoch {
             return Err(CheckpointError::Corrupt {
                 path: file.to_string(),
@@ -422,5 +441,20 @@ mod tests {
         assert_eq!(epoch_of_file("part-13-0001-abcdef.parquet"), None);
         assert_eq!(epoch_of_file("part-e12-x.parquet"), None);
         assert_eq!(epoch_of_file("part-e0000000007-00003-ff.parquet"), Some(7));
+    }
+
+    #[test]
+    fn another_format_version_is_named_not_misread() {
+        // Version 1 (a varint), then fields this version would misread.
+        let old = postcard::to_stdvec(&(1u32, 7u64, 0i64, vec![3u8; 40])).unwrap();
+        let e = decode_checkpoint(&old, "chk-7.bin")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("chk-7.bin")
+                && e.contains("checkpoint format version 1, this healer reads version 2"),
+            "{e}"
+        );
+        assert!(decode_checkpoint(&[], "empty").is_err());
     }
 }

@@ -24,11 +24,20 @@
 //!
 //! # Frames
 //! `ROWS BETWEEN n PRECEDING AND CURRENT ROW` (the last `n + 1` rows of the series, the
-//! current one included) and `ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW`.
+//! current one included), `RANGE BETWEEN <interval> PRECEDING AND CURRENT ROW` (the rows
+//! whose event time is at most the interval before the current row's: [`Frame::Range`], fed
+//! through [`WindowOperator::process_at`]) and `ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT
+//! ROW`.
+//!
+//! Every frame ends at the current row, also a `RANGE` frame: rows of the series with the
+//! same event time that come after it are not in it (SQL would include these peers, which a
+//! stream has not seen yet). A series holds one row per event time in practice, and then the
+//! two agree.
 //!
 //! # Cost
-//! Amortised O(1) work per row and aggregate; memory is `series × (n + 1)` values for bounded
-//! frames and O(1) per series for unbounded ones. All ring buffers of an operator live in one
+//! Amortised O(1) work per row and aggregate; memory is `series × (n + 1)` values for `ROWS`
+//! frames, the rows within the interval (value and event time) for `RANGE` frames, and O(1)
+//! per series for unbounded ones. All ring buffers of an operator live in one
 //! slab that only grows when a new series appears. The exception is
 //! [`AggKind::Quantile`]. Quantiles within 64 ranks of the top (the 99.9th percentile of a
 //! 6,000-row frame needs 8) keep only the candidates for the frame's largest values
@@ -205,16 +214,28 @@ pub enum Frame {
         /// Rows before the current one.
         preceding: usize,
     },
+    /// `RANGE BETWEEN <interval> PRECEDING AND CURRENT ROW` over event time: the rows whose
+    /// time is at least the current row's minus `preceding_ms` milliseconds.
+    Range {
+        /// The interval, in milliseconds (0: the rows at the current row's time).
+        preceding_ms: i64,
+    },
     /// `ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW`.
     Unbounded,
 }
 
 impl Frame {
+    /// Ring slots per series: the rows of a `ROWS` frame; 0 for the others, which keep no ring.
     fn capacity(self) -> usize {
         match self {
             Frame::Rows { preceding } => preceding + 1,
-            Frame::Unbounded => 0,
+            Frame::Range { .. } | Frame::Unbounded => 0,
         }
+    }
+
+    /// Whether the frame holds a bounded part of the series (`ROWS n` or `RANGE interval`).
+    pub fn is_bounded(self) -> bool {
+        !matches!(self, Frame::Unbounded)
     }
 }
 
@@ -308,6 +329,9 @@ pub struct WindowOperator {
     forecast_args: Vec<bool>,
     /// Scratch of forecast aggregates: gathered windows, and the rows they belong to.
     gathered: Gathered,
+    /// Parallel to `series` for [`Frame::Range`]: the frame's rows, (event time, value),
+    /// oldest first.
+    timed: Vec<VecDeque<(i64, f64)>>,
 }
 
 /// The windows gathered for forecasting during one call.
@@ -374,6 +398,13 @@ impl WindowOperator {
                 "window of {preceding} preceding rows is too large"
             )));
         }
+        if let Frame::Range { preceding_ms } = frame
+            && preceding_ms < 0
+        {
+            return Err(OperatorError::InvalidInput(format!(
+                "a RANGE frame reaches back a negative interval ({preceding_ms} ms)"
+            )));
+        }
         if frame == Frame::Unbounded
             && let Some(a) = aggregates.iter().find(|a| a.kind.needs_bounded_frame())
         {
@@ -392,6 +423,8 @@ impl WindowOperator {
                 let k = top_k_for(q.get(), frame.capacity());
                 ordered[a.arg] = match ordered[a.arg] {
                     Order::Sorted => Order::Sorted,
+                    // A time frame has no fixed row count to size the candidates for.
+                    _ if matches!(frame, Frame::Range { .. }) => Order::Sorted,
                     _ if k > TOP_K_LIMIT => Order::Sorted,
                     Order::Top(other) => Order::Top(other.max(k)),
                     Order::None => Order::Top(k),
@@ -415,6 +448,7 @@ impl WindowOperator {
             forecasters,
             forecast_args,
             gathered: Gathered::default(),
+            timed: Vec::new(),
         })
     }
 
@@ -441,6 +475,9 @@ impl WindowOperator {
             if self.ordered.iter().any(|o| matches!(o, Order::Top(_))) {
                 self.tops.resize_with(needed, TopK::default);
             }
+            if matches!(self.frame, Frame::Range { .. }) {
+                self.timed.resize_with(needed, VecDeque::new);
+            }
         }
         let cap = self.frame.capacity();
         if needed > self.stride && cap > 0 {
@@ -462,7 +499,42 @@ impl WindowOperator {
     /// `args[a]` holds argument `a` for every row. Rows of one group must come in event-time
     /// order across calls. Returns one array per aggregate, in the order given to
     /// [`WindowOperator::try_new`]: `Int64` for `COUNT`, `Float64` otherwise.
+    ///
+    /// A [`Frame::Range`] operator needs the rows' event times: [`WindowOperator::process_at`].
     pub fn process(&mut self, groups: &[u32], args: &[Float64Array]) -> Result<Vec<ArrayRef>> {
+        if let Frame::Range { .. } = self.frame {
+            return Err(OperatorError::InvalidInput(
+                "a RANGE frame needs the rows' event times (process_at)".into(),
+            ));
+        }
+        self.process_rows(groups, None, args)
+    }
+
+    /// [`WindowOperator::process`] with each row's event time in milliseconds, `ts[i]` for
+    /// row `i`, which [`Frame::Range`] frames are measured in (other frames ignore it). Rows
+    /// of one group must come in event-time order.
+    pub fn process_at(
+        &mut self,
+        groups: &[u32],
+        ts: &[i64],
+        args: &[Float64Array],
+    ) -> Result<Vec<ArrayRef>> {
+        if ts.len() != groups.len() {
+            return Err(OperatorError::InvalidInput(format!(
+                "{} event times for {} group ids",
+                ts.len(),
+                groups.len()
+            )));
+        }
+        self.process_rows(groups, Some(ts), args)
+    }
+
+    fn process_rows(
+        &mut self,
+        groups: &[u32],
+        ts: Option<&[i64]>,
+        args: &[Float64Array],
+    ) -> Result<Vec<ArrayRef>> {
         let rows = groups.len();
         if args.len() != self.n_args {
             return Err(OperatorError::InvalidInput(format!(
@@ -536,9 +608,21 @@ impl WindowOperator {
                     None
                 };
                 // The value this row evicts from a full bounded frame, for the sorted values.
-                let evicted = (ordered == Order::Sorted && series.rows == cap)
+                let evicted = (ordered == Order::Sorted && cap > 0 && series.rows == cap)
                     .then(|| self.slab[series.head * self.stride + s]);
                 match self.frame {
+                    Frame::Range { preceding_ms } => {
+                        let t = ts.expect("process_at gives RANGE frames their times")[i];
+                        let sorted = (ordered == Order::Sorted).then(|| &mut self.sorted[s]);
+                        push_timed(
+                            series,
+                            &mut self.timed[s],
+                            (t, x),
+                            preceding_ms,
+                            sorted,
+                            ext.as_deref_mut(),
+                        );
+                    }
                     Frame::Rows { .. } => push_bounded(
                         series,
                         Ring {
@@ -574,19 +658,26 @@ impl WindowOperator {
                 snap.s2[i] = series.s2;
                 if first_value {
                     // The oldest row of the frame (bounded: FIRST_VALUE needs one).
-                    let slot = (series.head + cap - series.rows) % cap;
-                    snap.first[i] = self.slab[slot * self.stride + s];
+                    snap.first[i] = if cap > 0 {
+                        let slot = (series.head + cap - series.rows) % cap;
+                        self.slab[slot * self.stride + s]
+                    } else {
+                        self.timed[s].front().map_or(f64::NAN, |&(_, v)| v)
+                    };
                 }
                 match ordered {
                     Order::None => {}
                     Order::Sorted => {
                         let sorted = &mut self.sorted[s];
-                        if let Some(old) = evicted.filter(|v| !v.is_nan()) {
-                            let removed = sorted.remove(old);
-                            debug_assert!(removed, "an evicted value is in the sorted set");
-                        }
-                        if !x.is_nan() {
-                            sorted.insert(x);
+                        // A RANGE frame's values are kept by `push_timed`.
+                        if cap > 0 {
+                            if let Some(old) = evicted.filter(|v| !v.is_nan()) {
+                                let removed = sorted.remove(old);
+                                debug_assert!(removed, "an evicted value is in the sorted set");
+                            }
+                            if !x.is_nan() {
+                                sorted.insert(x);
+                            }
                         }
                         for (column, &q) in snap.quantiles.iter_mut().zip(&levels) {
                             column[i] = sorted.quantile(q);
@@ -729,7 +820,7 @@ impl Finished {
     fn extend(&mut self, snap: &Snapshot, len: usize, frame: Frame, kind: AggKind) {
         let n = &snap.n[..len];
         let (shift, s1, s2) = (&snap.shift[..len], &snap.s1[..len], &snap.s2[..len]);
-        let bounded = matches!(frame, Frame::Rows { .. });
+        let bounded = frame.is_bounded();
         // Σ(x − mean)² from the shifted sums (bounded) or Welford's M2 (unbounded).
         let m2 = |n: f64, s1: f64, s2: f64| {
             if bounded {
@@ -816,9 +907,12 @@ impl Finished {
 pub struct SeriesState {
     /// The running statistics.
     stats: Series,
-    /// Bounded frames: the ring in slot order (not oldest first), so that an exact
-    /// recomputation after a restore sums in the same order as before it.
+    /// `ROWS` frames: the ring in slot order (not oldest first), so that an exact
+    /// recomputation after a restore sums in the same order as before it. `RANGE` frames: the
+    /// frame's values, oldest first.
     ring: Vec<f64>,
+    /// `RANGE` frames: the event times of `ring`'s values.
+    times: Vec<i64>,
     min: Vec<(u64, f64)>,
     max: Vec<(u64, f64)>,
 }
@@ -844,9 +938,15 @@ impl WindowOperator {
         let cap = self.frame.capacity();
         let series = (0..self.n_args)
             .map(|a| {
-                let ring = (0..cap)
-                    .map(|k| self.slab[k * self.stride + base + a])
-                    .collect();
+                let (ring, times) = match self.timed.get(base + a) {
+                    Some(frame) => frame.iter().map(|&(t, v)| (v, t)).unzip(),
+                    None => (
+                        (0..cap)
+                            .map(|k| self.slab[k * self.stride + base + a])
+                            .collect(),
+                        Vec::new(),
+                    ),
+                };
                 let (min, max) = match self.extremes.get(base + a) {
                     Some(e) => (
                         e.min.iter().copied().collect(),
@@ -857,6 +957,7 @@ impl WindowOperator {
                 SeriesState {
                     stats: self.series[base + a].clone(),
                     ring,
+                    times,
                     min,
                     max,
                 }
@@ -876,7 +977,25 @@ impl WindowOperator {
                 self.n_args
             )));
         }
-        if let Some(s) = state.series.iter().find(|s| s.ring.len() != cap) {
+        let timed = matches!(self.frame, Frame::Range { .. });
+        if timed {
+            if let Some(s) = state.series.iter().find(|s| {
+                s.times.len() != s.ring.len()
+                    || s.ring.len() != s.stats.rows
+                    || !s.times.is_sorted()
+            }) {
+                return Err(OperatorError::InvalidInput(format!(
+                    "saved RANGE window state is inconsistent: {} rows, {} values, {} times",
+                    s.stats.rows,
+                    s.ring.len(),
+                    s.times.len()
+                )));
+            }
+        } else if let Some(s) = state
+            .series
+            .iter()
+            .find(|s| s.ring.len() != cap || !s.times.is_empty())
+        {
             return Err(OperatorError::InvalidInput(format!(
                 "saved window state holds {} rows per series, the frame {cap}",
                 s.ring.len()
@@ -897,21 +1016,40 @@ impl WindowOperator {
         let base = group as usize * self.n_args;
         for (a, saved) in state.series.iter().enumerate() {
             self.series[base + a] = saved.stats.clone();
-            for (k, &v) in saved.ring.iter().enumerate() {
-                self.slab[k * self.stride + base + a] = v;
+            if timed {
+                self.timed[base + a] = saved
+                    .times
+                    .iter()
+                    .copied()
+                    .zip(saved.ring.iter().copied())
+                    .collect();
+            } else {
+                for (k, &v) in saved.ring.iter().enumerate() {
+                    self.slab[k * self.stride + base + a] = v;
+                }
             }
             if let Some(e) = self.extremes.get_mut(base + a) {
                 e.min = saved.min.iter().copied().collect();
                 e.max = saved.max.iter().copied().collect();
             }
-            // The frame's rows are the ring's last `rows` slots before `head`, oldest first.
+            // The frame's rows, oldest first: a RANGE frame's saved values, or the ring's last
+            // `rows` slots before `head`.
             let rows = saved.stats.rows;
-            let frame = (0..rows).map(|k| saved.ring[(saved.stats.head + cap - rows + k) % cap]);
+            let frame: Vec<f64> = if self.ordered[a] == Order::None {
+                Vec::new()
+            } else if timed {
+                saved.ring.clone()
+            } else {
+                (0..rows)
+                    .map(|k| saved.ring[(saved.stats.head + cap - rows + k) % cap])
+                    .collect()
+            };
             match self.ordered[a] {
                 Order::None => {}
                 Order::Sorted => {
-                    self.sorted[base + a] =
-                        SortedBlocks::from_values(frame.filter(|v| !v.is_nan()).collect());
+                    self.sorted[base + a] = SortedBlocks::from_values(
+                        frame.into_iter().filter(|v| !v.is_nan()).collect(),
+                    );
                 }
                 Order::Top(k) => {
                     let first = saved.stats.seq - rows as u64;
@@ -1104,6 +1242,76 @@ fn push_bounded(series: &mut Series, mut ring: Ring<'_>, x: f64, extrema: Option
     }
 }
 
+/// Pushes `(t, x)` onto a [`Frame::Range`] series after evicting the rows older than
+/// `t − preceding_ms`: the same sums as [`push_bounded`], over a deque of (time, value)
+/// instead of a ring. `sorted` (when quantiles read the series) follows the frame's values.
+fn push_timed(
+    series: &mut Series,
+    frame: &mut VecDeque<(i64, f64)>,
+    (t, x): (i64, f64),
+    preceding_ms: i64,
+    mut sorted: Option<&mut SortedBlocks>,
+    extrema: Option<&mut Extrema>,
+) {
+    let oldest = t.saturating_sub(preceding_ms);
+    while let Some(&(at, old)) = frame.front()
+        && at < oldest
+    {
+        frame.pop_front();
+        if !old.is_nan() {
+            series.n -= 1;
+            if series.n == 0 {
+                series.s1 = 0.0;
+                series.s2 = 0.0;
+            } else {
+                let d = old - series.shift;
+                series.s1 -= d;
+                series.s2 -= d * d;
+            }
+            if let Some(sorted) = sorted.as_deref_mut() {
+                let removed = sorted.remove(old);
+                debug_assert!(removed, "an evicted value is in the sorted set");
+            }
+        }
+        series.rows -= 1;
+        series.evictions += 1;
+    }
+    frame.push_back((t, x));
+    series.rows += 1;
+    if !x.is_nan() {
+        if series.n == 0 {
+            series.shift = x;
+            series.s1 = 0.0;
+            series.s2 = 0.0;
+        } else {
+            let d = x - series.shift;
+            series.s1 += d;
+            series.s2 += d * d;
+        }
+        series.n += 1;
+        if let Some(sorted) = sorted {
+            sorted.insert(x);
+        }
+    }
+    if let Some(e) = extrema {
+        push_extrema(e, series.seq, x);
+        let first = series.seq + 1 - series.rows as u64;
+        while e.min.front().is_some_and(|&(s, _)| s < first) {
+            e.min.pop_front();
+        }
+        while e.max.front().is_some_and(|&(s, _)| s < first) {
+            e.max.pop_front();
+        }
+    }
+    series.seq += 1;
+    // As for rings: exact sums at least every 16 frame lengths (amortised O(1), the frame
+    // being what a recomputation walks) and after a level shift.
+    if series.evictions > 0 && (series.evictions >= REFRESH_FRAMES * series.rows || cancels(series))
+    {
+        recompute_from(series, frame.iter().map(|&(_, v)| v), x);
+    }
+}
+
 /// The state [`push_rows_plain`] works on.
 struct PlainRows<'a> {
     series: &'a mut [Series],
@@ -1219,6 +1427,12 @@ fn cancels(series: &Series) -> bool {
 
 /// Exact recomputation of the shifted sums from the ring, re-centred on `latest` when present.
 fn recompute(series: &mut Series, ring: &Ring<'_>, latest: f64) {
+    recompute_from(series, (0..ring.cap).map(|slot| ring.get(slot)), latest);
+}
+
+/// Exact recomputation of the shifted sums from the frame's values (missing ones included,
+/// as NaN), re-centred on `latest` when present.
+fn recompute_from(series: &mut Series, values: impl Iterator<Item = f64>, latest: f64) {
     series.evictions = 0;
     if series.n == 0 {
         return;
@@ -1229,8 +1443,7 @@ fn recompute(series: &mut Series, ring: &Ring<'_>, latest: f64) {
         latest
     };
     let (mut s1, mut s2) = (0.0, 0.0);
-    for slot in 0..ring.cap {
-        let v = ring.get(slot);
+    for v in values {
         if !v.is_nan() {
             let d = v - shift;
             s1 += d;
@@ -1271,7 +1484,11 @@ mod tests {
     use proptest::prelude::*;
 
     /// Two-pass reference over the frame ending at each row.
-    fn reference(xs: &[Option<f64>], preceding: Option<usize>, kind: AggKind) -> Vec<Option<f64>> {
+    pub(super) fn reference(
+        xs: &[Option<f64>],
+        preceding: Option<usize>,
+        kind: AggKind,
+    ) -> Vec<Option<f64>> {
         (0..xs.len())
             .map(|i| {
                 let start = preceding.map_or(0, |p| i.saturating_sub(p));
@@ -1765,6 +1982,108 @@ mod state_tests {
                 }
             }
         }
+    }
+
+    /// Reference of every kind over a `RANGE` frame: for each row, the earlier rows of its
+    /// group (in input order) whose time is at least its own minus `preceding_ms`.
+    fn range_reference(
+        rows: &[(u8, i64, Option<f64>)],
+        preceding_ms: i64,
+        kind: AggKind,
+    ) -> Vec<Option<f64>> {
+        (0..rows.len())
+            .map(|i| {
+                let (g, t, _) = rows[i];
+                let frame: Vec<Option<f64>> = rows[..=i]
+                    .iter()
+                    .filter(|&&(h, u, _)| h == g && u >= t - preceding_ms)
+                    .map(|&(_, _, v)| v)
+                    .collect();
+                let last = frame.len() - 1;
+                match kind {
+                    AggKind::Quantile(_) | AggKind::FirstValue => {
+                        ordered_reference(&frame, last, kind)[last]
+                    }
+                    _ => super::tests::reference(&frame, Some(last), kind)[last],
+                }
+            })
+            .collect()
+    }
+
+    proptest! {
+        /// `RANGE` frames over event time, with gaps and repeated times in interleaved
+        /// series: every kind equals a recomputation over each frame, for any batching and
+        /// across a save and restore.
+        #[test]
+        fn range_frames_match_a_recomputation(
+            steps in proptest::collection::vec(
+                (0u8..3, 0i64..4, proptest::option::weighted(0.85, (-20i32..20).prop_map(f64::from))),
+                1..250,
+            ),
+            preceding_s in 0i64..12,
+            chunk in 1usize..40,
+            cut in 0usize..250,
+        ) {
+            // Each group's clock moves on by 0-3 s per row of the group.
+            let mut clocks = [0i64; 3];
+            let rows: Vec<(u8, i64, Option<f64>)> = steps
+                .iter()
+                .map(|&(g, dt, v)| {
+                    clocks[g as usize] += dt * 1_000;
+                    (g, clocks[g as usize], v)
+                })
+                .collect();
+            let frame = Frame::Range { preceding_ms: preceding_s * 1_000 };
+            let aggregates = all_aggregates(frame);
+            let new_op = || WindowOperator::try_new(frame, 1, aggregates.clone()).unwrap();
+            let (mut keys, mut op) = (KeyInterner::new(1), new_op());
+            let cut = cut.min(rows.len());
+            let mut outputs = vec![Vec::new(); aggregates.len()];
+            for (part_start, part) in [(0, &rows[..cut]), (cut, &rows[cut..])] {
+                if part_start > 0 {
+                    (keys, op) = save_and_restore(&keys, &op, frame);
+                }
+                for piece in part.chunks(chunk) {
+                    let k: ArrayRef = Arc::new(StringArray::from(
+                        piece.iter().map(|(g, _, _)| format!("r{g}")).collect::<Vec<_>>(),
+                    ));
+                    let ids = keys.intern(&[k], piece.len()).unwrap();
+                    let ts: Vec<i64> = piece.iter().map(|&(_, t, _)| t).collect();
+                    let x = Float64Array::from(piece.iter().map(|&(_, _, v)| v).collect::<Vec<_>>());
+                    let arrays = op.process_at(&ids, &ts, &[x]).unwrap();
+                    for (out, a) in outputs.iter_mut().zip(&arrays) {
+                        let a = arrow::compute::cast(a, &arrow::datatypes::DataType::Float64).unwrap();
+                        let a = a.as_any().downcast_ref::<Float64Array>().unwrap();
+                        out.extend((0..a.len()).map(|i| a.is_valid(i).then(|| a.value(i))));
+                    }
+                }
+            }
+            for (agg, out) in aggregates.iter().zip(&outputs) {
+                let expected = range_reference(&rows, preceding_s * 1_000, agg.kind);
+                for (i, (e, o)) in expected.iter().zip(out).enumerate() {
+                    prop_assert!(super::tests::close(*e, *o, 400.0), "{:?} row {i}: {e:?} vs {o:?}", agg.kind);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn range_frames_need_event_times() {
+        let frame = Frame::Range {
+            preceding_ms: 1_000,
+        };
+        let avg = vec![Aggregate {
+            kind: AggKind::Avg,
+            arg: 0,
+        }];
+        let mut op = WindowOperator::try_new(frame, 1, avg.clone()).unwrap();
+        let x = Float64Array::from(vec![1.0, 2.0]);
+        assert!(op.process(&[0, 0], std::slice::from_ref(&x)).is_err());
+        assert!(op.process_at(&[0, 0], &[0], std::slice::from_ref(&x)).is_err());
+        let out = op.process_at(&[0, 0], &[0, 500], &[x]).unwrap();
+        let out = out[0].as_any().downcast_ref::<Float64Array>().unwrap();
+        assert_eq!(out.values().to_vec(), vec![1.0, 1.5]);
+        assert!(WindowOperator::try_new(Frame::Range { preceding_ms: -1 }, 1, avg).is_err());
     }
 
     /// Large frames: the median sorts the whole frame in blocks, a lone 99.9th percentile

@@ -715,34 +715,20 @@ impl Lowering<'_> {
             }
             let frame_error = || {
                 CompileError::msg(format!(
-                    "`{name}`: only ROWS BETWEEN <n> PRECEDING AND CURRENT ROW and ROWS BETWEEN \
-                     UNBOUNDED PRECEDING AND CURRENT ROW frames are supported (got {})",
+                    "`{name}`: only frames ending at the current row are supported: ROWS \
+                     BETWEEN <n> PRECEDING, RANGE BETWEEN INTERVAL '<duration>' PRECEDING or \
+                     UNBOUNDED PRECEDING, AND CURRENT ROW (got {})",
                     p.window_frame
                 ))
             };
-            let wf_frame = &p.window_frame;
-            if wf_frame.units != WindowFrameUnits::Rows
-                || !matches!(wf_frame.end_bound, WindowFrameBound::CurrentRow)
-            {
-                return Err(frame_error());
-            }
-            let frame = match &wf_frame.start_bound {
-                WindowFrameBound::Preceding(v) if v.is_null() => Frame::Unbounded,
-                WindowFrameBound::Preceding(v) => match v {
-                    ScalarValue::UInt64(Some(n)) => Frame::Rows {
-                        preceding: usize::try_from(*n).map_err(|_| frame_error())?,
-                    },
-                    _ => return Err(frame_error()),
-                },
-                WindowFrameBound::CurrentRow => Frame::Rows { preceding: 0 },
-                WindowFrameBound::Following(_) => return Err(frame_error()),
-            };
+            let frame = window_frame(&p.window_frame).ok_or_else(frame_error)?;
             if frame == Frame::Unbounded
                 && (kind.is_some_and(AggKind::needs_bounded_frame) || is_percentile(&name))
             {
                 return Err(CompileError::msg(format!(
                     "`{name}` keeps its frame's values: it needs a bounded frame, ROWS BETWEEN \
-                     <n> PRECEDING AND CURRENT ROW (got {})",
+                     <n> PRECEDING or RANGE BETWEEN INTERVAL '<duration>' PRECEDING, AND \
+                     CURRENT ROW (got {})",
                     p.window_frame
                 )));
             }
@@ -939,4 +925,57 @@ pub fn required_columns(full: &Schema, rules: &[Arc<CompiledRule>]) -> Vec<usize
         })
         .map(|(i, _)| i)
         .collect()
+}
+/// The operator frame of a SQL window frame, if healer runs it: frames that end at the
+/// current row, `ROWS` with a row count and `RANGE` with an interval of days and smaller
+/// units (a month has no fixed length). `RANGE` frames end at the current row itself: rows
+/// of the series with the same time that come after it are not included (see
+/// [`healer_operators::window`]).
+fn window_frame(frame: &datafusion::logical_expr::WindowFrame) -> Option<Frame> {
+    if !matches!(frame.end_bound, WindowFrameBound::CurrentRow) {
+        return None;
+    }
+    match (&frame.units, &frame.start_bound) {
+        (WindowFrameUnits::Rows | WindowFrameUnits::Range, WindowFrameBound::Preceding(v))
+            if v.is_null() =>
+        {
+            Some(Frame::Unbounded)
+        }
+        (WindowFrameUnits::Rows, WindowFrameBound::Preceding(ScalarValue::UInt64(Some(n)))) => {
+            Some(Frame::Rows {
+                preceding: usize::try_from(*n).ok()?,
+            })
+        }
+        (WindowFrameUnits::Rows, WindowFrameBound::CurrentRow) => {
+            Some(Frame::Rows { preceding: 0 })
+        }
+        (WindowFrameUnits::Range, WindowFrameBound::Preceding(v)) => Some(Frame::Range {
+            preceding_ms: interval_ms(v)?,
+        }),
+        (WindowFrameUnits::Range, WindowFrameBound::CurrentRow) => {
+            Some(Frame::Range { preceding_ms: 0 })
+        }
+        _ => None,
+    }
+}
+
+/// A non-negative interval without months, in whole milliseconds.
+fn interval_ms(v: &ScalarValue) -> Option<i64> {
+    let ms = match v {
+        ScalarValue::IntervalDayTime(Some(d)) => {
+            i64::from(d.days) * 86_400_000 + i64::from(d.milliseconds)
+        }
+        ScalarValue::IntervalMonthDayNano(Some(i)) if i.months == 0 => {
+            if i.nanoseconds % 1_000_000 != 0 {
+                return None;
+            }
+            i64::from(i.days)
+                .checked_mul(86_400_000)?
+                .checked_add(i.nanoseconds / 1_000_000)?
+        }
+        ScalarValue::DurationMillisecond(Some(ms)) => *ms,
+        ScalarValue::DurationSecond(Some(s)) => s.checked_mul(1_000)?,
+        _ => return None,
+    };
+    (ms >= 0).then_some(ms)
 }

@@ -237,12 +237,16 @@ impl Stage {
                             Ok(a.as_primitive::<arrow::datatypes::Float64Type>().clone())
                         })
                         .collect::<Result<Vec<Float64Array>, ExecError>>()?;
-                    let outputs =
-                        op.process(&ids, &args)
-                            .map_err(|source| ExecError::Operator {
-                                rule: rule.to_string(),
-                                source,
-                            })?;
+                    let outputs = match template.frame {
+                        Frame::Range { .. } => {
+                            event_times_ms(&batch).and_then(|ts| op.process_at(&ids, &ts, &args))
+                        }
+                        _ => op.process(&ids, &args),
+                    }
+                    .map_err(|source| ExecError::Operator {
+                        rule: rule.to_string(),
+                        source,
+                    })?;
                     for (array, &pos) in outputs.into_iter().zip(&template.positions) {
                         let field = schema.field(input_columns + pos);
                         let array = if array.data_type() == field.data_type() {
@@ -267,4 +271,26 @@ impl Stage {
             }
         }
     }
+}
+
+/// The event time of every row of `batch` in milliseconds since the epoch, from its `ts`
+/// column (any timestamp unit), for `RANGE` frames. A NULL time reads as the earliest one.
+fn event_times_ms(batch: &RecordBatch) -> healer_operators::Result<Vec<i64>> {
+    use healer_operators::OperatorError::InvalidInput;
+    let ts = batch
+        .column_by_name(healer_operators::schema::TS)
+        .ok_or_else(|| InvalidInput("a RANGE window needs the `ts` column".into()))?;
+    let DataType::Timestamp(_, tz) = ts.data_type() else {
+        return Err(InvalidInput(format!(
+            "a RANGE window needs `ts` as a timestamp, not {}",
+            ts.data_type()
+        )));
+    };
+    let unit = DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, tz.clone());
+    let ms = cast(ts, &unit).map_err(|e| InvalidInput(e.to_string()))?;
+    let ms = ms.as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+    Ok(match ms.nulls() {
+        None => ms.values().to_vec(),
+        Some(_) => ms.iter().map(|t| t.unwrap_or(i64::MIN)).collect(),
+    })
 }

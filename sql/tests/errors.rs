@@ -43,15 +43,24 @@ SELECT ts, resource, 'cpu' AS metric, cpu_pct AS value, 1.0 AS score FROM metric
 
 #[test]
 fn unsupported_windows_say_what_is_supported() {
-    let range = "CREATE VIEW r AS SELECT ts, resource, 'cpu' AS metric, cpu_percent AS value, \
-        AVG(cpu_percent) OVER (PARTITION BY resource ORDER BY ts) AS score FROM metrics;";
-    let e = errors(range);
-    assert_eq!(e.len(), 1);
-    assert!(
-        e[0].contains("only ROWS BETWEEN <n> PRECEDING AND CURRENT ROW"),
-        "{}",
-        e[0]
-    );
+    for frame in [
+        "GROUPS BETWEEN 3 PRECEDING AND CURRENT ROW",
+        // A month has no fixed length.
+        "RANGE BETWEEN INTERVAL '1 month' PRECEDING AND CURRENT ROW",
+        "RANGE BETWEEN INTERVAL '5 minutes' PRECEDING AND INTERVAL '1 minute' FOLLOWING",
+    ] {
+        let sql = format!(
+            "CREATE VIEW r AS SELECT ts, resource, 'cpu' AS metric, cpu_percent AS value, \
+             AVG(cpu_percent) OVER (PARTITION BY resource ORDER BY ts {frame}) AS score FROM metrics;"
+        );
+        let e = errors(&sql);
+        assert_eq!(e.len(), 1, "{frame}: {e:#?}");
+        assert!(
+            e[0].contains("only frames ending at the current row are supported: ROWS BETWEEN <n> PRECEDING, RANGE BETWEEN INTERVAL"),
+            "{frame}: {}",
+            e[0]
+        );
+    }
 
     let unordered = "CREATE VIEW r AS SELECT ts, resource, 'cpu' AS metric, cpu_percent AS value, \
         AVG(cpu_percent) OVER (PARTITION BY resource ROWS BETWEEN 3 PRECEDING AND CURRENT ROW) AS score FROM metrics;";
@@ -59,7 +68,7 @@ fn unsupported_windows_say_what_is_supported() {
 
     let following = "CREATE VIEW r AS SELECT ts, resource, 'cpu' AS metric, cpu_percent AS value, \
         AVG(cpu_percent) OVER (PARTITION BY resource ORDER BY ts ROWS BETWEEN 3 PRECEDING AND 1 FOLLOWING) AS score FROM metrics;";
-    assert!(errors(following)[0].contains("only ROWS"));
+    assert!(errors(following)[0].contains("only frames ending at the current row"));
 
     let lag = "CREATE VIEW r AS SELECT ts, resource, 'cpu' AS metric, cpu_percent AS value, \
         LAG(cpu_percent) OVER (PARTITION BY resource ORDER BY ts) AS score FROM metrics;";

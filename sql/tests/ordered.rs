@@ -109,6 +109,94 @@ fn ordered_functions_agree_with_datafusion() {
     }
 }
 
+#[test]
+fn range_frames_agree_with_datafusion() {
+    // Irregular sampling (gaps of one to several minutes, different per resource), integer
+    // values with ties and NULLs, so that a 5-minute frame holds 1 to 6 rows.
+    let mut u = noise(11);
+    let (mut ts, mut res, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
+    for t in 0..400i64 {
+        for r in 0..3usize {
+            if (t + r as i64) % 7 == 3 || (t * (r as i64 + 1)) % 11 == 0 {
+                continue;
+            }
+            ts.push(1_700_000_000_000 + t * 60_000);
+            res.push(format!("host-{r}"));
+            let v = (u() * 20.0).round() + r as f64;
+            cpu.push((t % 13 != 5).then_some(v));
+        }
+    }
+    let input = cpu_batch(ts, res, cpu);
+    let query = "SELECT ts, resource, cpu_percent, \
+           avg(cpu_percent) OVER w AS avg, \
+           count(cpu_percent) OVER w AS n, \
+           stddev(cpu_percent) OVER w AS sd, \
+           min(cpu_percent) OVER w AS lo, \
+           max(cpu_percent) OVER w AS hi, \
+           median(cpu_percent) OVER w AS med, \
+           percentile_cont(cpu_percent, 0.9) OVER w AS p90, \
+           first_value(cpu_percent) OVER w AS first, \
+           sum(cpu_percent) OVER (PARTITION BY resource ORDER BY ts) AS running, \
+           count(1) OVER (PARTITION BY resource ORDER BY ts \
+             RANGE BETWEEN INTERVAL '1 hour' PRECEDING AND CURRENT ROW) AS hour_rows \
+         FROM metrics \
+         WINDOW w AS (PARTITION BY resource ORDER BY ts \
+           RANGE BETWEEN INTERVAL '5 minutes' PRECEDING AND CURRENT ROW)";
+    let rule = compile(
+        RuleCompiler::try_new(schema())
+            .unwrap()
+            .without_output_contract(),
+        &format!("CREATE VIEW q AS {query}"),
+    );
+    let ctx = SessionContext::new();
+    let table = MemTable::try_new(schema(), vec![vec![input.clone()]]).unwrap();
+    ctx.register_table("metrics", Arc::new(table)).unwrap();
+    let reference = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let sql = format!("SELECT * FROM ({query}) ORDER BY ts, resource");
+            ctx.sql(&sql).await.unwrap().collect().await.unwrap()
+        });
+    let reference = concat_batches(&reference[0].schema(), &reference).unwrap();
+    for (chunk, checkpoint) in [(1, Some(301)), (5, None), (64, Some(512)), (2000, None)] {
+        let healer = run(&rule, &input, chunk, checkpoint);
+        assert_eq!(healer.num_rows(), reference.num_rows());
+        for column in [
+            "avg",
+            "n",
+            "sd",
+            "lo",
+            "hi",
+            "med",
+            "p90",
+            "first",
+            "running",
+            "hour_rows",
+        ] {
+            let (a, b) = (numbers(&healer, column), numbers(&reference, column));
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                let same = match (x, y) {
+                    (Some(x), Some(y)) => (x - y).abs() <= 1e-9 * x.abs().max(1.0) + 25e-6,
+                    (x, y) => x == y,
+                };
+                assert!(
+                    same,
+                    "{column} row {i}, batches of {chunk}, checkpoint {checkpoint:?}: {x:?} vs {y:?}"
+                );
+            }
+        }
+    }
+}
+
+/// A numeric column as `f64`s (counts are integers).
+fn numbers(batch: &RecordBatch, name: &str) -> Vec<Option<f64>> {
+    let column = batch.column_by_name(name).unwrap();
+    let column = arrow::compute::cast(column, &arrow::datatypes::DataType::Float64).unwrap();
+    let column = column.as_primitive::<arrow::datatypes::Float64Type>();
+    column.iter().collect()
+}
+
 /// The novelty rule over `input` (one metric, `cpu_percent`): (row of the series, confidence)
 /// of every anomaly of resource `host-0`.
 fn novelty(input: &RecordBatch) -> Vec<(usize, f64)> {

@@ -999,11 +999,7 @@ async fn load_restore(
             .await?
             .bytes()
             .await?;
-        let checkpoint: Checkpoint =
-            postcard::from_bytes(&bytes).map_err(|e| CheckpointError::Corrupt {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+        let checkpoint = crate::checkpoint::decode_checkpoint(&bytes, &path)?;
         restore.push(Restore {
             checkpoint,
             keys: Some(KeyRanges::new(ranges)),
