@@ -130,7 +130,7 @@ impl SortedBlocks {
 /// gives the same set), and is about `k · (1 + ln(n / k))` values for noise, `k` for a rising
 /// series and at worst all `n` for a falling one. Each value costs one pass over the
 /// candidates, against a search and a move in a [`SortedBlocks`] of the whole window.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TopK {
     /// Candidates, oldest first, from `start` on: sequence numbers, values, and how many
     /// later values are larger.
@@ -144,6 +144,17 @@ pub struct TopK {
 }
 
 impl TopK {
+    /// A copy without the candidates already evicted, for saving.
+    pub fn live(&self) -> TopK {
+        TopK {
+            seqs: self.seqs[self.start..].to_vec(),
+            values: self.values[self.start..].to_vec(),
+            beaten: self.beaten[self.start..].to_vec(),
+            start: 0,
+            largest: self.largest.clone(),
+        }
+    }
+
     /// Drops the candidates older than sequence number `first`.
     pub fn evict_before(&mut self, first: u64) {
         while self.start < self.seqs.len() && self.seqs[self.start] < first {

@@ -44,8 +44,10 @@
 //! ([`TopK`]: about `k · (1 + ln(n / k))` of them for noise), each row costing a pass over
 //! them. Other quantiles keep the argument's present values sorted ([`SortedBlocks`]), one
 //! more `n + 1` values per series, each row costing a search and a move within one block of
-//! at most 256 values plus a walk over the block lengths. Neither is saved: a restored series
-//! rebuilds it from its ring.
+//! at most 256 values plus a walk over the block lengths. A restored series rebuilds either
+//! from its ring. An operator whose every aggregate keeps only top candidates never reads a
+//! value back from its frame (candidates leave by sequence number): it keeps one presence bit
+//! per row instead of the ring, and saves its candidates.
 //!
 //! # Missing values
 //! NULL and NaN inputs are both *missing*: they occupy a row of the frame but are ignored by
@@ -332,6 +334,15 @@ pub struct WindowOperator {
     /// Parallel to `series` for [`Frame::Range`]: the frame's rows, (event time, value),
     /// oldest first.
     timed: Vec<VecDeque<(i64, f64)>>,
+    /// Words per series of `present`; 0 unless every aggregate is a quantile that keeps only
+    /// its top candidates ([`Order::Top`]). Such an operator never reads a value back from
+    /// its frame (candidates are evicted by sequence number), so instead of a ring of values
+    /// it keeps one bit per row of the frame, whether the row held a value: 1/64 of the
+    /// memory.
+    presence_words: usize,
+    /// The presence bits of every series, `presence_words` per series, bit `k` for ring
+    /// slot `k`.
+    present: Vec<u64>,
 }
 
 /// The windows gathered for forecasting during one call.
@@ -431,6 +442,16 @@ impl WindowOperator {
                 };
             }
         }
+        let presence_only = matches!(frame, Frame::Rows { .. })
+            && !aggregates.is_empty()
+            && aggregates.iter().all(|a| {
+                matches!(a.kind, AggKind::Quantile(_)) && matches!(ordered[a.arg], Order::Top(_))
+            });
+        let presence_words = if presence_only {
+            frame.capacity().div_ceil(64)
+        } else {
+            0
+        };
         Ok(Self {
             frame,
             n_args,
@@ -449,6 +470,8 @@ impl WindowOperator {
             forecast_args,
             gathered: Gathered::default(),
             timed: Vec::new(),
+            presence_words,
+            present: Vec::new(),
         })
     }
 
@@ -478,6 +501,13 @@ impl WindowOperator {
             if matches!(self.frame, Frame::Range { .. }) {
                 self.timed.resize_with(needed, VecDeque::new);
             }
+        }
+        if self.presence_words > 0 {
+            let words = needed * self.presence_words;
+            if words > self.present.len() {
+                self.present.resize(words, 0);
+            }
+            return;
         }
         let cap = self.frame.capacity();
         if needed > self.stride && cap > 0 {
@@ -622,6 +652,10 @@ impl WindowOperator {
                             sorted,
                             ext.as_deref_mut(),
                         );
+                    }
+                    Frame::Rows { .. } if self.presence_words > 0 => {
+                        let words = self.presence_words;
+                        push_presence(series, &mut self.present[s * words..][..words], cap, x);
                     }
                     Frame::Rows { .. } => push_bounded(
                         series,
@@ -913,6 +947,10 @@ pub struct SeriesState {
     ring: Vec<f64>,
     /// `RANGE` frames: the event times of `ring`'s values.
     times: Vec<i64>,
+    /// Operators that keep presence bits instead of values: the bits, and the quantile's
+    /// candidates, which cannot be rebuilt without the values.
+    present: Vec<u64>,
+    top: Option<TopK>,
     min: Vec<(u64, f64)>,
     max: Vec<(u64, f64)>,
 }
@@ -938,8 +976,10 @@ impl WindowOperator {
         let cap = self.frame.capacity();
         let series = (0..self.n_args)
             .map(|a| {
+                let words = self.presence_words;
                 let (ring, times) = match self.timed.get(base + a) {
                     Some(frame) => frame.iter().map(|&(t, v)| (v, t)).unzip(),
+                    None if words > 0 => (Vec::new(), Vec::new()),
                     None => (
                         (0..cap)
                             .map(|k| self.slab[k * self.stride + base + a])
@@ -954,10 +994,21 @@ impl WindowOperator {
                     ),
                     None => (Vec::new(), Vec::new()),
                 };
+                let (present, top) = if words > 0 {
+                    let s = base + a;
+                    (
+                        self.present[s * words..][..words].to_vec(),
+                        Some(self.tops[s].live()),
+                    )
+                } else {
+                    (Vec::new(), None)
+                };
                 SeriesState {
                     stats: self.series[base + a].clone(),
                     ring,
                     times,
+                    present,
+                    top,
                     min,
                     max,
                 }
@@ -991,10 +1042,22 @@ impl WindowOperator {
                     s.times.len()
                 )));
             }
+        } else if self.presence_words > 0 {
+            if let Some(s) = state.series.iter().find(|s| {
+                s.present.len() != self.presence_words || s.top.is_none() || !s.ring.is_empty()
+            }) {
+                return Err(OperatorError::InvalidInput(format!(
+                    "saved window state holds {} presence words and {} values per series, the \
+                     frame {} words",
+                    s.present.len(),
+                    s.ring.len(),
+                    self.presence_words
+                )));
+            }
         } else if let Some(s) = state
             .series
             .iter()
-            .find(|s| s.ring.len() != cap || !s.times.is_empty())
+            .find(|s| s.ring.len() != cap || !s.times.is_empty() || !s.present.is_empty())
         {
             return Err(OperatorError::InvalidInput(format!(
                 "saved window state holds {} rows per series, the frame {cap}",
@@ -1016,6 +1079,13 @@ impl WindowOperator {
         let base = group as usize * self.n_args;
         for (a, saved) in state.series.iter().enumerate() {
             self.series[base + a] = saved.stats.clone();
+            if self.presence_words > 0 {
+                let words = self.presence_words;
+                let s = base + a;
+                self.present[s * words..][..words].copy_from_slice(&saved.present);
+                self.tops[s] = saved.top.clone().expect("checked above");
+                continue;
+            }
             if timed {
                 self.timed[base + a] = saved
                     .times
@@ -1310,6 +1380,31 @@ fn push_timed(
     {
         recompute_from(series, frame.iter().map(|&(_, v)| v), x);
     }
+}
+
+/// [`push_bounded`] for an operator that keeps presence bits instead of values (see
+/// `WindowOperator::presence_words`): only the row and value counts.
+fn push_presence(series: &mut Series, bits: &mut [u64], cap: usize, x: f64) {
+    let (word, bit) = (series.head / 64, 1u64 << (series.head % 64));
+    if series.rows == cap {
+        if bits[word] & bit != 0 {
+            series.n -= 1;
+        }
+        series.rows -= 1;
+    }
+    if x.is_nan() {
+        bits[word] &= !bit;
+    } else {
+        bits[word] |= bit;
+        series.n += 1;
+    }
+    series.head = if series.head + 1 == cap {
+        0
+    } else {
+        series.head + 1
+    };
+    series.rows += 1;
+    series.seq += 1;
 }
 
 /// The state [`push_rows_plain`] works on.
@@ -2079,7 +2174,10 @@ mod state_tests {
         let mut op = WindowOperator::try_new(frame, 1, avg.clone()).unwrap();
         let x = Float64Array::from(vec![1.0, 2.0]);
         assert!(op.process(&[0, 0], std::slice::from_ref(&x)).is_err());
-        assert!(op.process_at(&[0, 0], &[0], std::slice::from_ref(&x)).is_err());
+        assert!(
+            op.process_at(&[0, 0], &[0], std::slice::from_ref(&x))
+                .is_err()
+        );
         let out = op.process_at(&[0, 0], &[0, 500], &[x]).unwrap();
         let out = out[0].as_any().downcast_ref::<Float64Array>().unwrap();
         assert_eq!(out.values().to_vec(), vec![1.0, 1.5]);
@@ -2089,6 +2187,96 @@ mod state_tests {
     /// Large frames: the median sorts the whole frame in blocks, a lone 99.9th percentile
     /// keeps only the top candidates; both equal a sort of each frame and continue bit for
     /// bit after a save and restore.
+    /// An operator whose aggregates are all top-candidate quantiles keeps presence bits,
+    /// not values: it still equals a sort of every frame, with missing values and a level
+    /// shift, and continues bit for bit after a save and restore through the wire format,
+    /// at any cut.
+    #[test]
+    fn presence_bits_instead_of_values() {
+        let preceding = 299;
+        let frame = Frame::Rows { preceding };
+        let mut random = crate::test_randoms(3);
+        let xs: Vec<Option<f64>> = (0..1_500)
+            .map(|t| {
+                let v = ((random() >> 40) % 200) as f64 + if t > 900 { 500.0 } else { 0.0 };
+                (t % 41 != 7 && !(600..640).contains(&t)).then_some(v)
+            })
+            .collect();
+        let aggregates: Vec<Aggregate> = [(0.999, 0), (0.99, 0), (1.0, 1)]
+            .into_iter()
+            .map(|(q, arg)| Aggregate {
+                kind: AggKind::Quantile(Level::new(q).unwrap()),
+                arg,
+            })
+            .collect();
+        let op = || WindowOperator::try_new(frame, 2, aggregates.clone()).unwrap();
+        let feed = |op: &mut WindowOperator, rows: &[Option<f64>]| -> Vec<Vec<Option<u64>>> {
+            let x = Float64Array::from(rows.to_vec());
+            let out = op.process(&vec![0; rows.len()], &[x.clone(), x]).unwrap();
+            out.iter()
+                .map(|a| {
+                    let a = a.as_any().downcast_ref::<Float64Array>().unwrap();
+                    (0..a.len())
+                        .map(|i| a.is_valid(i).then(|| a.value(i).to_bits()))
+                        .collect()
+                })
+                .collect()
+        };
+        let mut whole_op = op();
+        let whole = feed(&mut whole_op, &xs);
+        assert_eq!(whole_op.presence_words, 5);
+        assert!(whole_op.slab.is_empty());
+        for (agg, out) in aggregates.iter().zip(&whole) {
+            let expected = ordered_reference(&xs, preceding, agg.kind);
+            let expected: Vec<Option<u64>> = expected.iter().map(|v| v.map(f64::to_bits)).collect();
+            assert_eq!(out, &expected, "{agg:?}");
+        }
+        for cut in [1, 299, 300, 620, 1_000] {
+            let mut first = op();
+            let head = feed(&mut first, &xs[..cut]);
+            let state = first.export_group(0, vec![]).unwrap();
+            let bytes = postcard::to_stdvec(&state).unwrap();
+            let state: GroupState = postcard::from_bytes(&bytes).unwrap();
+            let mut restored = op();
+            restored.import_group(0, &state).unwrap();
+            let tail = feed(&mut restored, &xs[cut..]);
+            for (w, (h, t)) in whole.iter().zip(head.iter().zip(&tail)) {
+                let joined: Vec<Option<u64>> = h.iter().chain(t).copied().collect();
+                assert_eq!(w, &joined, "cut {cut}");
+            }
+        }
+        // Several series, and batches that hold only the first of them: the same quantiles
+        // as an operator that keeps values (a COUNT makes it keep them).
+        let q = aggregates[0];
+        let count = Aggregate {
+            kind: AggKind::Count,
+            arg: 0,
+        };
+        let mut bits = WindowOperator::try_new(frame, 1, vec![q]).unwrap();
+        let mut ring = WindowOperator::try_new(frame, 1, vec![q, count]).unwrap();
+        assert!(bits.presence_words > 0 && ring.presence_words == 0);
+        for (b, part) in xs.chunks(97).enumerate() {
+            let groups: Vec<u32> = (0..part.len())
+                .map(|i| if b % 3 == 1 { 0 } else { (i % 3) as u32 })
+                .collect();
+            let x = Float64Array::from(part.to_vec());
+            let a = bits.process(&groups, std::slice::from_ref(&x)).unwrap();
+            let r = ring.process(&groups, &[x]).unwrap();
+            assert_eq!(&a[0], &r[0], "batch {b}");
+        }
+
+        // A value ring's state is not a presence operator's, nor the reverse.
+        let mut values = WindowOperator::try_new(frame, 2, all_aggregates(frame)).unwrap();
+        let x = Float64Array::from(xs[..10].to_vec());
+        values.process(&[0; 10], &[x.clone(), x]).unwrap();
+        let saved = values.export_group(0, vec![]).unwrap();
+        assert!(op().import_group(0, &saved).is_err());
+        let mut presence = op();
+        feed(&mut presence, &xs[..10]);
+        let saved = presence.export_group(0, vec![]).unwrap();
+        assert!(values.import_group(0, &saved).is_err());
+    }
+
     #[test]
     fn large_frames_sorted_and_top_k_match_and_restore() {
         let preceding = 999;
