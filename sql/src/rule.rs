@@ -721,6 +721,9 @@ impl Lowering<'_> {
                     p.window_frame
                 ))
             };
+            if let Some(reason) = range_interval_problem(&p.window_frame) {
+                return Err(CompileError::msg(format!("`{name}`: {reason}")));
+            }
             let frame = window_frame(&p.window_frame).ok_or_else(frame_error)?;
             if frame == Frame::Unbounded
                 && (kind.is_some_and(AggKind::needs_bounded_frame) || is_percentile(&name))
@@ -957,6 +960,44 @@ fn window_frame(frame: &datafusion::logical_expr::WindowFrame) -> Option<Frame> 
         }
         _ => None,
     }
+}
+
+/// What is wrong with a `RANGE … PRECEDING` interval that healer cannot run, in words (the
+/// frame's own rendering shows DataFusion's internal interval type).
+fn range_interval_problem(frame: &datafusion::logical_expr::WindowFrame) -> Option<String> {
+    let (WindowFrameUnits::Range, WindowFrameBound::Preceding(v)) =
+        (&frame.units, &frame.start_bound)
+    else {
+        return None;
+    };
+    if v.is_null() || interval_ms(v).is_some() {
+        return None;
+    }
+    Some(match v {
+        ScalarValue::IntervalMonthDayNano(Some(i)) if i.months != 0 => format!(
+            "a RANGE frame's interval must not count months or years, which have no fixed \
+             length (got {} month(s); a bare number is read as months: write INTERVAL \
+             '5 minutes')",
+            i.months
+        ),
+        ScalarValue::IntervalYearMonth(Some(months)) => format!(
+            "a RANGE frame's interval must not count months or years, which have no fixed \
+             length (got {months} month(s))"
+        ),
+        ScalarValue::IntervalMonthDayNano(Some(i)) if i.nanoseconds % 1_000_000 != 0 => {
+            "a RANGE frame's interval must be whole milliseconds".to_string()
+        }
+        ScalarValue::IntervalMonthDayNano(Some(_))
+        | ScalarValue::IntervalDayTime(Some(_))
+        | ScalarValue::DurationMillisecond(Some(_))
+        | ScalarValue::DurationSecond(Some(_)) => {
+            "a RANGE frame's interval must not be negative".to_string()
+        }
+        other => format!(
+            "a RANGE frame over ts needs an interval: RANGE BETWEEN INTERVAL '5 minutes' \
+             PRECEDING AND CURRENT ROW (got {other})"
+        ),
+    })
 }
 
 /// A non-negative interval without months, in whole milliseconds.
