@@ -33,8 +33,10 @@ use tokio::sync::{mpsc, watch};
 use crate::gate::GateState;
 use crate::store::Location;
 
-/// Format version of checkpoint objects. 2: window state of `RANGE` frames (event times).
-pub const CHECKPOINT_VERSION: u32 = 2;
+/// Format version of checkpoint objects. 3: window state of `RANGE` frames (event times),
+/// and of operators that keep presence bits and their quantiles' candidates instead of
+/// values (2 was used by development builds with an earlier layout of these).
+pub const CHECKPOINT_VERSION: u32 = 3;
 
 /// Decodes a checkpoint object read from `path`, checking its format version first so
 /// that one written by another version of healer is reported as such.
@@ -452,7 +454,7 @@ mod tests {
             .to_string();
         assert!(
             e.contains("chk-7.bin")
-                && e.contains("checkpoint format version 1, this healer reads version 2"),
+                && e.contains("checkpoint format version 1, this healer reads version 3"),
             "{e}"
         );
         assert!(decode_checkpoint(&[], "empty").is_err());

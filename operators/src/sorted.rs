@@ -129,7 +129,8 @@ impl SortedBlocks {
 /// `k` largest. What remains depends only on the window's contents (rebuilding from them
 /// gives the same set), and is about `k · (1 + ln(n / k))` values for noise, `k` for a rising
 /// series and at worst all `n` for a falling one. Each value costs one pass over the
-/// candidates, against a search and a move in a [`SortedBlocks`] of the whole window.
+/// candidates (and over those that dropped out since the last compaction, at most as many),
+/// against a search and a move in a [`SortedBlocks`] of the whole window.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TopK {
     /// Candidates, oldest first, from `start` on: sequence numbers, values, and how many
@@ -161,6 +162,22 @@ impl TopK {
         live.beaten.drain(..live.start);
         live.start = 0;
         live
+    }
+
+    /// The `k` of the pushes (0 before the first).
+    pub fn k(&self) -> usize {
+        self.k as usize
+    }
+
+    /// Whether the state holds together (equal lengths, `start` and `dead` within them): a
+    /// check for state read back from a checkpoint.
+    pub fn is_consistent(&self) -> bool {
+        let n = self.seqs.len();
+        n == self.values.len()
+            && n == self.beaten.len()
+            && self.start <= n
+            && self.dead == (self.start..n).filter(|&i| self.is_dead(i)).count()
+            && self.seqs[self.start..].is_sorted()
     }
 
     /// Whether the candidate at `i` has been beaten `k` times.
@@ -258,7 +275,8 @@ impl TopK {
     }
 
     /// The `q` quantile of a window of `n` present values whose candidates these are (for
-    /// `k` = [`top_k_for`]`(q, n)` or more), interpolated linearly between ranks.
+    /// `k` = [`top_k_for`]`(q, n)` or more), interpolated linearly between ranks; NaN for an
+    /// empty window or a rank the candidates do not reach.
     pub fn quantile(&mut self, q: f64, n: usize, k: usize) -> f64 {
         let Some((lo, fraction)) = rank(q, n) else {
             return f64::NAN;

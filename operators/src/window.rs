@@ -420,7 +420,8 @@ impl WindowOperator {
             && let Some(a) = aggregates.iter().find(|a| a.kind.needs_bounded_frame())
         {
             return Err(OperatorError::InvalidInput(format!(
-                "{:?} needs a bounded frame, ROWS BETWEEN n PRECEDING AND CURRENT ROW",
+                "{:?} needs a bounded frame: ROWS BETWEEN n PRECEDING or RANGE BETWEEN <interval> \
+                 PRECEDING, AND CURRENT ROW",
                 a.kind
             )));
         }
@@ -643,6 +644,14 @@ impl WindowOperator {
                 match self.frame {
                     Frame::Range { preceding_ms } => {
                         let t = ts.expect("process_at gives RANGE frames their times")[i];
+                        if let Some(&(last, _)) = self.timed[s].back()
+                            && t < last
+                        {
+                            return Err(OperatorError::InvalidInput(format!(
+                                "event time goes back within a series ({t} ms after {last} ms): \
+                                 a RANGE frame needs each series in time order"
+                            )));
+                        }
                         let sorted = (ordered == Order::Sorted).then(|| &mut self.sorted[s]);
                         push_timed(
                             series,
@@ -947,8 +956,10 @@ pub struct SeriesState {
     ring: Vec<f64>,
     /// `RANGE` frames: the event times of `ring`'s values.
     times: Vec<i64>,
-    /// Operators that keep presence bits instead of values: the bits, and the quantile's
-    /// candidates, which cannot be rebuilt without the values.
+    /// Operators that keep presence bits instead of values: the frame's rows (the bits'
+    /// count), the bits, and the quantile's candidates, which cannot be rebuilt without the
+    /// values.
+    capacity: usize,
     present: Vec<u64>,
     top: Option<TopK>,
     min: Vec<(u64, f64)>,
@@ -1007,6 +1018,7 @@ impl WindowOperator {
                     stats: self.series[base + a].clone(),
                     ring,
                     times,
+                    capacity: if words > 0 { cap } else { 0 },
                     present,
                     top,
                     min,
@@ -1043,16 +1055,28 @@ impl WindowOperator {
                 )));
             }
         } else if self.presence_words > 0 {
-            if let Some(s) = state.series.iter().find(|s| {
-                s.present.len() != self.presence_words || s.top.is_none() || !s.ring.is_empty()
-            }) {
-                return Err(OperatorError::InvalidInput(format!(
-                    "saved window state holds {} presence words and {} values per series, the \
-                     frame {} words",
-                    s.present.len(),
-                    s.ring.len(),
-                    self.presence_words
-                )));
+            for (a, s) in state.series.iter().enumerate() {
+                // The candidates were chosen for the `k` of the saved operator; with the values
+                // gone they cannot be chosen again for another.
+                let want_k = match self.ordered[a] {
+                    Order::Top(k) => Some(k),
+                    _ => None,
+                };
+                let top_k = s.top.as_ref().filter(|t| t.is_consistent()).map(TopK::k);
+                if s.capacity != cap
+                    || s.present.len() != self.presence_words
+                    || !s.ring.is_empty()
+                    || top_k.is_none()
+                    || (top_k != want_k && s.top.as_ref().is_some_and(|t| !t.is_empty()))
+                {
+                    return Err(OperatorError::InvalidInput(format!(
+                        "saved window state does not fit: a frame of {} rows with {} candidates \
+                         (k = {:?}), the operator's frame {cap} rows with k = {want_k:?}",
+                        s.capacity,
+                        s.top.as_ref().map_or(0, TopK::len),
+                        top_k,
+                    )));
+                }
             }
         } else if let Some(s) = state
             .series
@@ -1083,7 +1107,13 @@ impl WindowOperator {
                 let words = self.presence_words;
                 let s = base + a;
                 self.present[s * words..][..words].copy_from_slice(&saved.present);
-                self.tops[s] = saved.top.clone().expect("checked above");
+                let top = saved.top.as_ref().expect("checked above");
+                // No candidate left: nothing was chosen for the saved `k`.
+                self.tops[s] = if !top.is_empty() {
+                    top.clone()
+                } else {
+                    TopK::default()
+                };
                 continue;
             }
             if timed {
@@ -2182,11 +2212,15 @@ mod state_tests {
         let out = out[0].as_any().downcast_ref::<Float64Array>().unwrap();
         assert_eq!(out.values().to_vec(), vec![1.0, 1.5]);
         assert!(WindowOperator::try_new(Frame::Range { preceding_ms: -1 }, 1, avg).is_err());
+        // Time going back within a series is refused, not misread.
+        let back = op.process_at(&[0], &[400], &[Float64Array::from(vec![3.0])]);
+        assert!(
+            back.unwrap_err()
+                .to_string()
+                .contains("event time goes back")
+        );
     }
 
-    /// Large frames: the median sorts the whole frame in blocks, a lone 99.9th percentile
-    /// keeps only the top candidates; both equal a sort of each frame and continue bit for
-    /// bit after a save and restore.
     /// An operator whose aggregates are all top-candidate quantiles keeps presence bits,
     /// not values: it still equals a sort of every frame, with missing values and a level
     /// shift, and continues bit for bit after a save and restore through the wire format,
@@ -2265,6 +2299,21 @@ mod state_tests {
             assert_eq!(&a[0], &r[0], "batch {b}");
         }
 
+        // A saved state does not fit another frame of as many presence words, nor another
+        // level's candidates.
+        let mut wrapped = op();
+        feed(&mut wrapped, &xs[..400]);
+        let saved = wrapped.export_group(0, vec![]).unwrap();
+        let other_frame = Frame::Rows { preceding: 310 };
+        let mut longer = WindowOperator::try_new(other_frame, 2, aggregates.clone()).unwrap();
+        assert_eq!(longer.presence_words, 5);
+        assert!(longer.import_group(0, &saved).is_err());
+        let mut other_level = aggregates.clone();
+        other_level[0].kind = AggKind::Quantile(Level::new(0.9).unwrap());
+        let mut other_level = WindowOperator::try_new(frame, 2, other_level).unwrap();
+        assert!(other_level.presence_words > 0);
+        assert!(other_level.import_group(0, &saved).is_err());
+
         // A value ring's state is not a presence operator's, nor the reverse.
         let mut values = WindowOperator::try_new(frame, 2, all_aggregates(frame)).unwrap();
         let x = Float64Array::from(xs[..10].to_vec());
@@ -2277,6 +2326,9 @@ mod state_tests {
         assert!(values.import_group(0, &saved).is_err());
     }
 
+    /// Large frames: the median sorts the whole frame in blocks, a lone 99.9th percentile
+    /// keeps only the top candidates; both equal a sort of each frame and continue bit for
+    /// bit after a save and restore.
     #[test]
     fn large_frames_sorted_and_top_k_match_and_restore() {
         let preceding = 999;

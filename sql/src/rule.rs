@@ -987,6 +987,12 @@ fn range_interval_problem(frame: &datafusion::logical_expr::WindowFrame) -> Opti
         ScalarValue::IntervalMonthDayNano(Some(i)) if i.nanoseconds % 1_000_000 != 0 => {
             "a RANGE frame's interval must be whole milliseconds".to_string()
         }
+        ScalarValue::IntervalMonthDayNano(Some(i)) if i.days >= 0 && i.nanoseconds >= 0 => {
+            "a RANGE frame's interval is too long".to_string()
+        }
+        ScalarValue::DurationSecond(Some(s)) if *s >= 0 => {
+            "a RANGE frame's interval is too long".to_string()
+        }
         ScalarValue::IntervalMonthDayNano(Some(_))
         | ScalarValue::IntervalDayTime(Some(_))
         | ScalarValue::DurationMillisecond(Some(_))
@@ -1014,6 +1020,7 @@ fn interval_ms(v: &ScalarValue) -> Option<i64> {
                 .checked_mul(86_400_000)?
                 .checked_add(i.nanoseconds / 1_000_000)?
         }
+        ScalarValue::IntervalYearMonth(Some(0)) => 0,
         ScalarValue::DurationMillisecond(Some(ms)) => *ms,
         ScalarValue::DurationSecond(Some(s)) => s.checked_mul(1_000)?,
         _ => return None,

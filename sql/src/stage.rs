@@ -274,7 +274,7 @@ impl Stage {
 }
 
 /// The event time of every row of `batch` in milliseconds since the epoch, from its `ts`
-/// column (any timestamp unit), for `RANGE` frames. A NULL time reads as the earliest one.
+/// column (any timestamp unit), for `RANGE` frames; a NULL time is an error.
 fn event_times_ms(batch: &RecordBatch) -> healer_operators::Result<Vec<i64>> {
     use healer_operators::OperatorError::InvalidInput;
     let ts = batch
@@ -289,8 +289,13 @@ fn event_times_ms(batch: &RecordBatch) -> healer_operators::Result<Vec<i64>> {
     let unit = DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, tz.clone());
     let ms = cast(ts, &unit).map_err(|e| InvalidInput(e.to_string()))?;
     let ms = ms.as_primitive::<arrow::datatypes::TimestampMillisecondType>();
-    Ok(match ms.nulls() {
-        None => ms.values().to_vec(),
-        Some(_) => ms.iter().map(|t| t.unwrap_or(i64::MIN)).collect(),
-    })
+    if let Some(row) = ms
+        .nulls()
+        .and_then(|n| (0..n.len()).find(|&i| n.is_null(i)))
+    {
+        return Err(InvalidInput(format!(
+            "a RANGE window needs every row's ts; row {row} of the batch has none"
+        )));
+    }
+    Ok(ms.values().to_vec())
 }
