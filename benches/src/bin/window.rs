@@ -4,7 +4,12 @@
 //!
 //! ```sh
 //! window [--resources 500] [--metrics 16] [--ticks 10000] [--batch-ticks 131]
+//!        [--percentile Q --preceding N]
 //! ```
+//!
+//! With `--percentile`, the operator computes `PERCENTILE_CONT(x, Q)` over
+//! `ROWS BETWEEN N PRECEDING AND CURRENT ROW` instead (the bundled novelty rule's spreads:
+//! `--percentile 0.999 --preceding 5999`).
 //!
 //! Prints ns per cell for each part, best of 3 runs. Values are a seeded AR(1) walk per
 //! series, so the operator sees realistic numbers (no constant windows).
@@ -15,7 +20,7 @@ use std::time::Instant;
 use arrow::array::{ArrayRef, DictionaryArray, Float64Array, Int32Array, StringArray};
 use arrow::datatypes::Int32Type;
 use healer_operators::keys::KeyInterner;
-use healer_operators::window::{AggKind, Aggregate, Frame, WindowOperator};
+use healer_operators::window::{AggKind, Aggregate, Frame, Level, WindowOperator};
 
 fn arg(args: &[String], name: &str, default: usize) -> usize {
     args.iter()
@@ -67,21 +72,41 @@ fn main() {
     let names: Vec<String> = (0..resources).map(|r| format!("res-{r:05}")).collect();
     let metric_names: Vec<String> = (0..metrics).map(|m| format!("metric_{m}")).collect();
 
-    let aggregates = vec![
-        Aggregate {
-            kind: AggKind::Avg,
-            arg: 0,
-        },
-        Aggregate {
-            kind: AggKind::StddevSamp,
-            arg: 0,
-        },
-        Aggregate {
-            kind: AggKind::Count,
-            arg: 0,
-        },
-    ];
-    let frame = Frame::Rows { preceding: 299 };
+    let percentile: Option<f64> = args
+        .iter()
+        .position(|a| a == "--percentile")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().expect("a number between 0 and 1"));
+    let (aggregates, frame) = match percentile {
+        Some(q) => (
+            vec![Aggregate {
+                kind: AggKind::Quantile(Level::new(q).expect("a level between 0 and 1")),
+                arg: 0,
+            }],
+            Frame::Rows {
+                preceding: arg(&args, "--preceding", 5_999),
+            },
+        ),
+        None => (
+            vec![
+                Aggregate {
+                    kind: AggKind::Avg,
+                    arg: 0,
+                },
+                Aggregate {
+                    kind: AggKind::StddevSamp,
+                    arg: 0,
+                },
+                Aggregate {
+                    kind: AggKind::Count,
+                    arg: 0,
+                },
+            ],
+            Frame::Rows {
+                preceding: arg(&args, "--preceding", 299),
+            },
+        ),
+    };
 
     let mut best = [f64::INFINITY; 2];
     for _ in 0..3 {
