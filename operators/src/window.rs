@@ -1288,23 +1288,66 @@ impl Ring<'_> {
     }
 }
 
+impl Series {
+    /// Takes the frame's oldest row, `old`, out of the sums of a bounded frame.
+    fn evict(&mut self, old: f64) {
+        if !old.is_nan() {
+            self.n -= 1;
+            if self.n == 0 {
+                self.s1 = 0.0;
+                self.s2 = 0.0;
+            } else {
+                let d = old - self.shift;
+                self.s1 -= d;
+                self.s2 -= d * d;
+            }
+        }
+        self.rows -= 1;
+        self.evictions += 1;
+    }
+
+    /// Adds the newest row, `x`, to the sums of a bounded frame, and to `extrema` (whose
+    /// rows older than the frame leave). Advances the sequence number.
+    fn add(&mut self, x: f64, extrema: Option<&mut Extrema>) {
+        self.rows += 1;
+        if !x.is_nan() {
+            if self.n == 0 {
+                self.shift = x;
+                self.s1 = 0.0;
+                self.s2 = 0.0;
+            } else {
+                let d = x - self.shift;
+                self.s1 += d;
+                self.s2 += d * d;
+            }
+            self.n += 1;
+        }
+        if let Some(e) = extrema {
+            push_extrema(e, self.seq, x);
+            // The frame holds sequence numbers (seq + 1 - rows ..= seq].
+            let first = self.seq + 1 - self.rows as u64;
+            while e.min.front().is_some_and(|&(s, _)| s < first) {
+                e.min.pop_front();
+            }
+            while e.max.front().is_some_and(|&(s, _)| s < first) {
+                e.max.pop_front();
+            }
+        }
+        self.seq += 1;
+    }
+
+    /// Whether the shifted sums are due an exact recomputation over a frame of `rows` rows:
+    /// at least every 16 frame lengths (amortised O(1), the frame being what a
+    /// recomputation walks) and after a level shift.
+    fn needs_recompute(&self, rows: usize) -> bool {
+        self.evictions > 0 && (self.evictions >= REFRESH_FRAMES * rows || cancels(self))
+    }
+}
+
 fn push_bounded(series: &mut Series, mut ring: Ring<'_>, x: f64, extrema: Option<&mut Extrema>) {
     let cap = ring.cap;
     if series.rows == cap {
-        let old = ring.get(series.head);
-        if !old.is_nan() {
-            series.n -= 1;
-            if series.n == 0 {
-                series.s1 = 0.0;
-                series.s2 = 0.0;
-            } else {
-                let d = old - series.shift;
-                series.s1 -= d;
-                series.s2 -= d * d;
-            }
-        }
-        series.rows -= 1;
-        series.evictions += 1;
+        series.evict(ring.get(series.head));
     }
     ring.set(series.head, x);
     series.head = if series.head + 1 == cap {
@@ -1312,32 +1355,8 @@ fn push_bounded(series: &mut Series, mut ring: Ring<'_>, x: f64, extrema: Option
     } else {
         series.head + 1
     };
-    series.rows += 1;
-    if !x.is_nan() {
-        if series.n == 0 {
-            series.shift = x;
-            series.s1 = 0.0;
-            series.s2 = 0.0;
-        } else {
-            let d = x - series.shift;
-            series.s1 += d;
-            series.s2 += d * d;
-        }
-        series.n += 1;
-    }
-    if let Some(e) = extrema {
-        push_extrema(e, series.seq, x);
-        // The frame holds sequence numbers (seq + 1 - rows ..= seq].
-        let first = series.seq + 1 - series.rows as u64;
-        while e.min.front().is_some_and(|&(s, _)| s < first) {
-            e.min.pop_front();
-        }
-        while e.max.front().is_some_and(|&(s, _)| s < first) {
-            e.max.pop_front();
-        }
-    }
-    series.seq += 1;
-    if series.evictions > 0 && (series.evictions >= REFRESH_FRAMES * cap || cancels(series)) {
+    series.add(x, extrema);
+    if series.needs_recompute(cap) {
         recompute(series, &ring, x);
     }
 }
@@ -1358,56 +1377,22 @@ fn push_timed(
         && at < oldest
     {
         frame.pop_front();
-        if !old.is_nan() {
-            series.n -= 1;
-            if series.n == 0 {
-                series.s1 = 0.0;
-                series.s2 = 0.0;
-            } else {
-                let d = old - series.shift;
-                series.s1 -= d;
-                series.s2 -= d * d;
-            }
-            if let Some(sorted) = sorted.as_deref_mut() {
-                let removed = sorted.remove(old);
-                debug_assert!(removed, "an evicted value is in the sorted set");
-            }
+        series.evict(old);
+        if let Some(sorted) = sorted.as_deref_mut()
+            && !old.is_nan()
+        {
+            let removed = sorted.remove(old);
+            debug_assert!(removed, "an evicted value is in the sorted set");
         }
-        series.rows -= 1;
-        series.evictions += 1;
     }
     frame.push_back((t, x));
-    series.rows += 1;
-    if !x.is_nan() {
-        if series.n == 0 {
-            series.shift = x;
-            series.s1 = 0.0;
-            series.s2 = 0.0;
-        } else {
-            let d = x - series.shift;
-            series.s1 += d;
-            series.s2 += d * d;
-        }
-        series.n += 1;
-        if let Some(sorted) = sorted {
-            sorted.insert(x);
-        }
-    }
-    if let Some(e) = extrema {
-        push_extrema(e, series.seq, x);
-        let first = series.seq + 1 - series.rows as u64;
-        while e.min.front().is_some_and(|&(s, _)| s < first) {
-            e.min.pop_front();
-        }
-        while e.max.front().is_some_and(|&(s, _)| s < first) {
-            e.max.pop_front();
-        }
-    }
-    series.seq += 1;
-    // As for rings: exact sums at least every 16 frame lengths (amortised O(1), the frame
-    // being what a recomputation walks) and after a level shift.
-    if series.evictions > 0 && (series.evictions >= REFRESH_FRAMES * series.rows || cancels(series))
+    series.add(x, extrema);
+    if let Some(sorted) = sorted
+        && !x.is_nan()
     {
+        sorted.insert(x);
+    }
+    if series.needs_recompute(series.rows) {
         recompute_from(series, frame.iter().map(|&(_, v)| v), x);
     }
 }

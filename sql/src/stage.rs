@@ -210,6 +210,8 @@ impl Stage {
                 let rows = batch.num_rows();
                 let mut columns: Vec<Option<ArrayRef>> =
                     vec![None; schema.fields().len() - input_columns];
+                // The rows' event times, read once for all the batch's RANGE frames.
+                let mut times: Option<Vec<i64>> = None;
                 for (template, (interner, op)) in groups.iter().zip(self.windows.iter_mut()) {
                     let keys = template
                         .partition
@@ -238,9 +240,11 @@ impl Stage {
                         })
                         .collect::<Result<Vec<Float64Array>, ExecError>>()?;
                     let outputs = match template.frame {
-                        Frame::Range { .. } => {
-                            event_times_ms(&batch).and_then(|ts| op.process_at(&ids, &ts, &args))
-                        }
+                        Frame::Range { .. } => match &times {
+                            Some(ts) => op.process_at(&ids, ts, &args),
+                            None => event_times_ms(&batch)
+                                .and_then(|ts| op.process_at(&ids, times.insert(ts), &args)),
+                        },
                         _ => op.process(&ids, &args),
                     }
                     .map_err(|source| ExecError::Operator {

@@ -53,23 +53,9 @@ fn compile(compiler: RuleCompiler, sql: &str) -> Arc<CompiledRule> {
         .remove(0)
 }
 
-#[test]
-fn ordered_functions_agree_with_datafusion() {
-    // Integers, so that the frames hold ties; NULLs, so that frames hold missing rows.
-    let mut u = noise(7);
-    let input = series(3, 300, |r, t| {
-        let v = (u() * 20.0).round() + r as f64;
-        (t % 17 != 5).then_some(v)
-    });
-    let query = "SELECT ts, resource, cpu_percent, \
-           median(cpu_percent) OVER w AS med, \
-           percentile_cont(cpu_percent, 0.9) OVER w AS p90, \
-           quantile_cont(cpu_percent, 0.999) OVER w AS p999, \
-           first_value(cpu_percent) OVER w AS first, \
-           percentile_cont(cpu_percent, 0.25) OVER (PARTITION BY resource ORDER BY ts \
-             ROWS BETWEEN 3 PRECEDING AND CURRENT ROW) AS p25_short \
-         FROM metrics \
-         WINDOW w AS (PARTITION BY resource ORDER BY ts ROWS BETWEEN 40 PRECEDING AND CURRENT ROW)";
+/// `query` over the `metrics` table compiled as a rule (no output contract), and DataFusion's
+/// own result of it over `input`, ordered by time and resource.
+fn rule_and_reference(query: &str, input: &RecordBatch) -> (Arc<CompiledRule>, RecordBatch) {
     let rule = compile(
         RuleCompiler::try_new(schema())
             .unwrap()
@@ -87,6 +73,27 @@ fn ordered_functions_agree_with_datafusion() {
             ctx.sql(&sql).await.unwrap().collect().await.unwrap()
         });
     let reference = concat_batches(&reference[0].schema(), &reference).unwrap();
+    (rule, reference)
+}
+
+#[test]
+fn ordered_functions_agree_with_datafusion() {
+    // Integers, so that the frames hold ties; NULLs, so that frames hold missing rows.
+    let mut u = noise(7);
+    let input = series(3, 300, |r, t| {
+        let v = (u() * 20.0).round() + r as f64;
+        (t % 17 != 5).then_some(v)
+    });
+    let query = "SELECT ts, resource, cpu_percent, \
+           median(cpu_percent) OVER w AS med, \
+           percentile_cont(cpu_percent, 0.9) OVER w AS p90, \
+           quantile_cont(cpu_percent, 0.999) OVER w AS p999, \
+           first_value(cpu_percent) OVER w AS first, \
+           percentile_cont(cpu_percent, 0.25) OVER (PARTITION BY resource ORDER BY ts \
+             ROWS BETWEEN 3 PRECEDING AND CURRENT ROW) AS p25_short \
+         FROM metrics \
+         WINDOW w AS (PARTITION BY resource ORDER BY ts ROWS BETWEEN 40 PRECEDING AND CURRENT ROW)";
+    let (rule, reference) = rule_and_reference(query, &input);
     // Any batching, and a restart from a checkpoint, which rebuilds the sorted values.
     for (chunk, checkpoint) in [(1, Some(450)), (7, None), (64, Some(384)), (900, None)] {
         let healer = run(&rule, &input, chunk, checkpoint);
@@ -142,23 +149,7 @@ fn range_frames_agree_with_datafusion() {
          FROM metrics \
          WINDOW w AS (PARTITION BY resource ORDER BY ts \
            RANGE BETWEEN INTERVAL '5 minutes' PRECEDING AND CURRENT ROW)";
-    let rule = compile(
-        RuleCompiler::try_new(schema())
-            .unwrap()
-            .without_output_contract(),
-        &format!("CREATE VIEW q AS {query}"),
-    );
-    let ctx = SessionContext::new();
-    let table = MemTable::try_new(schema(), vec![vec![input.clone()]]).unwrap();
-    ctx.register_table("metrics", Arc::new(table)).unwrap();
-    let reference = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap()
-        .block_on(async {
-            let sql = format!("SELECT * FROM ({query}) ORDER BY ts, resource");
-            ctx.sql(&sql).await.unwrap().collect().await.unwrap()
-        });
-    let reference = concat_batches(&reference[0].schema(), &reference).unwrap();
+    let (rule, reference) = rule_and_reference(query, &input);
     for (chunk, checkpoint) in [(1, Some(301)), (5, None), (64, Some(512)), (2000, None)] {
         let healer = run(&rule, &input, chunk, checkpoint);
         assert_eq!(healer.num_rows(), reference.num_rows());
