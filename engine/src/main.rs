@@ -112,6 +112,10 @@ struct EvalNabArgs {
     /// (`<dir>/<category>/<file>.csv` with an `anomaly_score` column, one row per data row).
     #[arg(long)]
     scores: Option<PathBuf>,
+    /// Also print each labelled file's windows detected and missed, detections outside
+    /// windows and raw score, at the `standard` profile's threshold.
+    #[arg(long)]
+    files: bool,
 }
 
 #[derive(Debug, Args)]
@@ -1483,6 +1487,20 @@ async fn eval_nab(args: EvalNabArgs) -> Result<ExitCode> {
         "  published scores cover all 58 files with NAB's full labels; healer's cover the {} labelled here",
         report.files
     );
+    if args.files {
+        println!();
+        println!("  per file, standard profile (tp 1, fp 0.11, fn 1) at its threshold:");
+        println!(
+            "  {:<58} {:>8} {:>6} {:>10} {:>8}",
+            "file", "detected", "missed", "fp rows", "raw"
+        );
+        for (key, f) in &report.files_standard {
+            println!(
+                "  {:<58} {:>8} {:>6} {:>10} {:>8.3}",
+                key, f.windows_detected, f.windows_missed, f.counts.false_positives, f.raw
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -17,7 +17,7 @@ use arrow::array::{
     Array, AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray,
 };
 use arrow::datatypes::{DataType, Field, Schema, TimestampMillisecondType};
-use healer_operators::nab::{FileInput, Profile, evaluate};
+use healer_operators::nab::{FileInput, FileScore, Profile, evaluate};
 use healer_operators::schema::ts_type;
 
 use crate::config::PipelineConfig;
@@ -343,21 +343,27 @@ pub struct NabReport {
     pub windows: usize,
     /// Per profile name: (normalised score, threshold).
     pub scores: Vec<(String, f64, f64)>,
+    /// Per labelled file, at the `standard` profile's threshold: its key and score.
+    pub files_standard: Vec<(String, FileScore)>,
 }
 
 /// Scores the detector's per-row `scores` of the labelled series.
 pub fn score(series: &[Series], scores: &[Vec<f64>]) -> Result<NabReport, NabError> {
-    let files: Vec<FileInput<'_>> = series
+    let (keys, files): (Vec<&str>, Vec<FileInput<'_>>) = series
         .iter()
         .zip(scores)
         .filter_map(|(s, sc)| {
-            Some(FileInput {
-                timestamps: &s.timestamps,
-                scores: sc,
-                windows: s.windows.as_deref()?,
-            })
+            Some((
+                s.key.as_str(),
+                FileInput {
+                    timestamps: &s.timestamps,
+                    scores: sc,
+                    windows: s.windows.as_deref()?,
+                },
+            ))
         })
-        .collect();
+        .unzip();
+    let mut files_standard = Vec::new();
     let windows = files.iter().map(|f| f.windows.len()).sum();
     let mut out = Vec::new();
     for (name, profile) in [
@@ -369,11 +375,15 @@ pub fn score(series: &[Series], scores: &[Vec<f64>]) -> Result<NabReport, NabErr
             path: PathBuf::from("labels/combined_windows.json"),
             reason: e.to_string(),
         })?;
+        if name == "standard" {
+            files_standard = keys.iter().map(|k| k.to_string()).zip(r.files).collect();
+        }
         out.push((name.to_string(), r.normalized, r.threshold));
     }
     Ok(NabReport {
         files: files.len(),
         windows,
         scores: out,
+        files_standard,
     })
 }

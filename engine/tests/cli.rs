@@ -548,6 +548,7 @@ fn eval_nab_scores_a_detected_window_and_writes_results() {
         .arg(dir.path())
         .arg("--out")
         .arg(&out)
+        .arg("--files")
         .output()
         .unwrap();
     let stdout = succeeded(&run);
@@ -559,6 +560,16 @@ fn eval_nab_scores_a_detected_window_and_writes_results() {
     // One window, caught at its middle (scaled sigmoid ≈ 0.85), no false positive: the
     // normalised score is (0.85 + 1) / 2 ≈ 92; a miss would be 0.
     assert!(standard > 80.0, "{stdout}");
+    // `--files`: the file's window detected, none missed, no detection outside it, and its
+    // raw score that sigmoid weight.
+    let file = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("synthetic/spike.csv"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let fields: Vec<&str> = file.split_whitespace().collect();
+    assert_eq!(fields[1..4], ["1", "0", "0"], "{file}");
+    let raw: f64 = fields[4].parse().unwrap();
+    assert!(raw > 0.7 && raw < 1.0, "{file}");
     let written = std::fs::read_to_string(out.join("synthetic/spike.csv")).unwrap();
     assert!(written.starts_with("timestamp,value,anomaly_score,label\n"));
     assert_eq!(written.lines().count(), 2001);
