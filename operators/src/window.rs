@@ -271,6 +271,72 @@ struct Series {
     seq: u64,
 }
 
+/// The [`Series`] of an operator, one column per field (structure of arrays).
+///
+/// The replay's common case is a batch of ticks in which every series of a metric gets one
+/// row, in the same order each tick: consecutive group ids, all at the same ring slot. The
+/// plain path then updates a tick's series as one pass over contiguous columns (and
+/// contiguous ring slots), which vectorises; with one cache line per series it was a gather
+/// that did not. The general path keeps one [`Series`] per cache line instead: it reaches
+/// each series once per row among much other work, where one line beats eight.
+#[derive(Debug, Default)]
+struct SeriesColumns {
+    rows: Vec<usize>,
+    head: Vec<usize>,
+    /// Present values, as `f64` (exact below 2^53): the vectorised pass computes with them.
+    n: Vec<f64>,
+    shift: Vec<f64>,
+    s1: Vec<f64>,
+    s2: Vec<f64>,
+    evictions: Vec<usize>,
+    seq: Vec<u64>,
+}
+
+impl SeriesColumns {
+    fn len(&self) -> usize {
+        self.seq.len()
+    }
+
+    /// Adds empty series up to `len`.
+    fn grow(&mut self, len: usize) {
+        self.rows.resize(len, 0);
+        self.head.resize(len, 0);
+        self.n.resize(len, 0.0);
+        self.shift.resize(len, 0.0);
+        self.s1.resize(len, 0.0);
+        self.s2.resize(len, 0.0);
+        self.evictions.resize(len, 0);
+        self.seq.resize(len, 0);
+    }
+
+    // Counts convert through i64 (one instruction each way; a count never reaches 2^53).
+    #[inline]
+    fn get(&self, s: usize) -> Series {
+        Series {
+            rows: self.rows[s],
+            head: self.head[s],
+            n: self.n[s] as i64 as u64,
+            shift: self.shift[s],
+            s1: self.s1[s],
+            s2: self.s2[s],
+            evictions: self.evictions[s],
+            seq: self.seq[s],
+        }
+    }
+
+    #[inline]
+    fn set(&mut self, s: usize, v: &Series) {
+        self.rows[s] = v.rows;
+        self.head[s] = v.head;
+        self.n[s] = v.n as i64 as f64;
+        self.shift[s] = v.shift;
+        self.s1[s] = v.s1;
+        self.s2[s] = v.s2;
+        self.evictions[s] = v.evictions;
+        self.seq[s] = v.seq;
+    }
+}
+
 /// The ordered state an argument's quantiles need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Order {
@@ -302,8 +368,12 @@ pub struct WindowOperator {
     aggregates: Vec<Aggregate>,
     /// Per argument: whether MIN/MAX deques must be maintained.
     extrema: Vec<bool>,
-    /// `series[group * n_args + arg]`: one cache line each.
+    /// The running statistics of series `group * n_args + arg` whose argument is not
+    /// plain (see `plain`): one cache line each, for the general path's row-by-row access.
     series: Vec<Series>,
+    /// The running statistics of the series of plain arguments of a `ROWS` frame, one
+    /// column per field (see [`SeriesColumns`]); indexed as `series`.
+    columns: SeriesColumns,
     /// Parallel to `series` when any aggregate is MIN or MAX, else empty.
     extremes: Vec<Extrema>,
     /// Per argument: the ordered state its quantiles read.
@@ -459,6 +529,7 @@ impl WindowOperator {
             aggregates,
             extrema,
             series: Vec::new(),
+            columns: SeriesColumns::default(),
             extremes: Vec::new(),
             ordered,
             sorted: Vec::new(),
@@ -483,13 +554,32 @@ impl WindowOperator {
 
     /// Number of series (groups × arguments) holding state.
     pub fn series_count(&self) -> usize {
-        self.series.len()
+        self.series.len().max(self.columns.len())
+    }
+
+    /// Whether argument `arg`'s series live in `columns` (the plain path) or in `series`.
+    fn columnar(&self, arg: usize) -> bool {
+        matches!(self.frame, Frame::Rows { .. }) && self.plain[arg]
+    }
+
+    /// The statistics of series `s`, an argument `arg` one.
+    fn stats(&self, s: usize, arg: usize) -> Series {
+        if self.columnar(arg) {
+            self.columns.get(s)
+        } else {
+            self.series[s].clone()
+        }
     }
 
     fn ensure_groups(&mut self, groups: usize) {
         let needed = groups * self.n_args;
-        if needed > self.series.len() {
-            self.series.resize_with(needed, Series::default);
+        if needed > self.series_count() {
+            if (0..self.n_args).any(|a| self.columnar(a)) {
+                self.columns.grow(needed);
+            }
+            if (0..self.n_args).any(|a| !self.columnar(a)) {
+                self.series.resize_with(needed, Series::default);
+            }
             if self.extrema.iter().any(|e| *e) {
                 self.extremes.resize_with(needed, Extrema::default);
             }
@@ -604,7 +694,7 @@ impl WindowOperator {
             let input = &args[arg];
             let raw = input.values();
             let nulls = input.nulls();
-            if matches!(self.frame, Frame::Rows { .. }) && self.plain[arg] {
+            if self.columnar(arg) {
                 self.process_plain(arg, groups, input, &mut out_of);
                 continue;
             }
@@ -810,7 +900,7 @@ impl WindowOperator {
             let len = PLAIN_CHUNK.min(rows - start);
             push_rows_plain(
                 PlainRows {
-                    series: &mut self.series,
+                    series: &mut self.columns,
                     slab: &mut self.slab,
                     stride: self.stride,
                     cap,
@@ -981,7 +1071,7 @@ impl WindowOperator {
     /// with `key` as its key values. `None` if the group holds no state.
     pub fn export_group(&self, group: u32, key: Vec<KeyValue>) -> Option<GroupState> {
         let base = group as usize * self.n_args;
-        if base + self.n_args > self.series.len() {
+        if base + self.n_args > self.series_count() {
             return None;
         }
         let cap = self.frame.capacity();
@@ -1015,7 +1105,7 @@ impl WindowOperator {
                     (Vec::new(), None)
                 };
                 SeriesState {
-                    stats: self.series[base + a].clone(),
+                    stats: self.stats(base + a, a),
                     ring,
                     times,
                     capacity: if words > 0 { cap } else { 0 },
@@ -1102,7 +1192,11 @@ impl WindowOperator {
         self.ensure_groups(group as usize + 1);
         let base = group as usize * self.n_args;
         for (a, saved) in state.series.iter().enumerate() {
-            self.series[base + a] = saved.stats.clone();
+            if self.columnar(a) {
+                self.columns.set(base + a, &saved.stats);
+            } else {
+                self.series[base + a] = saved.stats.clone();
+            }
             if self.presence_words > 0 {
                 let words = self.presence_words;
                 let s = base + a;
@@ -1424,7 +1518,7 @@ fn push_presence(series: &mut Series, bits: &mut [u64], cap: usize, x: f64) {
 
 /// The state [`push_rows_plain`] works on.
 struct PlainRows<'a> {
-    series: &'a mut [Series],
+    series: &'a mut SeriesColumns,
     slab: &'a mut [f64],
     stride: usize,
     cap: usize,
@@ -1434,94 +1528,212 @@ struct PlainRows<'a> {
 
 /// Pass 1 of [`WindowOperator::process`] for the common case, a bounded frame whose
 /// argument needs neither MIN/MAX nor a forecast: the same steps as [`push_bounded`], with
-/// the frame, extrema and forecast tests taken out of the loop.
-fn push_rows_plain(st: PlainRows<'_>, groups: &[u32], input: &Float64Array, snap: &mut Snapshot) {
+/// the frame, extrema and forecast tests taken out of the loop. Runs of rows that are one
+/// tick of consecutive series (see [`SeriesColumns`]) go through [`push_tick`].
+fn push_rows_plain(
+    mut st: PlainRows<'_>,
+    groups: &[u32],
+    input: &Float64Array,
+    snap: &mut Snapshot,
+) {
     let rows = groups.len();
     let raw = &input.values()[..rows];
-    let nulls = input.nulls();
-    let (sn, ssh) = (&mut snap.n[..rows], &mut snap.shift[..rows]);
-    let (ss1, ss2) = (&mut snap.s1[..rows], &mut snap.s2[..rows]);
-    let (cap, stride) = (st.cap, st.stride);
-    let refresh = REFRESH_FRAMES * cap;
-    for i in 0..rows {
-        let x = match nulls {
-            Some(nb) if nb.is_null(i) => f64::NAN,
-            _ => raw[i],
-        };
-        let s = groups[i] as usize * st.n_args + st.arg;
-        // The series' fields in locals, written back once: the compiler cannot tell that the
-        // ring and snapshot stores below leave them alone.
-        let series = &mut st.series[s];
-        let Series {
-            rows: mut filled,
-            mut head,
-            mut n,
-            mut shift,
-            mut s1,
-            mut s2,
-            mut evictions,
-            seq,
-        } = *series;
-        let slot = head * stride + s;
-        if filled == cap {
-            let old = st.slab[slot];
-            if !old.is_nan() {
-                n -= 1;
-                let d = old - shift;
-                s1 -= d;
-                s2 -= d * d;
-                if n == 0 {
-                    s1 = 0.0;
-                    s2 = 0.0;
-                }
+    let nulls = input.nulls().filter(|n| n.null_count() > 0);
+    let mut i = 0;
+    while i < rows {
+        // The run of consecutive series from row `i` (one argument only: with several,
+        // consecutive groups are not adjacent in the columns).
+        let g = groups[i] as usize;
+        let mut len = 1;
+        if st.n_args == 1 && nulls.is_none() {
+            let most = (rows - i).min(st.series.len() - g);
+            while len < most && groups[i + len] as usize == g + len {
+                len += 1;
             }
-            evictions += 1;
+        }
+        if len >= TICK_RUN && tick_ready(st.series, g, len, st.cap) {
+            push_tick(&mut st, g, &raw[i..i + len], snap, i);
         } else {
-            filled += 1;
-        }
-        st.slab[slot] = x;
-        head = if head + 1 == cap { 0 } else { head + 1 };
-        if !x.is_nan() {
-            if n == 0 {
-                shift = x;
-                s1 = 0.0;
-                s2 = 0.0;
-            } else {
-                let d = x - shift;
-                s1 += d;
-                s2 += d * d;
+            for r in i..i + len {
+                let x = match nulls {
+                    Some(nb) if nb.is_null(r) => f64::NAN,
+                    _ => raw[r],
+                };
+                let s = groups[r] as usize * st.n_args + st.arg;
+                push_row_plain(&mut st, s, x, snap, r);
             }
-            n += 1;
         }
-        *series = Series {
-            rows: filled,
-            head,
-            n,
-            shift,
-            s1,
-            s2,
-            evictions,
-            seq: seq + 1,
-        };
-        if evictions > 0 {
-            // `cancels`, with the count converted through i64 (one instruction; a count
-            // never reaches 2^63).
-            let nf = n as i64 as f64;
-            if evictions >= refresh || s2 * nf > 256.0 * (s2 * nf - s1 * s1) {
+        i += len;
+    }
+}
+
+/// The shortest run of consecutive series worth a [`push_tick`].
+const TICK_RUN: usize = 8;
+
+/// Whether series `g .. g + len` are all full, at the same ring slot, and not due a
+/// refresh on this row: the conditions of [`push_tick`].
+fn tick_ready(cols: &SeriesColumns, g: usize, len: usize, cap: usize) -> bool {
+    let head = cols.head[g];
+    let refresh = REFRESH_FRAMES * cap;
+    let mut ok = true;
+    for s in g..g + len {
+        ok &= (cols.head[s] == head) & (cols.rows[s] == cap) & (cols.evictions[s] + 1 < refresh);
+    }
+    ok
+}
+
+/// [`push_row_plain`] for one row of each of the series `g .. g + xs.len()`, rows
+/// `row0 ..` of the snapshot, where [`tick_ready`] holds: the same arithmetic, written as
+/// selects over contiguous columns so that it vectorises. The few series whose sums then
+/// cancel are recomputed after the pass, as [`push_row_plain`] would.
+fn push_tick(st: &mut PlainRows<'_>, g: usize, xs: &[f64], snap: &mut Snapshot, row0: usize) {
+    let len = xs.len();
+    let (cap, stride) = (st.cap, st.stride);
+    let cols = &mut *st.series;
+    let head = cols.head[g];
+    let slot = head * stride + g;
+    let mut cancelled = false;
+    {
+        let olds = &mut st.slab[slot..slot + len];
+        let n = &mut cols.n[g..g + len];
+        let shift = &mut cols.shift[g..g + len];
+        let s1 = &mut cols.s1[g..g + len];
+        let s2 = &mut cols.s2[g..g + len];
+        let sn = &mut snap.n[row0..row0 + len];
+        let ssh = &mut snap.shift[row0..row0 + len];
+        let ss1 = &mut snap.s1[row0..row0 + len];
+        let ss2 = &mut snap.s2[row0..row0 + len];
+        for k in 0..len {
+            let (old, x) = (olds[k], xs[k]);
+            let (had, has) = (!old.is_nan(), !x.is_nan());
+            let (sh, a, b) = (shift[k], s1[k], s2[k]);
+            // Evict the oldest row.
+            let d = old - sh;
+            let n1 = if had { n[k] - 1.0 } else { n[k] };
+            let emptied = had & (n1 == 0.0);
+            let a = if emptied {
+                0.0
+            } else if had {
+                a - d
+            } else {
+                a
+            };
+            let b = if emptied {
+                0.0
+            } else if had {
+                b - d * d
+            } else {
+                b
+            };
+            // Add the new one.
+            let restart = has & (n1 == 0.0);
+            let d = x - sh;
+            let sh = if restart { x } else { sh };
+            let a = if restart {
+                0.0
+            } else if has {
+                a + d
+            } else {
+                a
+            };
+            let b = if restart {
+                0.0
+            } else if has {
+                b + d * d
+            } else {
+                b
+            };
+            let n2 = if has { n1 + 1.0 } else { n1 };
+            olds[k] = x;
+            (n[k], shift[k], s1[k], s2[k]) = (n2, sh, a, b);
+            (sn[k], ssh[k], ss1[k], ss2[k]) = (n2, sh, a, b);
+            cancelled |= b * n2 > 256.0 * (b * n2 - a * a);
+        }
+    }
+    let next = if head + 1 == cap { 0 } else { head + 1 };
+    cols.head[g..g + len].fill(next);
+    for e in &mut cols.evictions[g..g + len] {
+        *e += 1;
+    }
+    for q in &mut cols.seq[g..g + len] {
+        *q += 1;
+    }
+    if cancelled {
+        for k in 0..len {
+            let s = g + k;
+            let mut series = cols.get(s);
+            if cancels(&series) {
                 let ring = Ring {
-                    slab: st.slab,
+                    slab: &mut *st.slab,
                     stride,
                     series: s,
                     cap,
                 };
-                recompute(series, &ring, x);
+                recompute(&mut series, &ring, xs[k]);
+                cols.set(s, &series);
+                let r = row0 + k;
+                (snap.n[r], snap.shift[r]) = (series.n as i64 as f64, series.shift);
+                (snap.s1[r], snap.s2[r]) = (series.s1, series.s2);
             }
         }
-        sn[i] = series.n as i64 as f64;
-        ssh[i] = series.shift;
-        ss1[i] = series.s1;
-        ss2[i] = series.s2;
     }
+}
+
+/// One row `x` of series `s`, row `r` of the snapshot.
+fn push_row_plain(st: &mut PlainRows<'_>, s: usize, x: f64, snap: &mut Snapshot, r: usize) {
+    let (cap, stride) = (st.cap, st.stride);
+    let cols = &mut *st.series;
+    let (mut filled, mut head, mut n) = (cols.rows[s], cols.head[s], cols.n[s]);
+    let (mut shift, mut s1, mut s2) = (cols.shift[s], cols.s1[s], cols.s2[s]);
+    let mut evictions = cols.evictions[s];
+    let slot = head * stride + s;
+    if filled == cap {
+        let old = st.slab[slot];
+        if !old.is_nan() {
+            n -= 1.0;
+            let d = old - shift;
+            s1 -= d;
+            s2 -= d * d;
+            if n == 0.0 {
+                s1 = 0.0;
+                s2 = 0.0;
+            }
+        }
+        evictions += 1;
+    } else {
+        filled += 1;
+    }
+    st.slab[slot] = x;
+    head = if head + 1 == cap { 0 } else { head + 1 };
+    if !x.is_nan() {
+        if n == 0.0 {
+            shift = x;
+            s1 = 0.0;
+            s2 = 0.0;
+        } else {
+            let d = x - shift;
+            s1 += d;
+            s2 += d * d;
+        }
+        n += 1.0;
+    }
+    (cols.rows[s], cols.head[s], cols.n[s]) = (filled, head, n);
+    (cols.shift[s], cols.s1[s], cols.s2[s]) = (shift, s1, s2);
+    cols.evictions[s] = evictions;
+    cols.seq[s] += 1;
+    if evictions > 0 && (evictions >= REFRESH_FRAMES * cap || s2 * n > 256.0 * (s2 * n - s1 * s1)) {
+        let mut series = cols.get(s);
+        let ring = Ring {
+            slab: &mut *st.slab,
+            stride,
+            series: s,
+            cap,
+        };
+        recompute(&mut series, &ring, x);
+        cols.set(s, &series);
+        (n, shift, s1, s2) = (series.n as i64 as f64, series.shift, series.s1, series.s2);
+    }
+    (snap.n[r], snap.shift[r], snap.s1[r], snap.s2[r]) = (n, shift, s1, s2);
 }
 
 /// Bounded frames recompute their sums exactly at least once per this many frame lengths.
@@ -1770,6 +1982,18 @@ mod tests {
         preceding: usize,
         batch: usize,
     ) -> (Bits, Bits) {
+        let ids: Vec<u32> = (0..xs.len() as u32).map(|i| i * 7 % groups).collect();
+        plain_and_general_on(xs, &ids, groups, preceding, batch)
+    }
+
+    /// Row `i` of `xs` belongs to group `ids[i]` (of `groups`).
+    fn plain_and_general_on(
+        xs: &[Option<f64>],
+        ids: &[u32],
+        groups: u32,
+        preceding: usize,
+        batch: usize,
+    ) -> (Bits, Bits) {
         let aggs: Vec<Aggregate> = PLAIN
             .iter()
             .map(|&kind| Aggregate { kind, arg: 0 })
@@ -1782,7 +2006,6 @@ mod tests {
         let frame = Frame::Rows { preceding };
         let mut plain = WindowOperator::try_new(frame, 1, aggs).unwrap();
         let mut general = WindowOperator::try_new(frame, 1, with_min).unwrap();
-        let ids: Vec<u32> = (0..xs.len() as u32).map(|i| i * 7 % groups).collect();
         let (mut a, mut b) = (vec![Vec::new(); PLAIN.len()], vec![Vec::new(); PLAIN.len()]);
         for (part, ids) in xs.chunks(batch).zip(ids.chunks(batch)) {
             let arg = Float64Array::from(part.to_vec());
@@ -1839,6 +2062,54 @@ mod tests {
             let (plain, general) = plain_and_general(&xs, groups, preceding, batch);
             prop_assert_eq!(plain, general);
         }
+    }
+
+    /// Ids of a replay's ticks: every group once per tick, in order (the runs the plain
+    /// path updates as one pass), except that every `skip`-th row is dropped, so that some
+    /// series fall behind the others and runs break.
+    fn ticks(rows: usize, groups: u32, skip: usize) -> (Vec<u32>, Vec<usize>) {
+        (0..rows)
+            .filter(|&i| skip == 0 || i % skip != skip - 1)
+            .map(|i| (i as u32 % groups, i))
+            .unzip()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Ticks of consecutive series go through the vectorised pass: still the general
+        /// path's results and state bit for bit, with missing values (NaN; a NULL sends the
+        /// batch down the row-by-row path), level shifts that force a recomputation in the
+        /// pass, refreshes, and series that fall behind.
+        #[test]
+        fn plain_ticks_equal_general_path(
+            xs in proptest::collection::vec(
+                prop_oneof![
+                    8 => (-1e3f64..1e3).prop_map(Some),
+                    1 => (1e9f64..1e9 + 10.0).prop_map(Some),
+                    1 => Just(Some(f64::NAN)),
+                ],
+                1..12_000),
+            groups in 8u32..40,
+            preceding in 0usize..30,
+            batch in 1usize..6000,
+            skip in prop_oneof![Just(0usize), 50usize..500],
+        ) {
+            let (ids, keep) = ticks(xs.len(), groups, skip);
+            let xs: Vec<Option<f64>> = keep.iter().map(|&i| xs[i]).collect();
+            let (plain, general) = plain_and_general_on(&xs, &ids, groups, preceding, batch);
+            prop_assert_eq!(plain, general);
+        }
+    }
+
+    #[test]
+    fn plain_ticks_recompute_after_a_level_shift() {
+        // 20 series in lockstep, each the level-shifted series (its sums cancel after the
+        // shift), and each far past its refresh.
+        let one = level_shift(6_000);
+        let xs: Vec<Option<f64>> = one.iter().flat_map(|&x| [x; 20]).collect();
+        let (ids, _) = ticks(xs.len(), 20, 0);
+        let (plain, general) = plain_and_general_on(&xs, &ids, 20, 299, 4_000);
+        assert_eq!(plain, general);
     }
 
     #[test]
