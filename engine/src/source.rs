@@ -136,8 +136,17 @@ impl ObjectReader {
             ranges
                 .into_iter()
                 .map(|r| {
-                    let len = usize::try_from(r.end.saturating_sub(r.start))
+                    if r.start > r.end {
+                        return Err(parquet::errors::ParquetError::EOF(format!(
+                            "range {}..{} runs backwards",
+                            r.start, r.end
+                        )));
+                    }
+                    let len = usize::try_from(r.end - r.start)
                         .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
+                    if len == 0 {
+                        return Ok(Bytes::new());
+                    }
                     let mut buf = pool.take(len);
                     file.read_exact_at(&mut buf.bytes[..len], r.start)
                         .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
@@ -163,8 +172,10 @@ impl BufferPool {
     /// Idle bytes kept at most: two of the benchmark file's row groups (104 MB each).
     pub const MAX_BYTES: usize = 256 << 20;
 
-    /// A buffer of at least `len` bytes: the smallest idle one that fits, else the largest
-    /// idle one grown, else a new one.
+    /// A buffer of at least `len` bytes: the smallest idle one that fits, else a new one
+    /// with an eighth to spare, for the next file region of about the same size (allocated
+    /// zeroed, which the allocator gets from the system without writing it). A new buffer
+    /// replaces the largest idle one, which no longer fits what is read.
     fn take(self: &Arc<Self>, len: usize) -> PooledBuffer {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let fit = idle
@@ -172,13 +183,17 @@ impl BufferPool {
             .enumerate()
             .filter(|(_, b)| b.len() >= len)
             .min_by_key(|(_, b)| b.len())
-            .map(|(i, _)| i)
-            .or_else(|| (0..idle.len()).max_by_key(|&i| idle[i].len()));
-        let mut bytes = fit.map(|i| idle.swap_remove(i)).unwrap_or_default();
-        drop(idle);
-        if bytes.len() < len {
-            bytes.resize(len, 0);
-        }
+            .map(|(i, _)| i);
+        let bytes = match fit {
+            Some(i) => idle.swap_remove(i),
+            None => {
+                if let Some(largest) = (0..idle.len()).max_by_key(|&i| idle[i].len()) {
+                    idle.swap_remove(largest);
+                }
+                drop(idle);
+                vec![0; len + len / 8]
+            }
+        };
         PooledBuffer {
             bytes,
             len,
@@ -188,8 +203,8 @@ impl BufferPool {
 
     fn give_back(&self, bytes: Vec<u8>) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let held: usize = idle.iter().map(Vec::len).sum();
-        if held + bytes.len() <= Self::MAX_BYTES {
+        let held: usize = idle.iter().map(Vec::capacity).sum();
+        if held + bytes.capacity() <= Self::MAX_BYTES {
             idle.push(bytes);
         }
     }
@@ -616,9 +631,9 @@ impl ParquetSource {
         let mut reader =
             ObjectReader::new(Arc::clone(&file.store), file.path.clone()).with_file_size(file.size);
         if let Some(local) = &file.local {
-            let opened = std::fs::File::open(local).map_err(|e| SourceError::Schema {
+            let opened = std::fs::File::open(local).map_err(|e| SourceError::Parquet {
                 location: file.display.clone(),
-                reason: format!("opening the file: {e}"),
+                source: parquet::errors::ParquetError::External(Box::new(e)),
             })?;
             reader = reader.with_local_file(opened, Arc::clone(&self.buffers));
         }
@@ -802,7 +817,9 @@ mod tests {
         drop((again, small));
         assert_eq!(idle(&pool), 3);
 
-        // A range past the end is an error, not short data.
+        // An empty range takes no buffer; a range past the end is an error, not short data.
+        assert!(reader.get_bytes(10..10).await.unwrap().is_empty());
+        assert_eq!(idle(&pool), 3);
         assert!(reader.get_bytes(99_000..100_001).await.is_err());
     }
 
