@@ -1949,10 +1949,10 @@ mod tests {
     }
 
     /// Outputs as bit patterns (`None` for NULL), aggregate by aggregate.
-    type Bits = Vec<Vec<Option<u64>>>;
+    pub(super) type Bits = Vec<Vec<Option<u64>>>;
 
     /// Every output as bit patterns, aggregate by aggregate.
-    fn bits(arrays: &[ArrayRef]) -> Bits {
+    pub(super) fn bits(arrays: &[ArrayRef]) -> Bits {
         arrays
             .iter()
             .map(|a| {
@@ -2194,8 +2194,16 @@ mod state_tests {
     use arrow::array::{ArrayRef, StringArray};
     use proptest::prelude::*;
 
+    use super::tests::{Bits, bits};
     use super::*;
     use crate::keys::KeyInterner;
+
+    /// One group's `rows` as both arguments of a two-argument operator; the outputs as bit
+    /// patterns.
+    fn feed_twice(op: &mut WindowOperator, rows: &[Option<f64>]) -> Bits {
+        let x = Float64Array::from(rows.to_vec());
+        bits(&op.process(&vec![0; rows.len()], &[x.clone(), x]).unwrap())
+    }
 
     /// Every kind but forecasts; over bounded frames also quantiles and the first value.
     fn all_aggregates(frame: Frame) -> Vec<Aggregate> {
@@ -2500,20 +2508,8 @@ mod state_tests {
             })
             .collect();
         let op = || WindowOperator::try_new(frame, 2, aggregates.clone()).unwrap();
-        let feed = |op: &mut WindowOperator, rows: &[Option<f64>]| -> Vec<Vec<Option<u64>>> {
-            let x = Float64Array::from(rows.to_vec());
-            let out = op.process(&vec![0; rows.len()], &[x.clone(), x]).unwrap();
-            out.iter()
-                .map(|a| {
-                    let a = a.as_any().downcast_ref::<Float64Array>().unwrap();
-                    (0..a.len())
-                        .map(|i| a.is_valid(i).then(|| a.value(i).to_bits()))
-                        .collect()
-                })
-                .collect()
-        };
         let mut whole_op = op();
-        let whole = feed(&mut whole_op, &xs);
+        let whole = feed_twice(&mut whole_op, &xs);
         assert_eq!(whole_op.presence_words, 5);
         assert!(whole_op.slab.is_empty());
         for (agg, out) in aggregates.iter().zip(&whole) {
@@ -2523,13 +2519,13 @@ mod state_tests {
         }
         for cut in [1, 299, 300, 620, 1_000] {
             let mut first = op();
-            let head = feed(&mut first, &xs[..cut]);
+            let head = feed_twice(&mut first, &xs[..cut]);
             let state = first.export_group(0, vec![]).unwrap();
             let bytes = postcard::to_stdvec(&state).unwrap();
             let state: GroupState = postcard::from_bytes(&bytes).unwrap();
             let mut restored = op();
             restored.import_group(0, &state).unwrap();
-            let tail = feed(&mut restored, &xs[cut..]);
+            let tail = feed_twice(&mut restored, &xs[cut..]);
             for (w, (h, t)) in whole.iter().zip(head.iter().zip(&tail)) {
                 let joined: Vec<Option<u64>> = h.iter().chain(t).copied().collect();
                 assert_eq!(w, &joined, "cut {cut}");
@@ -2558,7 +2554,7 @@ mod state_tests {
         // A saved state does not fit another frame of as many presence words, nor another
         // level's candidates.
         let mut wrapped = op();
-        feed(&mut wrapped, &xs[..400]);
+        feed_twice(&mut wrapped, &xs[..400]);
         let saved = wrapped.export_group(0, vec![]).unwrap();
         let other_frame = Frame::Rows { preceding: 310 };
         let mut longer = WindowOperator::try_new(other_frame, 2, aggregates.clone()).unwrap();
@@ -2577,7 +2573,7 @@ mod state_tests {
         let saved = values.export_group(0, vec![]).unwrap();
         assert!(op().import_group(0, &saved).is_err());
         let mut presence = op();
-        feed(&mut presence, &xs[..10]);
+        feed_twice(&mut presence, &xs[..10]);
         let saved = presence.export_group(0, vec![]).unwrap();
         assert!(values.import_group(0, &saved).is_err());
     }
@@ -2608,30 +2604,18 @@ mod state_tests {
         ];
         let op = || WindowOperator::try_new(frame, 2, aggregates.clone()).unwrap();
         assert_eq!(op().ordered, vec![Order::Sorted, Order::Top(3)]);
-        let feed = |op: &mut WindowOperator, rows: &[Option<f64>]| -> Vec<Vec<Option<u64>>> {
-            let x = Float64Array::from(rows.to_vec());
-            let out = op.process(&vec![0; rows.len()], &[x.clone(), x]).unwrap();
-            out.iter()
-                .map(|a| {
-                    let a = a.as_any().downcast_ref::<Float64Array>().unwrap();
-                    (0..a.len())
-                        .map(|i| a.is_valid(i).then(|| a.value(i).to_bits()))
-                        .collect()
-                })
-                .collect()
-        };
-        let whole = feed(&mut op(), &xs);
+        let whole = feed_twice(&mut op(), &xs);
         for (agg, out) in aggregates.iter().zip(&whole) {
             let expected = ordered_reference(&xs, preceding, agg.kind);
             let expected: Vec<Option<u64>> = expected.iter().map(|v| v.map(f64::to_bits)).collect();
             assert_eq!(out, &expected, "{agg:?}");
         }
         let mut first = op();
-        let head = feed(&mut first, &xs[..1_700]);
+        let head = feed_twice(&mut first, &xs[..1_700]);
         let state = first.export_group(0, vec![]).unwrap();
         let mut restored = op();
         restored.import_group(0, &state).unwrap();
-        let tail = feed(&mut restored, &xs[1_700..]);
+        let tail = feed_twice(&mut restored, &xs[1_700..]);
         for (w, (h, t)) in whole.iter().zip(head.iter().zip(&tail)) {
             let joined: Vec<Option<u64>> = h.iter().chain(t).copied().collect();
             assert_eq!(w, &joined);
