@@ -15,6 +15,12 @@
 -- series has shown 999 times in 1,000". No Gaussian assumption: infrastructure metrics are
 -- heavy-tailed, and a z-score's 3σ flags them far too often.
 --
+-- A lagged sample is a baseline only if it was itself ordinary: when its value or recent
+-- mean was beyond its 99.9th percentile at the time, that lag's ratio is left out of the
+-- score. Otherwise a spike comes back one day and one week later, when the series is normal
+-- again and the sample that deviates is the one a day or a week back. The lag's percentile
+-- still counts every sample, so the one-in-a-thousand calibration is unchanged.
+--
 -- A candidate is reported only when it is the largest ratio of the last 100 samples, so one
 -- event gives one anomaly (its first and strongest samples), not one per sample; and not in
 -- a series' first 300 samples, before there is a history to compare with. On stationary
@@ -27,49 +33,65 @@ CREATE VIEW novelty AS
 WITH base AS (
     SELECT
         ts, resource, metric, value,
-        MEDIAN(value)      OVER history AS center,
-        COUNT(value)       OVER history AS n,
-        AVG(value)         OVER recent  AS recent_mean,
-        FIRST_VALUE(value) OVER day     AS day_ago,
-        COUNT(1)           OVER day     AS day_rows,
-        FIRST_VALUE(value) OVER week    AS week_ago,
-        COUNT(1)           OVER week    AS week_rows
+        MEDIAN(value) OVER history AS center,
+        COUNT(value)  OVER history AS n,
+        AVG(value)    OVER recent  AS recent_mean
     FROM samples
     WINDOW history AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 5999 PRECEDING AND CURRENT ROW),
-           recent  AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 4 PRECEDING AND CURRENT ROW),
-           day     AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 288 PRECEDING AND CURRENT ROW),
-           week    AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 2016 PRECEDING AND CURRENT ROW)
+           recent  AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 4 PRECEDING AND CURRENT ROW)
 ),
-deviations AS (
+local_spreads AS (
     SELECT
-        ts, resource, metric, value, center, n,
-        abs(value - center)       AS d_value,
-        abs(recent_mean - center) AS d_recent,
-        CASE WHEN day_rows = 289 THEN abs(value - day_ago) END AS d_day,
-        CASE WHEN week_rows = 2017 THEN abs(value - week_ago) END AS d_week
-    FROM base
-),
-spreads AS (
-    SELECT
-        ts, resource, metric, value, center, n, d_value, d_recent, d_day, d_week,
+        ts, resource, metric, value, center, n, d_value, d_recent,
         PERCENTILE_CONT(d_value, 0.999)  OVER history AS q_value,
-        PERCENTILE_CONT(d_recent, 0.999) OVER history AS q_recent,
-        PERCENTILE_CONT(d_day, 0.999)    OVER history AS q_day,
-        PERCENTILE_CONT(d_week, 0.999)   OVER history AS q_week
-    FROM deviations
+        PERCENTILE_CONT(d_recent, 0.999) OVER history AS q_recent
+    FROM (
+        SELECT
+            ts, resource, metric, value, center, n,
+            abs(value - center)       AS d_value,
+            abs(recent_mean - center) AS d_recent
+        FROM base
+    )
+    WINDOW history AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 5999 PRECEDING AND CURRENT ROW)
+),
+local_ratios AS (
+    SELECT
+        ts, resource, metric, value, center, n, q_value,
+        greatest(d_value / NULLIF(q_value, 0), d_recent / NULLIF(q_recent, 0)) AS local_ratio
+    FROM local_spreads
+),
+lagged AS (
+    SELECT
+        ts, resource, metric, value, center, n, q_value, local_ratio,
+        FIRST_VALUE(local_ratio) OVER day  AS day_ago_ratio,
+        CASE WHEN COUNT(1) OVER day = 289 THEN abs(value - FIRST_VALUE(value) OVER day) END AS d_day,
+        FIRST_VALUE(local_ratio) OVER week AS week_ago_ratio,
+        CASE WHEN COUNT(1) OVER week = 2017 THEN abs(value - FIRST_VALUE(value) OVER week) END AS d_week
+    FROM local_ratios
+    WINDOW day  AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 288 PRECEDING AND CURRENT ROW),
+           week AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 2016 PRECEDING AND CURRENT ROW)
+),
+lag_spreads AS (
+    SELECT
+        ts, resource, metric, value, center, n, q_value, local_ratio,
+        d_day, day_ago_ratio, d_week, week_ago_ratio,
+        PERCENTILE_CONT(d_day, 0.999)  OVER history AS q_day,
+        PERCENTILE_CONT(d_week, 0.999) OVER history AS q_week
+    FROM lagged
     WINDOW history AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 5999 PRECEDING AND CURRENT ROW)
 ),
 ratios AS (
     SELECT
         ts, resource, metric, value, center, n,
         q_value AS spread,
+        -- A lagged sample without a ratio (no spread yet, or a constant history) counts as
+        -- ordinary.
         greatest(
-            d_value  / NULLIF(q_value, 0),
-            d_recent / NULLIF(q_recent, 0),
-            d_day    / NULLIF(q_day, 0),
-            d_week   / NULLIF(q_week, 0)
+            local_ratio,
+            CASE WHEN coalesce(day_ago_ratio, 0) <= 1 THEN d_day / NULLIF(q_day, 0) END,
+            CASE WHEN coalesce(week_ago_ratio, 0) <= 1 THEN d_week / NULLIF(q_week, 0) END
         ) AS ratio
-    FROM spreads
+    FROM lag_spreads
 ),
 held AS (
     SELECT

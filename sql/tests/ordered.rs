@@ -258,3 +258,30 @@ fn novelty_flags_a_spike_and_a_shift_at_once_and_little_else() {
     let others = flags.len() - near(3_000) - near(5_000);
     assert!(others <= 20, "{others} other flags: {flags:?}");
 }
+
+#[test]
+fn novelty_does_not_flag_a_past_spike_again_a_day_or_a_week_later() {
+    // A cycle of 288 rows (the rule's day) with light noise, and one spike at row 2,500. The
+    // day and week lags compare a sample with the one 288 and 2,016 rows back; at rows 2,788
+    // and 4,516 that sample is the spike, while the series itself is back to normal.
+    let mut u = noise(5);
+    let input = series(1, 5_000, |_, t| {
+        let daily = 10.0 * (t as f64 * std::f64::consts::TAU / 288.0).sin();
+        let mut v = 50.0 + daily + 4.0 * u();
+        if t == 2_500 {
+            v += 40.0;
+        }
+        Some(v)
+    });
+    let flags = novelty(&input);
+    assert!(
+        flags.iter().any(|&(r, c)| r == 2_500 && c > 0.8),
+        "{flags:?}"
+    );
+    for echo in [2_788, 4_516] {
+        assert!(
+            flags.iter().all(|&(r, _)| r.abs_diff(echo) > 3),
+            "echo at {echo}: {flags:?}"
+        );
+    }
+}
