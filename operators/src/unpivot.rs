@@ -202,15 +202,23 @@ impl Unpivot {
                 values,
             )?));
         }
+        if self.metrics.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Every row of batch `m` is metric `m`: one all-zero key buffer, checked once, serves
+        // every metric, each with its own one-entry dictionary.
+        let one_metric = DictionaryArray::<Int32Type>::try_new(
+            Int32Array::from(vec![0; n]),
+            self.metric_names.slice(0, 1),
+        )?;
         self.metrics
             .iter()
             .enumerate()
             .map(|(m, &c)| {
                 let mut columns = shared.clone();
-                columns.push(Arc::new(DictionaryArray::<Int32Type>::try_new(
-                    Int32Array::from(vec![m as i32; n]),
-                    Arc::clone(&self.metric_names),
-                )?));
+                columns.push(Arc::new(
+                    one_metric.with_values(self.metric_names.slice(m, 1)),
+                ));
                 columns.push(match wide.column(c).data_type() {
                     DataType::Float64 => Arc::clone(wide.column(c)),
                     _ => cast(wide.column(c), &DataType::Float64)?,
