@@ -23,7 +23,7 @@ use arrow::row::{RowConverter, SortField};
 use healer_operators::keys::KeyValue;
 use healer_operators::schema::{LOG_TAGS, RESOURCE, anomaly_schema};
 use healer_operators::severity::Severity;
-use healer_operators::unpivot::Unpivot;
+use healer_operators::unpivot::{METRIC, Unpivot};
 use healer_sql::rule::required_columns;
 use healer_sql::{CompiledRule, RuleCompiler, RuleErrors, RuleInstance, StreamTable};
 use tokio::sync::mpsc;
@@ -323,6 +323,15 @@ pub(crate) struct Streaming {
     pub flush_interval: Duration,
 }
 
+/// The number of metric columns of `schema`.
+fn metric_columns(schema: &SchemaRef) -> usize {
+    schema
+        .fields()
+        .iter()
+        .filter(|f| healer_operators::schema::is_metric_type(f.data_type()))
+        .count()
+}
+
 /// The dataflow after the source: gate and router, keyed workers, merge, sinks.
 #[derive(Debug)]
 pub(crate) struct Pipeline {
@@ -330,6 +339,8 @@ pub(crate) struct Pipeline {
     pub rules: Vec<Arc<CompiledRule>>,
     pub partitions: usize,
     pub partition_by: Option<usize>,
+    /// Workers split the metric columns instead of the rows (see [`Route::Metric`]).
+    pub by_metric: bool,
     pub out: Location,
     pub config: PipelineConfig,
     pub metrics: Arc<PipelineMetrics>,
@@ -350,11 +361,17 @@ impl Pipeline {
         } else {
             1
         };
+        let by_metric = partitions > 1
+            && metric_columns(&schema) > 1
+            && rules
+                .iter()
+                .all(|r| r.table == StreamTable::Samples && r.metric_separable);
         Self {
             schema,
             rules,
             partitions,
             partition_by,
+            by_metric,
             out,
             config: config.clone(),
             metrics: Arc::new(PipelineMetrics::default()),
@@ -369,16 +386,24 @@ impl Pipeline {
     ) -> Result<PipelineOutput, JobError> {
         let capacity = self.config.engine.channel_capacity.max(1);
         let schema = Arc::clone(&self.schema);
-        let metric_columns = schema
-            .fields()
-            .iter()
-            .filter(|f| healer_operators::schema::is_metric_type(f.data_type()))
-            .count();
+        let metric_columns = metric_columns(&schema);
         let metrics = Arc::clone(&self.metrics);
         let partitions = self.partitions;
         let acks = streaming.as_ref().map(|s| s.acks.clone());
         let restore: &[Restore] = streaming.as_ref().map_or(&[], |s| &s.restore);
-        let routing = self.partition_by.map(|i| schema.field(i).name().clone());
+        let unpivot = if self.rules.iter().any(|r| r.table == StreamTable::Samples) {
+            Some(Unpivot::try_new(&schema).map_err(|e| JobError::Config(e.to_string()))?)
+        } else {
+            None
+        };
+        let (routing, route) = match (self.by_metric, &unpivot, self.partition_by) {
+            (true, Some(u), _) => (Routing::Metric(u.metric_names()), Route::Metric),
+            (_, _, Some(i)) => (
+                Routing::Column(schema.field(i).name().clone()),
+                Route::Key(i),
+            ),
+            _ => (Routing::All, Route::One),
+        };
 
         let (dead_tx, dead_rx) = mpsc::channel::<Message>(capacity);
         let (merge_tx, merge_rx) = mpsc::channel::<(usize, Step)>(capacity * partitions);
@@ -395,11 +420,6 @@ impl Pipeline {
                 .map(|r| r.instantiate())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| JobError::Config(e.to_string()))?;
-            let unpivot = if self.rules.iter().any(|r| r.table == StreamTable::Samples) {
-                Some(Unpivot::try_new(&schema).map_err(|e| JobError::Config(e.to_string()))?)
-            } else {
-                None
-            };
             let mut tags = TagFiller::new(&schema);
             for part in restore {
                 let owner = Owner {
@@ -419,8 +439,9 @@ impl Pipeline {
             let metrics = Arc::clone(&metrics);
             let parts = WorkerParts {
                 worker,
+                metric_share: (route == Route::Metric).then_some(partitions),
                 rules: instances,
-                unpivot,
+                unpivot: unpivot.clone(),
                 tags,
                 acks: acks.clone(),
             };
@@ -439,11 +460,10 @@ impl Pipeline {
         if !gates.is_empty() {
             gate.restore_parts(&gates)?;
         }
-        let key = self.partition_by;
         let m = Arc::clone(&metrics);
         let router_acks = acks.clone();
         tasks.spawn_blocking(move || {
-            run_router(source_rx, gate, key, worker_txs, dead_tx, &m, router_acks)
+            run_router(source_rx, gate, route, worker_txs, dead_tx, &m, router_acks)
         });
 
         tasks.spawn_blocking(move || run_merge(merge_rx, partitions, sink_tx));
@@ -621,12 +641,23 @@ pub(crate) async fn run_dead_letter(
     }
 }
 
+/// What decides a key's worker, as the router routes.
+#[derive(Debug, Clone)]
+enum Routing {
+    /// One worker owns everything.
+    All,
+    /// The hash of this column's value ([`Route::Key`]).
+    Column(String),
+    /// The position of the key's metric among these, the samples view's metrics
+    /// ([`Route::Metric`]).
+    Metric(Vec<String>),
+}
+
 /// Which worker takes a saved key: the one the router sends its rows to, if the saved
 /// state supplies the key at all (a scaled-out worker restores a shard's resources only).
 #[derive(Debug, Clone)]
 struct Owner {
-    /// The routing column (`None`: one worker owns everything).
-    routing: Option<String>,
+    routing: Routing,
     worker: usize,
     partitions: usize,
     keys: Option<KeyRanges>,
@@ -643,12 +674,31 @@ impl Owner {
     }
 
     fn owns(&self, key_names: &[String], key: &[KeyValue]) -> bool {
-        let Some(routing) = &self.routing else {
-            return true;
+        let value = |name: &str| {
+            key_names
+                .iter()
+                .position(|n| n == name)
+                .map(|i| key[i].as_text())
         };
-        match key_names.iter().position(|n| n == routing) {
-            Some(i) => self.owns_value(key[i].as_text().as_deref()),
-            None => self.worker == 0 && self.keys.is_none(),
+        match &self.routing {
+            Routing::All => true,
+            Routing::Column(routing) => match value(routing) {
+                Some(v) => self.owns_value(v.as_deref()),
+                None => self.worker == 0 && self.keys.is_none(),
+            },
+            Routing::Metric(metrics) => {
+                // A metric not in the view (it never gets rows) stays with worker 0.
+                let m = value(METRIC)
+                    .flatten()
+                    .and_then(|v| metrics.iter().position(|m| *m == v))
+                    .unwrap_or(0);
+                m % self.partitions.max(1) == self.worker
+                    && self.keys.as_ref().is_none_or(|k| {
+                        value(RESOURCE)
+                            .flatten()
+                            .is_some_and(|r| k.contains_key(&r))
+                    })
+            }
         }
     }
 }
@@ -747,10 +797,25 @@ fn partition(batch: &RecordBatch, key: usize, parts: usize) -> Result<Vec<Record
         .collect()
 }
 
+/// How the router spreads rows over the keyed workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Everything to worker 0.
+    One,
+    /// Each row to the worker of its key column's hash.
+    Key(usize),
+    /// Every batch to every worker, which takes its share of the metric columns (metric
+    /// `m` of the samples view to worker `m % workers`). Used when every rule reads the
+    /// samples view and never mixes metrics (each window partitions by metric), so a series
+    /// is still whole in one worker; the batches go out without a copy, where routing by
+    /// key copies every column of every row.
+    Metric,
+}
+
 fn run_router(
     mut rx: mpsc::Receiver<Message>,
     mut gate: EventTimeGate,
-    key: Option<usize>,
+    route: Route,
     workers: Vec<mpsc::Sender<Message>>,
     dead: mpsc::Sender<Message>,
     metrics: &PipelineMetrics,
@@ -764,12 +829,17 @@ fn run_router(
         }
         for batch in out.released {
             metrics.add_gate_rows(batch.num_rows() as u64);
-            match key {
-                Some(k) if workers.len() > 1 => {
+            match route {
+                Route::Key(k) if workers.len() > 1 => {
                     for (w, part) in partition(&batch, k, workers.len())?.into_iter().enumerate() {
                         if part.num_rows() > 0 {
                             send_blocking(&workers[w], Message::Data(part), "worker")?;
                         }
+                    }
+                }
+                Route::Metric => {
+                    for tx in &workers {
+                        send_blocking(tx, Message::Data(batch.clone()), "worker")?;
                     }
                 }
                 _ => send_blocking(&workers[0], Message::Data(batch), "worker")?,
@@ -913,6 +983,8 @@ impl TagFiller {
 /// What one keyed worker owns: its rules' state, the samples view, the tags it fills.
 struct WorkerParts {
     worker: usize,
+    /// [`Route::Metric`]: the number of workers sharing the metric columns.
+    metric_share: Option<usize>,
     rules: Vec<RuleInstance>,
     unpivot: Option<Unpivot>,
     tags: Option<TagFiller>,
@@ -928,6 +1000,7 @@ fn run_worker(
 ) -> Result<(), JobError> {
     let WorkerParts {
         worker,
+        metric_share,
         mut rules,
         unpivot,
         mut tags,
@@ -950,7 +1023,16 @@ fn run_worker(
                         (StreamTable::Metrics, _) => vec![batch.clone()],
                         (StreamTable::Samples, Some(u)) if rule.rule().metric_separable => {
                             if per_metric.is_none() {
-                                per_metric = Some(u.per_metric(&batch).map_err(view_error)?);
+                                let mut all = u.per_metric(&batch).map_err(view_error)?;
+                                if let Some(workers) = metric_share {
+                                    all = all
+                                        .into_iter()
+                                        .enumerate()
+                                        .filter(|(m, _)| m % workers == worker)
+                                        .map(|(_, b)| b)
+                                        .collect();
+                                }
+                                per_metric = Some(all);
                             }
                             per_metric.clone().unwrap_or_default()
                         }
@@ -1092,4 +1174,89 @@ fn run_merge(
         }
     }
     Err(JobError::Closed("workers"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::HashRange;
+
+    const METRICS: [&str; 3] = ["cpu", "mem", "disk"];
+
+    /// (resource, metric) keys as a samples rule's windows save them.
+    fn saved_keys() -> Vec<(String, usize, Vec<KeyValue>)> {
+        (0..40)
+            .flat_map(|r| {
+                METRICS.iter().enumerate().map(move |(m, metric)| {
+                    let resource = format!("host-{r}");
+                    let key = vec![
+                        KeyValue::Str(resource.clone()),
+                        KeyValue::Str(metric.to_string()),
+                    ];
+                    (resource, m, key)
+                })
+            })
+            .collect()
+    }
+
+    fn owners(
+        routing: &Routing,
+        partitions: usize,
+        keys: Option<&KeyRanges>,
+        key: &[KeyValue],
+    ) -> Vec<usize> {
+        let names = [RESOURCE.to_string(), METRIC.to_string()];
+        (0..partitions)
+            .filter(|&worker| {
+                Owner {
+                    routing: routing.clone(),
+                    worker,
+                    partitions,
+                    keys: keys.cloned(),
+                }
+                .owns(&names, key)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_saved_key_goes_to_the_worker_its_rows_go_to() {
+        let by_metric = Routing::Metric(METRICS.iter().map(|m| m.to_string()).collect());
+        let by_resource = Routing::Column(RESOURCE.to_string());
+        for partitions in 1..=4 {
+            for (resource, m, key) in saved_keys() {
+                // The router's choices: metric `m` to worker `m % partitions`; a row to the
+                // hash of its resource.
+                assert_eq!(
+                    owners(&by_metric, partitions, None, &key),
+                    vec![m % partitions]
+                );
+                let h = healer_operators::id::fnv1a64(resource.as_bytes());
+                assert_eq!(
+                    owners(&by_resource, partitions, None, &key),
+                    vec![(h % partitions as u64) as usize]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_shard_restores_only_its_resources_whatever_the_routing() {
+        // The lower half of the hash space.
+        let half = KeyRanges::new(vec![
+            HashRange::parse("0", &(u128::MAX / 2).to_string()).unwrap(),
+        ]);
+        let by_metric = Routing::Metric(METRICS.iter().map(|m| m.to_string()).collect());
+        let by_resource = Routing::Column(RESOURCE.to_string());
+        let (mut inside, mut outside) = (0, 0);
+        for (resource, _, key) in saved_keys() {
+            let expected = usize::from(half.contains_key(&resource));
+            inside += expected;
+            outside += 1 - expected;
+            for routing in [&by_metric, &by_resource] {
+                assert_eq!(owners(routing, 3, Some(&half), &key).len(), expected);
+            }
+        }
+        assert!(inside > 0 && outside > 0, "{inside} in, {outside} out");
+    }
 }
