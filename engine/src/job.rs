@@ -361,8 +361,9 @@ impl Pipeline {
         } else {
             1
         };
+        // Only with a metric for every worker: with fewer, some would idle.
         let by_metric = partitions > 1
-            && metric_columns(&schema) > 1
+            && metric_columns(&schema) >= partitions
             && rules
                 .iter()
                 .all(|r| r.table == StreamTable::Samples && r.metric_separable);

@@ -164,6 +164,52 @@ async fn partitions_batch_sizes_and_reruns_give_identical_files() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_split_by_metric_or_by_resource_find_the_same_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (batches, _) = fleet();
+    let input = dir.path().join("fleet.parquet");
+    write_parquet(&input, &batches).unwrap();
+    let inputs = vec![input.display().to_string()];
+    let zscore_rows = "SELECT ts, resource, metric, value, score FROM anomalies \
+                       WHERE rule = 'zscore_300' ORDER BY ts, resource, metric";
+
+    // One worker; then three that split the 16 metrics (every rule reads the samples view).
+    let mut rows = Vec::new();
+    for partitions in [1, 3] {
+        let out = dir.path().join(format!("samples-{partitions}"));
+        let mut c = config(inputs.clone(), &out);
+        c.engine.partitions = partitions;
+        replay(&c).await;
+        rows.push(sql(&out, zscore_rows).await);
+    }
+    // Three that split the rows by resource: a rule over the wide `metrics` table rules
+    // out the split by metric.
+    let wide = dir.path().join("wide.sql");
+    std::fs::write(
+        &wide,
+        "CREATE VIEW busy AS SELECT ts, resource, 'cpu_percent' AS metric, cpu_percent AS value, \
+         AVG(cpu_percent) OVER (PARTITION BY resource ORDER BY ts ROWS BETWEEN 9 PRECEDING AND CURRENT ROW) AS score \
+         FROM metrics;\n",
+    )
+    .unwrap();
+    let out = dir.path().join("by-resource");
+    let mut c = config(inputs.clone(), &out);
+    c.rules.paths.push(wide);
+    c.engine.partitions = 3;
+    replay(&c).await;
+    rows.push(sql(&out, zscore_rows).await);
+
+    let text = |b: &[RecordBatch]| {
+        arrow::util::pretty::pretty_format_batches(b)
+            .unwrap()
+            .to_string()
+    };
+    assert!(rows[0].iter().map(RecordBatch::num_rows).sum::<usize>() > 0);
+    assert_eq!(text(&rows[0]), text(&rows[1]), "split by metric");
+    assert_eq!(text(&rows[0]), text(&rows[2]), "split by resource");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_are_merged_by_event_time_not_listing_order() {
     let dir = tempfile::tempdir().unwrap();
     let (batches, _) = fleet();
