@@ -161,7 +161,11 @@ impl ColumnInterner {
                         ids
                     }
                 };
-                out.extend(dict.keys().values().iter().map(|&k| value_ids[k as usize]));
+                match value_ids.as_slice() {
+                    // One value (the metric of a samples view): every row has its id.
+                    &[only] => out.resize(out.len() + dict.len(), only),
+                    _ => out.extend(dict.keys().values().iter().map(|&k| value_ids[k as usize])),
+                }
                 self.last_dictionary = Some((Arc::clone(values), value_ids));
             }
             DataType::Dictionary(_, _) => {
@@ -222,6 +226,10 @@ struct PairTable {
     /// id of every first id, `u32::MAX` where not assigned yet. A read-through copy of the
     /// tables above, kept while it stays under [`BY_SECOND_LIMIT`] entries.
     by_second: HashMap<u32, Vec<u32>>,
+    /// For a column of `by_second` unchanged since it was last checked: `Some(offset)` when
+    /// it maps every first id `a` to `offset + a`, as a replay's resources seen in one order
+    /// for each metric make it; then a batch's group ids are an addition, not a gather.
+    offsets: HashMap<u32, Option<u32>>,
     by_second_entries: usize,
     /// Entries `by_second` may hold ([`BY_SECOND_LIMIT`]; smaller in tests).
     by_second_limit: usize,
@@ -267,15 +275,24 @@ impl PairTable {
             }
             return;
         }
+        if width <= cached
+            && let Some(Some(offset)) = self.offsets.get(&b)
+        {
+            // Below the column's length, `offset + a` cannot overflow (see `offsets`).
+            out.extend(firsts.iter().map(|&a| a + offset));
+            return;
+        }
         let mut column = self.by_second.remove(&b).unwrap_or_default();
         if width > column.len() {
             self.by_second_entries += width - column.len();
             column.resize(width, u32::MAX);
+            self.offsets.remove(&b);
         }
         // A plain gather first (it vectorises), then the rows of pairs not seen before.
         let start = out.len();
         out.extend(firsts.iter().map(|&a| column[a as usize]));
         if out[start..].contains(&u32::MAX) {
+            self.offsets.remove(&b);
             for (&a, id) in firsts.iter().zip(&mut out[start..]) {
                 if *id == u32::MAX {
                     let slot = &mut column[a as usize];
@@ -288,6 +305,15 @@ impl PairTable {
                 }
             }
         }
+        self.offsets.entry(b).or_insert_with(|| {
+            let offset = *column.first()?;
+            // No unassigned slot (`u32::MAX`) can match: `offset + a` stays below it.
+            let affine = column
+                .iter()
+                .enumerate()
+                .all(|(a, &id)| offset.checked_add(a as u32) == Some(id) && id != u32::MAX);
+            affine.then_some(offset)
+        });
         self.by_second.insert(b, column);
     }
 }
@@ -592,6 +618,50 @@ mod tests {
             cached.intern(&[Arc::clone(&r), Arc::clone(&m)], 3).unwrap(),
             fresh.intern(&[r, m], 3).unwrap()
         );
+    }
+
+    proptest::proptest! {
+        /// Per-metric views as the samples view makes them (the batch's resource column
+        /// shared, one one-entry dictionary per metric) get the ids of a first-seen
+        /// numbering of (resource, metric), whether a metric's ids are found by a gather or,
+        /// while resources keep one order, by an addition; over batches that repeat,
+        /// reorder and add resources.
+        #[test]
+        fn views_get_first_seen_ids(
+            batches in proptest::collection::vec(
+                proptest::collection::vec(0usize..12, 0..30), 1..8),
+            metrics in 1usize..4,
+            in_order in proptest::bool::ANY,
+        ) {
+            let names = StringArray::from(vec!["cpu", "mem", "disk"]);
+            let mut k = KeyInterner::new(2);
+            let mut reference: HashMap<(usize, usize), u32> = HashMap::new();
+            for (i, rows) in batches.iter().enumerate() {
+                // Sometimes every batch holds all resources in one order (the replay's case).
+                let rows: Vec<usize> = if in_order && i % 2 == 0 { (0..12).collect() } else { rows.clone() };
+                let resource: ArrayRef = Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|r| format!("r{r}")),
+                ));
+                let zeros = DictionaryArray::<Int32Type>::try_new(
+                    Int32Array::from(vec![0; rows.len()]),
+                    Arc::new(names.slice(0, 1)),
+                )
+                .unwrap();
+                for m in 0..metrics {
+                    let metric: ArrayRef =
+                        Arc::new(zeros.with_values(Arc::new(names.slice(m, 1))));
+                    let got = k.intern(&[Arc::clone(&resource), metric], rows.len()).unwrap();
+                    let expected: Vec<u32> = rows
+                        .iter()
+                        .map(|&r| {
+                            let next = reference.len() as u32;
+                            *reference.entry((r, m)).or_insert(next)
+                        })
+                        .collect();
+                    proptest::prop_assert_eq!(got, expected);
+                }
+            }
+        }
     }
 
     #[test]

@@ -116,19 +116,19 @@ fn main() {
         for cols in &batches {
             let rows = cols[0].len();
             // The samples view's key columns: the batch's resource column, shared by every
-            // metric, and a one-value dictionary per metric.
+            // metric, and per metric a one-entry dictionary over one all-zero key array.
             let resource: ArrayRef = Arc::new(StringArray::from_iter_values(
                 (0..rows).map(|i| names[i % resources].as_str()),
             ));
-            let dict_values: ArrayRef = Arc::new(StringArray::from(metric_names.clone()));
+            let dict_values = StringArray::from(metric_names.clone());
+            let one_metric = DictionaryArray::<Int32Type>::try_new(
+                Int32Array::from(vec![0; rows]),
+                Arc::new(dict_values.slice(0, 1)),
+            )
+            .expect("dictionary");
             for (m, values) in cols.iter().enumerate() {
-                let metric: ArrayRef = Arc::new(
-                    DictionaryArray::<Int32Type>::try_new(
-                        Int32Array::from(vec![m as i32; rows]),
-                        Arc::clone(&dict_values),
-                    )
-                    .expect("dictionary"),
-                );
+                let metric: ArrayRef =
+                    Arc::new(one_metric.with_values(Arc::new(dict_values.slice(m, 1))));
                 let started = Instant::now();
                 let ids = keys
                     .intern(&[Arc::clone(&resource), metric], rows)
