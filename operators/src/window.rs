@@ -1565,9 +1565,7 @@ fn push_rows_plain(
         let mut len = 1;
         if st.n_args == 1 && nulls.is_none() {
             let most = (rows - i).min(st.series.len() - g);
-            while len < most && groups[i + len] as usize == g + len {
-                len += 1;
-            }
+            len = run_length(&groups[i..i + most]);
         }
         if len >= TICK_RUN && tick_ready(st.series, g, len, st.cap) {
             push_tick(&mut st, g, &raw[i..i + len], snap, i);
@@ -1583,6 +1581,31 @@ fn push_rows_plain(
         }
         i += len;
     }
+}
+
+/// The length of the run of consecutive ids that `ids` starts with (at least 1 when `ids`
+/// is not empty): 16 ids at a time, compared without an early exit so that the comparison
+/// vectorises, then one at a time.
+fn run_length(ids: &[u32]) -> usize {
+    let Some(&g) = ids.first() else {
+        return 0;
+    };
+    let mut len = 1;
+    while len + 16 <= ids.len() {
+        let base = g.wrapping_add(len as u32);
+        let consecutive = ids[len..len + 16]
+            .iter()
+            .zip(0u32..)
+            .fold(true, |ok, (&x, k)| ok & (x == base.wrapping_add(k)));
+        if !consecutive {
+            break;
+        }
+        len += 16;
+    }
+    while len < ids.len() && ids[len] == g.wrapping_add(len as u32) {
+        len += 1;
+    }
+    len
 }
 
 /// The shortest run of consecutive series worth a [`push_tick`].
@@ -2182,6 +2205,31 @@ mod tests {
             let narrow = plain_and_general_on(&xs, &ids, groups, preceding, batch);
             BASELINE.with(|b| b.set(false));
             prop_assert_eq!(wide, narrow);
+        }
+    }
+
+    proptest! {
+        /// [`run_length`] against a count one id at a time, over runs broken anywhere.
+        #[test]
+        fn run_length_counts_consecutive_ids(
+            start in 0u32..1000,
+            len in 0usize..100,
+            breaks in proptest::collection::vec((0usize..100, 0u32..3), 0..3),
+        ) {
+            let mut ids: Vec<u32> = (0..len as u32).map(|k| start + k).collect();
+            for (at, by) in breaks {
+                if let Some(id) = ids.get_mut(at) {
+                    *id += by;
+                }
+            }
+            let naive = match ids.first() {
+                None => 0,
+                Some(&g) => (1..=ids.len())
+                    .take_while(|&k| k == 1 || ids[k - 1] == g + k as u32 - 1)
+                    .last()
+                    .unwrap_or(1),
+            };
+            prop_assert_eq!(run_length(&ids), naive);
         }
     }
 
