@@ -113,14 +113,33 @@ impl ColumnInterner {
     fn intern(&mut self, array: &dyn Array, out: &mut Vec<u32>) -> Result<()> {
         match array.data_type() {
             DataType::Utf8 => {
+                // Rows often repeat with a period (a replay's resources, tick after tick): a
+                // row equal to the row one period back takes its id without a hash lookup.
+                // The period is where row 0's value first comes back.
                 let a = array.as_string::<i32>();
-                out.extend((0..a.len()).map(|i| {
+                let start = out.len();
+                let mut period = 0;
+                for i in 0..a.len() {
                     if a.is_null(i) {
-                        self.null_id()
-                    } else {
-                        self.str_id(a.value(i))
+                        let id = self.null_id();
+                        out.push(id);
+                        continue;
                     }
-                }));
+                    let v = a.value(i);
+                    if period > 0
+                        && i >= period
+                        && a.is_valid(i - period)
+                        && a.value(i - period) == v
+                    {
+                        out.push(out[start + i - period]);
+                        continue;
+                    }
+                    let id = self.str_id(v);
+                    if period == 0 && i > 0 && a.is_valid(0) && id == out[start] {
+                        period = i;
+                    }
+                    out.push(id);
+                }
             }
             DataType::LargeUtf8 => {
                 let a = array.as_string::<i64>();
@@ -661,6 +680,37 @@ mod tests {
                     proptest::prop_assert_eq!(got, expected);
                 }
             }
+        }
+    }
+
+    proptest::proptest! {
+        /// A string column's ids, found partly through its period, are a first-seen
+        /// numbering of its values, with NULL a value of its own.
+        #[test]
+        fn string_ids_are_first_seen_ids(
+            period in 1usize..20,
+            rows in 0usize..200,
+            noise in proptest::collection::vec((0usize..200, proptest::option::of(0usize..30)), 0..10),
+        ) {
+            let mut values: Vec<Option<String>> =
+                (0..rows).map(|i| Some(format!("r{}", i % period))).collect();
+            for (at, v) in noise {
+                if let Some(slot) = values.get_mut(at) {
+                    *slot = v.map(|v| format!("r{v}"));
+                }
+            }
+            let mut k = KeyInterner::new(1);
+            let column: ArrayRef = Arc::new(StringArray::from(values.clone()));
+            let got = k.intern(&[column], rows).unwrap();
+            let mut seen: HashMap<Option<String>, u32> = HashMap::new();
+            let expected: Vec<u32> = values
+                .into_iter()
+                .map(|v| {
+                    let next = seen.len() as u32;
+                    *seen.entry(v).or_insert(next)
+                })
+                .collect();
+            proptest::prop_assert_eq!(got, expected);
         }
     }
 
