@@ -1024,16 +1024,9 @@ fn run_worker(
                         (StreamTable::Metrics, _) => vec![batch.clone()],
                         (StreamTable::Samples, Some(u)) if rule.rule().metric_separable => {
                             if per_metric.is_none() {
-                                let mut all = u.per_metric(&batch).map_err(view_error)?;
-                                if let Some(workers) = metric_share {
-                                    all = all
-                                        .into_iter()
-                                        .enumerate()
-                                        .filter(|(m, _)| m % workers == worker)
-                                        .map(|(_, b)| b)
-                                        .collect();
-                                }
-                                per_metric = Some(all);
+                                let mine = |m: usize| metric_share.is_none_or(|w| m % w == worker);
+                                per_metric =
+                                    Some(u.per_metric_where(&batch, mine).map_err(view_error)?);
                             }
                             per_metric.clone().unwrap_or_default()
                         }

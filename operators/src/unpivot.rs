@@ -183,6 +183,16 @@ impl Unpivot {
     /// `ts`, the key dictionaries and, for `Float64` metrics, `value` share the wide batch's
     /// buffers.
     pub fn per_metric(&self, wide: &RecordBatch) -> Result<Vec<RecordBatch>> {
+        self.per_metric_where(wide, |_| true)
+    }
+
+    /// [`Unpivot::per_metric`]'s batches of the metrics `m` (positions in column order) for
+    /// which `keep(m)` holds, in column order; the others are not built.
+    pub fn per_metric_where(
+        &self,
+        wide: &RecordBatch,
+        keep: impl Fn(usize) -> bool,
+    ) -> Result<Vec<RecordBatch>> {
         let n = wide.num_rows();
         if n >= i32::MAX as usize {
             return Err(OperatorError::InvalidInput(format!(
@@ -214,6 +224,7 @@ impl Unpivot {
         self.metrics
             .iter()
             .enumerate()
+            .filter(|&(m, _)| keep(m))
             .map(|(m, &c)| {
                 let mut columns = shared.clone();
                 columns.push(Arc::new(
@@ -305,6 +316,13 @@ mod tests {
         assert_eq!(
             pretty_format_batches(&[stacked]).unwrap().to_string(),
             pretty_format_batches(&[transposed]).unwrap().to_string()
+        );
+        // A share of the metrics is those batches, and only those.
+        let second = u.per_metric_where(&batch, |m| m == 1).unwrap();
+        assert_eq!(second.len(), 1);
+        assert_eq!(
+            pretty_format_batches(&second).unwrap().to_string(),
+            pretty_format_batches(&parts[1..]).unwrap().to_string()
         );
     }
 

@@ -2153,6 +2153,18 @@ mod tests {
             .unzip()
     }
 
+    /// Values for the tick tests: ordinary ones, large ones whose sums cancel, and NaN.
+    fn tick_values() -> impl Strategy<Value = Vec<Option<f64>>> {
+        proptest::collection::vec(
+            prop_oneof![
+                8 => (-1e3f64..1e3).prop_map(Some),
+                1 => (1e9f64..1e9 + 10.0).prop_map(Some),
+                1 => Just(Some(f64::NAN)),
+            ],
+            1..12_000,
+        )
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
         /// Ticks of consecutive series go through the vectorised pass: still the general
@@ -2161,13 +2173,7 @@ mod tests {
         /// pass, refreshes, and series that fall behind.
         #[test]
         fn plain_ticks_equal_general_path(
-            xs in proptest::collection::vec(
-                prop_oneof![
-                    8 => (-1e3f64..1e3).prop_map(Some),
-                    1 => (1e9f64..1e9 + 10.0).prop_map(Some),
-                    1 => Just(Some(f64::NAN)),
-                ],
-                1..12_000),
+            xs in tick_values(),
             groups in 8u32..40,
             preceding in 0usize..30,
             batch in 1usize..6000,
@@ -2187,18 +2193,13 @@ mod tests {
         /// state, bit for bit (on a CPU without AVX2 both runs take the baseline).
         #[test]
         fn avx2_and_baseline_builds_agree(
-            xs in proptest::collection::vec(
-                prop_oneof![
-                    8 => (-1e3f64..1e3).prop_map(Some),
-                    1 => (1e9f64..1e9 + 10.0).prop_map(Some),
-                    1 => Just(Some(f64::NAN)),
-                ],
-                1..12_000),
+            xs in tick_values(),
             groups in 8u32..40,
             preceding in 0usize..30,
             batch in 1usize..6000,
+            skip in prop_oneof![Just(0usize), 50usize..500],
         ) {
-            let (ids, keep) = ticks(xs.len(), groups, 0);
+            let (ids, keep) = ticks(xs.len(), groups, skip);
             let xs: Vec<Option<f64>> = keep.iter().map(|&i| xs[i]).collect();
             let wide = plain_and_general_on(&xs, &ids, groups, preceding, batch);
             BASELINE.with(|b| b.set(true));
