@@ -7,6 +7,7 @@
 //! * [`window`]: keyed, incremental sliding-window aggregates (the engine behind SQL
 //!   `OVER (PARTITION BY … ORDER BY ts ROWS BETWEEN n PRECEDING AND CURRENT ROW)`).
 //! * [`keys`]: interning of partition keys into dense group ids.
+//! * [`predicate`]: conservative row pre-filters evaluated inside the window pass.
 //! * [`schema`]: the canonical metrics schema and the versioned incident-log schema.
 //! * [`severity`]: the z-score severity and confidence mapping.
 //! * [`unpivot`]: the long `samples` view of a wide metrics batch.
@@ -26,6 +27,7 @@ pub mod iforest;
 pub mod iforest_model;
 pub mod keys;
 pub mod nab;
+pub mod predicate;
 pub mod rca;
 pub mod schema;
 pub mod scoring;

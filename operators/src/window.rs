@@ -57,6 +57,13 @@
 //! `STDDEV_SAMP` are NULL with fewer than two values. Variances never go negative.
 //! `FIRST_VALUE` is the frame's oldest row as it is: NULL when that row is missing.
 //!
+//! # Selecting rows
+//! A rule keeps few of its rows. [`WindowOperator::process_selected`] takes a selector that
+//! sees each chunk's aggregates right after they are computed and keeps only the rows it
+//! picks, so the others' aggregates are never built into arrays; a [`Screen`] can first rule
+//! out the rows within `k` standard deviations of their frame's mean from the running sums
+//! alone, before any aggregate is computed.
+//!
 //! # Numerical stability
 //! Bounded frames keep sums of deviations from a shift (a recent value of the series). They
 //! are recomputed exactly from the ring, re-centred on the latest value, as soon as the shift
@@ -413,6 +420,8 @@ pub struct WindowOperator {
     /// The presence bits of every series, `presence_words` per series, bit `k` for ring
     /// slot `k`.
     present: Vec<u64>,
+    /// Scratch of [`WindowOperator::process_selected`].
+    selection: Selection,
 }
 
 /// The windows gathered for forecasting during one call.
@@ -544,6 +553,7 @@ impl WindowOperator {
             timed: Vec::new(),
             presence_words,
             present: Vec::new(),
+            selection: Selection::default(),
         })
     }
 
@@ -650,12 +660,8 @@ impl WindowOperator {
         self.process_rows(groups, Some(ts), args)
     }
 
-    fn process_rows(
-        &mut self,
-        groups: &[u32],
-        ts: Option<&[i64]>,
-        args: &[Float64Array],
-    ) -> Result<Vec<ArrayRef>> {
+    /// Checks the shape of a call's input and makes room for its groups.
+    fn prepare(&mut self, groups: &[u32], args: &[Float64Array]) -> Result<()> {
         let rows = groups.len();
         if args.len() != self.n_args {
             return Err(OperatorError::InvalidInput(format!(
@@ -672,6 +678,17 @@ impl WindowOperator {
         }
         let max_group = groups.iter().copied().max().map_or(0, |g| g as usize + 1);
         self.ensure_groups(max_group);
+        Ok(())
+    }
+
+    fn process_rows(
+        &mut self,
+        groups: &[u32],
+        ts: Option<&[i64]>,
+        args: &[Float64Array],
+    ) -> Result<Vec<ArrayRef>> {
+        let rows = groups.len();
+        self.prepare(groups, args)?;
 
         self.snapshot.resize(rows);
         let mut outputs: Vec<ArrayRef> = Vec::with_capacity(self.aggregates.len());
@@ -922,6 +939,381 @@ impl WindowOperator {
     }
 }
 
+/// The rows kept by [`WindowOperator::process_selected`], with their aggregates.
+#[derive(Debug)]
+pub struct Selected {
+    /// The kept rows' positions in the input, ascending.
+    pub rows: Vec<u32>,
+    /// One array per aggregate (as [`WindowOperator::process`] returns them), over the
+    /// kept rows only.
+    pub outputs: Vec<ArrayRef>,
+}
+
+/// A chunk of rows handed to the selector of [`WindowOperator::process_selected`].
+#[derive(Debug)]
+pub struct Chunk<'a> {
+    /// The chunk's first row in the input.
+    pub start: usize,
+    /// Its number of rows.
+    pub len: usize,
+    /// When a [`Screen`] ruled rows out, the rows (positions within the chunk, ascending)
+    /// that `aggregates` are given for; otherwise every row of the chunk.
+    pub rows: Option<&'a [u32]>,
+    /// Per aggregate, its values as `f64` (`COUNT` included), NaN where the aggregate is
+    /// NULL: one per row of `rows`.
+    pub aggregates: &'a [&'a [f64]],
+}
+
+/// A test on the running sums that rules out, before any aggregate is computed, the rows
+/// whose argument value lies within `k` standard deviations of the frame's mean, that is
+/// where `|x − AVG(x)| ≤ k · STDDEV(x)` (a z-score filter `|z| > k` drops them).
+///
+/// The test needs no division: with `n` present values, `d = n·x − Σx` and
+/// `M = n·Σx² − (Σx)²` (both from the shifted sums), the row is ruled out when
+/// `d²·(n − 1) < k²·n·M` (sample) or `d² < k²·M` (population), by a relative margin far
+/// wider than the rounding of either form. The aggregates the operator outputs come from the
+/// same sums, so the margin only has to cover the last few operations: their cancellation
+/// is bounded by the frame length (the shift is re-centred whenever it costs more than
+/// 256×). Rows with a missing value, a short frame, a zero or non-finite spread are never
+/// ruled out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Screen {
+    /// The argument tested: its value in the row and the statistics of its frame.
+    pub arg: usize,
+    /// The number of standard deviations, at least 0.
+    pub k: f64,
+    /// Sample (`STDDEV_SAMP`) rather than population (`STDDEV_POP`) standard deviation.
+    pub sample: bool,
+}
+
+/// Reused buffers of [`WindowOperator::process_selected`].
+#[derive(Debug, Default)]
+struct Selection {
+    /// Per aggregate, its values over the chunk, NaN where NULL.
+    values: Vec<Vec<f64>>,
+    /// Per argument, its present-value counts over the chunk.
+    counts: Vec<Vec<f64>>,
+    /// The chunk's kept rows.
+    kept: Vec<u32>,
+    /// The chunk's rows that pass the screen.
+    candidates: Vec<u32>,
+    /// The snapshot rows of the candidates.
+    compact: Snapshot,
+    /// The screened argument's values over the chunk, NaN where NULL.
+    xs: Vec<f64>,
+}
+
+impl WindowOperator {
+    /// Whether [`WindowOperator::process_selected`] can run: a `ROWS` frame whose
+    /// aggregates are all computed from running sums (no MIN/MAX, quantile, first value or
+    /// forecast).
+    pub fn selects(&self) -> bool {
+        Self::can_select(self.frame, &self.aggregates)
+    }
+
+    /// Whether an operator over `frame` computing `aggregates` [`selects`](Self::selects).
+    pub fn can_select(frame: Frame, aggregates: &[Aggregate]) -> bool {
+        matches!(frame, Frame::Rows { .. }) && aggregates.iter().all(|a| a.kind.is_plain())
+    }
+
+    /// [`WindowOperator::process`] that returns only the rows `select` keeps, without
+    /// building the aggregates of the others.
+    ///
+    /// Rows are processed in chunks of a few thousand. A `screen` first rules out rows
+    /// from the running sums alone. The remaining rows' aggregates are then computed and
+    /// given to `select`, which appends to its second argument the positions (ascending)
+    /// among [`Chunk::rows`] of the rows to keep. The state afterwards is the same as after
+    /// [`WindowOperator::process`]: every row is pushed, kept or not.
+    ///
+    /// Fails, before pushing any row, when [`WindowOperator::selects`] is false or the
+    /// screen's argument is not one of the operator's. A selector that keeps a row beyond
+    /// the chunk is a bug: the call fails with the rows before it pushed.
+    pub fn process_selected(
+        &mut self,
+        groups: &[u32],
+        args: &[Float64Array],
+        screen: Option<Screen>,
+        select: &mut dyn FnMut(Chunk<'_>, &mut Vec<u32>),
+    ) -> Result<Selected> {
+        if !self.selects() {
+            return Err(OperatorError::InvalidInput(
+                "selecting rows needs a ROWS frame whose aggregates all come from running sums"
+                    .into(),
+            ));
+        }
+        if let Some(sc) = screen
+            && (sc.arg >= self.n_args || sc.k.is_nan() || sc.k < 0.0)
+        {
+            return Err(OperatorError::InvalidInput(format!(
+                "screen on argument {} of {} at {} standard deviations",
+                sc.arg, self.n_args, sc.k
+            )));
+        }
+        // The screened argument first, so that the others' aggregates are computed for its
+        // candidates only.
+        let mut order: Vec<usize> = (0..self.n_args)
+            .filter(|&a| self.aggregates.iter().any(|g| g.arg == a))
+            .collect();
+        if let Some(sc) = screen {
+            order.retain(|&a| a != sc.arg);
+            order.insert(0, sc.arg);
+        }
+        // Tolerance of the screen: the rounding of both forms is ~1e-13 relative for
+        // frames of hundreds of rows and grows with the frame length (see `Screen`).
+        let margin = 1.0 - (1e-6 + self.frame.capacity() as f64 * 1e-14);
+        self.prepare(groups, args)?;
+        let rows = groups.len();
+        let cap = self.frame.capacity();
+        self.snapshot.resize(PLAIN_CHUNK.min(rows));
+        let mut sel = std::mem::take(&mut self.selection);
+        sel.values.resize_with(self.aggregates.len(), Vec::new);
+        sel.counts.resize_with(self.n_args, Vec::new);
+        let mut outs: Vec<Finished> = self
+            .aggregates
+            .iter()
+            .map(|a| Finished::with_capacity(a.kind, 0))
+            .collect();
+        let mut kept_rows = Vec::new();
+        let mut start = 0;
+        while start < rows {
+            let len = PLAIN_CHUNK.min(rows - start);
+            let mut screened = false;
+            for &arg in &order {
+                let input = &args[arg];
+                push_rows_plain(
+                    PlainRows {
+                        series: &mut self.columns,
+                        slab: &mut self.slab,
+                        stride: self.stride,
+                        cap,
+                        n_args: self.n_args,
+                        arg,
+                    },
+                    &groups[start..start + len],
+                    &input.slice(start, len),
+                    &mut self.snapshot,
+                );
+                if let Some(sc) = screen.filter(|sc| sc.arg == arg) {
+                    sel.xs.clear();
+                    let chunk = input.slice(start, len);
+                    match chunk.nulls().filter(|n| n.null_count() > 0) {
+                        None => sel.xs.extend_from_slice(chunk.values()),
+                        Some(nulls) => sel.xs.extend(
+                            chunk
+                                .values()
+                                .iter()
+                                .zip(nulls.iter())
+                                .map(|(&x, valid)| if valid { x } else { f64::NAN }),
+                        ),
+                    }
+                    sel.candidates.clear();
+                    screen_rows(&self.snapshot, &sel.xs, sc, margin, &mut sel.candidates);
+                    screened = true;
+                }
+                let snap = if screened {
+                    sel.compact.gather(&self.snapshot, &sel.candidates);
+                    &sel.compact
+                } else {
+                    &self.snapshot
+                };
+                let m = if screened { sel.candidates.len() } else { len };
+                // Buffers of a chunk's length (resized only at the batch's last chunk).
+                let counts = &mut sel.counts[arg];
+                counts.resize(m, 0.0);
+                counts.copy_from_slice(&snap.n[..m]);
+                for (a, values) in self.aggregates.iter().zip(&mut sel.values) {
+                    if a.arg == arg {
+                        values.resize(m, 0.0);
+                        chunk_values(snap, self.frame, a.kind, values);
+                    }
+                }
+            }
+            let m = if screened { sel.candidates.len() } else { len };
+            sel.kept.clear();
+            if m > 0 {
+                let views: Vec<&[f64]> = sel.values.iter().map(Vec::as_slice).collect();
+                select(
+                    Chunk {
+                        start,
+                        len,
+                        rows: screened.then_some(sel.candidates.as_slice()),
+                        aggregates: &views,
+                    },
+                    &mut sel.kept,
+                );
+            }
+            if let Some(&bad) = sel.kept.iter().find(|&&k| k as usize >= m) {
+                self.selection = sel;
+                return Err(OperatorError::InvalidInput(format!(
+                    "selector kept row {bad} of {m}"
+                )));
+            }
+            for ((a, values), out) in self.aggregates.iter().zip(&sel.values).zip(&mut outs) {
+                let counts = &sel.counts[a.arg];
+                for &k in &sel.kept {
+                    out.push(values[k as usize], counts[k as usize]);
+                }
+            }
+            if screened {
+                kept_rows.extend(
+                    sel.kept
+                        .iter()
+                        .map(|&k| start as u32 + sel.candidates[k as usize]),
+                );
+            } else {
+                kept_rows.extend(sel.kept.iter().map(|&k| start as u32 + k));
+            }
+            start += len;
+        }
+        self.selection = sel;
+        Ok(Selected {
+            rows: kept_rows,
+            outputs: outs.into_iter().map(Finished::finish).collect(),
+        })
+    }
+}
+
+/// Appends to `out` the rows `k < xs.len()` of `snap` that [`Screen`] `sc` does not rule
+/// out, `xs[k]` being the row's value (NaN when missing).
+fn screen_rows(snap: &Snapshot, xs: &[f64], sc: Screen, margin: f64, out: &mut Vec<u32>) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        #[allow(unsafe_code)]
+        // SAFETY: the CPU has AVX2, as just checked.
+        return unsafe { screen_rows_avx2(snap, xs, sc, margin, out) };
+    }
+    screen_rows_body(snap, xs, sc, margin, out);
+}
+
+/// [`screen_rows`] compiled for AVX2 (see [`push_tick_avx2`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn screen_rows_avx2(snap: &Snapshot, xs: &[f64], sc: Screen, margin: f64, out: &mut Vec<u32>) {
+    screen_rows_body(snap, xs, sc, margin, out);
+}
+
+#[inline(always)]
+fn screen_rows_body(snap: &Snapshot, xs: &[f64], sc: Screen, margin: f64, out: &mut Vec<u32>) {
+    let len = xs.len();
+    let (n, shift) = (&snap.n[..len], &snap.shift[..len]);
+    let (s1, s2) = (&snap.s1[..len], &snap.s2[..len]);
+    let k2 = sc.k * sc.k * margin;
+    let least = if sc.sample { 2.0 } else { 1.0 };
+    // Sixteen rows at a time: the test vectorises, and the candidates (about 1 % of the
+    // rows for a 3σ filter) are picked from a bit mask.
+    let mut k = 0;
+    while k < len {
+        let end = (k + 16).min(len);
+        let mut mask = 0u32;
+        for j in k..end {
+            let (n, x) = (n[j], xs[j]);
+            let d = n * (x - shift[j]) - s1[j];
+            let spread = n * s2[j] - s1[j] * s1[j];
+            let (lhs, rhs) = if sc.sample {
+                (d * d * (n - 1.0), k2 * n * spread)
+            } else {
+                (d * d, k2 * spread)
+            };
+            // NaN anywhere makes `ruled_out` false.
+            let ruled_out = (lhs < rhs) & rhs.is_finite() & (n >= least);
+            mask |= u32::from(!ruled_out) << (j - k);
+        }
+        while mask != 0 {
+            out.push((k + mask.trailing_zeros() as usize) as u32);
+            mask &= mask - 1;
+        }
+        k = end;
+    }
+}
+
+/// Writes over `out` the values of aggregate `kind` for the first `out.len()` rows of
+/// `snap` as `f64`, NaN where the aggregate is NULL (the selection path's view of
+/// [`Finished`]).
+fn chunk_values(snap: &Snapshot, frame: Frame, kind: AggKind, out: &mut [f64]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        #[allow(unsafe_code)]
+        // SAFETY: the CPU has AVX2, as just checked.
+        return unsafe { chunk_values_avx2(snap, frame, kind, out) };
+    }
+    chunk_values_body(snap, frame, kind, out);
+}
+
+/// [`chunk_values`] compiled for AVX2 (see [`push_tick_avx2`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn chunk_values_avx2(snap: &Snapshot, frame: Frame, kind: AggKind, out: &mut [f64]) {
+    chunk_values_body(snap, frame, kind, out);
+}
+
+#[inline(always)]
+fn chunk_values_body(snap: &Snapshot, frame: Frame, kind: AggKind, out: &mut [f64]) {
+    let n = &snap.n[..out.len()];
+    if kind == AggKind::Count {
+        out.copy_from_slice(n);
+        return;
+    }
+    aggregate_into(snap, frame, kind, out);
+    let least = least_present(kind);
+    for (v, &n) in out.iter_mut().zip(n) {
+        *v = if n < least { f64::NAN } else { *v };
+    }
+}
+
+/// Rows of aggregate `kind` with fewer present values than this are NULL.
+fn least_present(kind: AggKind) -> f64 {
+    match kind {
+        AggKind::VarSamp | AggKind::StddevSamp => 2.0,
+        _ => 1.0,
+    }
+}
+
+/// Writes over `out` the aggregate `kind` (not `COUNT`) of the first `out.len()` rows of
+/// `snap`, taken over `frame`, whether NULL or not.
+#[inline(always)]
+fn aggregate_into(snap: &Snapshot, frame: Frame, kind: AggKind, out: &mut [f64]) {
+    let len = out.len();
+    let n = &snap.n[..len];
+    let (shift, s1, s2) = (&snap.shift[..len], &snap.s1[..len], &snap.s2[..len]);
+    let bounded = frame.is_bounded();
+    // Σ(x − mean)² from the shifted sums (bounded) or Welford's M2 (unbounded).
+    let m2 = |n: f64, s1: f64, s2: f64| {
+        if bounded {
+            (s2 - s1 * s1 / n).max(0.0)
+        } else {
+            s2.max(0.0)
+        }
+    };
+    // Zipped slices, so that the loops have no bounds checks and vectorise.
+    #[inline(always)]
+    fn map3(out: &mut [f64], a: &[f64], b: &[f64], c: &[f64], f: impl Fn(f64, f64, f64) -> f64) {
+        for (((o, &a), &b), &c) in out.iter_mut().zip(a).zip(b).zip(c) {
+            *o = f(a, b, c);
+        }
+    }
+    match kind {
+        AggKind::Sum if bounded => map3(out, n, s1, shift, |n, s1, shift| s1 + n * shift),
+        AggKind::Sum => out.copy_from_slice(s1),
+        AggKind::Avg if bounded => map3(out, n, s1, shift, |n, s1, shift| shift + s1 / n),
+        AggKind::Avg => out.copy_from_slice(shift),
+        AggKind::VarPop => map3(out, n, s1, s2, |n, s1, s2| m2(n, s1, s2) / n),
+        AggKind::StddevPop => map3(out, n, s1, s2, |n, s1, s2| (m2(n, s1, s2) / n).sqrt()),
+        AggKind::VarSamp => map3(out, n, s1, s2, |n, s1, s2| m2(n, s1, s2) / (n - 1.0)),
+        AggKind::StddevSamp => map3(out, n, s1, s2, |n, s1, s2| {
+            (m2(n, s1, s2) / (n - 1.0)).sqrt()
+        }),
+        AggKind::Min => out.copy_from_slice(&snap.min[..len]),
+        AggKind::Max => out.copy_from_slice(&snap.max[..len]),
+        AggKind::Count => unreachable!("counts are integers"),
+        AggKind::Forecast { .. } => {
+            unreachable!("forecast aggregates are computed from gathered windows")
+        }
+        AggKind::Quantile(_) | AggKind::FirstValue => {
+            unreachable!("quantiles and first values are taken row by row")
+        }
+    }
+}
+
 /// The output of one aggregate, built from snapshots (chunk by chunk on the plain path).
 enum Finished {
     Count(Vec<i64>),
@@ -940,10 +1332,7 @@ impl Finished {
             AggKind::Count => Finished::Count(Vec::with_capacity(rows)),
             _ => Finished::Values {
                 values: Vec::with_capacity(rows),
-                least: match kind {
-                    AggKind::VarSamp | AggKind::StddevSamp => 2.0,
-                    _ => 1.0,
-                },
+                least: least_present(kind),
                 valid: None,
             },
         }
@@ -970,16 +1359,6 @@ impl Finished {
     #[inline(always)]
     fn extend_body(&mut self, snap: &Snapshot, len: usize, frame: Frame, kind: AggKind) {
         let n = &snap.n[..len];
-        let (shift, s1, s2) = (&snap.shift[..len], &snap.s1[..len], &snap.s2[..len]);
-        let bounded = frame.is_bounded();
-        // Σ(x − mean)² from the shifted sums (bounded) or Welford's M2 (unbounded).
-        let m2 = |n: f64, s1: f64, s2: f64| {
-            if bounded {
-                (s2 - s1 * s1 / n).max(0.0)
-            } else {
-                s2.max(0.0)
-            }
-        };
         match self {
             Finished::Count(counts) => counts.extend(n.iter().map(|&c| count_to_i64(c))),
             Finished::Values {
@@ -988,43 +1367,8 @@ impl Finished {
                 valid,
             } => {
                 let before = values.len();
-                // Zipped slices, so that the loops have no bounds checks and vectorise.
-                let sums = n.iter().zip(s1).zip(s2).map(|((&n, &s1), &s2)| (n, s1, s2));
-                match kind {
-                    AggKind::Sum if bounded => values.extend(
-                        n.iter()
-                            .zip(s1)
-                            .zip(shift)
-                            .map(|((&n, &s1), &shift)| s1 + n * shift),
-                    ),
-                    AggKind::Sum => values.extend_from_slice(s1),
-                    AggKind::Avg if bounded => values.extend(
-                        n.iter()
-                            .zip(s1)
-                            .zip(shift)
-                            .map(|((&n, &s1), &shift)| shift + s1 / n),
-                    ),
-                    AggKind::Avg => values.extend_from_slice(shift),
-                    AggKind::VarPop => values.extend(sums.map(|(n, s1, s2)| m2(n, s1, s2) / n)),
-                    AggKind::StddevPop => {
-                        values.extend(sums.map(|(n, s1, s2)| (m2(n, s1, s2) / n).sqrt()))
-                    }
-                    AggKind::VarSamp => {
-                        values.extend(sums.map(|(n, s1, s2)| m2(n, s1, s2) / (n - 1.0)))
-                    }
-                    AggKind::StddevSamp => {
-                        values.extend(sums.map(|(n, s1, s2)| (m2(n, s1, s2) / (n - 1.0)).sqrt()))
-                    }
-                    AggKind::Min => values.extend_from_slice(&snap.min[..len]),
-                    AggKind::Max => values.extend_from_slice(&snap.max[..len]),
-                    AggKind::Count => unreachable!("counts are integers"),
-                    AggKind::Forecast { .. } => {
-                        unreachable!("forecast aggregates are computed from gathered windows")
-                    }
-                    AggKind::Quantile(_) | AggKind::FirstValue => {
-                        unreachable!("quantiles and first values are taken row by row")
-                    }
-                }
+                values.resize(before + len, 0.0);
+                aggregate_into(snap, frame, kind, &mut values[before..]);
                 let least = *least;
                 // Counted rather than `any`: a scan without an early exit vectorises, and
                 // almost every chunk has no short frame to find.
@@ -1037,6 +1381,29 @@ impl Finished {
                     for &c in n {
                         b.append(c >= least);
                     }
+                }
+            }
+        }
+    }
+
+    /// Appends one row: its value `v` (ignored for `COUNT`) and its count of present values.
+    fn push(&mut self, v: f64, count: f64) {
+        match self {
+            Finished::Count(counts) => counts.push(count_to_i64(count)),
+            Finished::Values {
+                values,
+                least,
+                valid,
+            } => {
+                let present = count >= *least;
+                if valid.is_none() && !present {
+                    let mut b = arrow::array::BooleanBufferBuilder::new(values.capacity());
+                    b.append_n(values.len(), true);
+                    *valid = Some(b);
+                }
+                values.push(v);
+                if let Some(b) = valid {
+                    b.append(present);
                 }
             }
         }
@@ -1308,6 +1675,20 @@ struct Snapshot {
 }
 
 impl Snapshot {
+    /// The running sums of `from`'s rows `rows`, in that order (the columns of the plain
+    /// path only).
+    fn gather(&mut self, from: &Snapshot, rows: &[u32]) {
+        for (to, from) in [
+            (&mut self.n, &from.n),
+            (&mut self.shift, &from.shift),
+            (&mut self.s1, &from.s1),
+            (&mut self.s2, &from.s2),
+        ] {
+            to.clear();
+            to.extend(rows.iter().map(|&r| from[r as usize]));
+        }
+    }
+
     fn resize(&mut self, rows: usize) {
         for v in [
             &mut self.n,
@@ -2184,6 +2565,173 @@ mod tests {
             let (plain, general) = plain_and_general_on(&xs, &ids, groups, preceding, batch);
             prop_assert_eq!(plain, general);
         }
+    }
+
+    /// Rows, each with the bits of every aggregate (`None` for NULL).
+    type RowBits = Vec<(u32, Vec<Option<u64>>)>;
+
+    /// The rows of a selected run, and for each the bits of every aggregate (`None` for
+    /// NULL), against the full outputs of [`WindowOperator::process`] filtered by the same
+    /// test on the same aggregates.
+    fn selected_and_filtered(
+        xs: &[Option<f64>],
+        ids: &[u32],
+        preceding: usize,
+        batch: usize,
+        screen: Option<Screen>,
+        k: f64,
+    ) -> (RowBits, RowBits) {
+        let aggs = vec![
+            Aggregate {
+                kind: AggKind::Avg,
+                arg: 1,
+            },
+            Aggregate {
+                kind: AggKind::StddevSamp,
+                arg: 1,
+            },
+            Aggregate {
+                kind: AggKind::Count,
+                arg: 1,
+            },
+            Aggregate {
+                kind: AggKind::Sum,
+                arg: 0,
+            },
+            Aggregate {
+                kind: AggKind::VarPop,
+                arg: 0,
+            },
+        ];
+        let frame = Frame::Rows { preceding };
+        // Argument 1 is the series; argument 0 another one.
+        let other: Vec<Option<f64>> = xs.iter().map(|x| x.map(|v| 2.0 - v)).collect();
+        let args = [Float64Array::from(other), Float64Array::from(xs.to_vec())];
+        let z_above = |x: f64, mean: f64, std: f64| ((x - mean) / std).abs() > k;
+        let mut op = WindowOperator::try_new(frame, 2, aggs.clone()).unwrap();
+        let mut selected = Vec::new();
+        let mut start = 0;
+        while start < xs.len() {
+            let len = batch.min(xs.len() - start);
+            let part: Vec<Float64Array> = args.iter().map(|a| a.slice(start, len)).collect();
+            let values = part[1].values().clone();
+            let out = op
+                .process_selected(
+                    &ids[start..start + len],
+                    &part,
+                    screen,
+                    &mut |chunk, kept| {
+                        let rows: Vec<usize> = match chunk.rows {
+                            Some(rows) => rows.iter().map(|&r| r as usize).collect(),
+                            None => (0..chunk.len).collect(),
+                        };
+                        for (i, &r) in rows.iter().enumerate() {
+                            let x = values[chunk.start + r];
+                            if z_above(x, chunk.aggregates[0][i], chunk.aggregates[1][i]) {
+                                kept.push(i as u32);
+                            }
+                        }
+                    },
+                )
+                .unwrap();
+            let out_bits = bits(&out.outputs);
+            for (i, &r) in out.rows.iter().enumerate() {
+                let row = out_bits.iter().map(|c| c[i]).collect();
+                selected.push((start as u32 + r, row));
+            }
+            start += len;
+        }
+        let mut full = WindowOperator::try_new(frame, 2, aggs).unwrap();
+        let outputs = full.process(ids, &args).unwrap();
+        let (mean, std) = (outputs[0].as_any(), outputs[1].as_any());
+        let (mean, std) = (
+            mean.downcast_ref::<Float64Array>().unwrap(),
+            std.downcast_ref::<Float64Array>().unwrap(),
+        );
+        let all_bits = bits(&outputs);
+        let filtered = (0..xs.len())
+            .filter(|&r| {
+                mean.is_valid(r)
+                    && std.is_valid(r)
+                    && z_above(args[1].value(r), mean.value(r), std.value(r))
+            })
+            .map(|r| (r as u32, all_bits.iter().map(|c| c[r]).collect()))
+            .collect();
+        (selected, filtered)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// Selecting rows gives the rows, and the aggregates, of the full output filtered by
+        /// the same test, with or without a screen on the running sums (which must never
+        /// rule out a row the test keeps, level shifts and NaN included), over two
+        /// arguments and any batching.
+        #[test]
+        fn selected_rows_are_the_filtered_full_output(
+            xs in tick_values(),
+            groups in 1u32..40,
+            preceding in 1usize..30,
+            batch in 1usize..6000,
+            k in prop_oneof![Just(0.0), 0.5f64..4.0],
+            sample in any::<bool>(),
+        ) {
+            let (ids, keep) = ticks(xs.len(), groups, 0);
+            let xs: Vec<Option<f64>> = keep.iter().map(|&i| xs[i]).collect();
+            // A population screen with the sample test keeps more rows; both are sound.
+            let screen = Screen { arg: 1, k, sample };
+            let (plain, filtered) = selected_and_filtered(&xs, &ids, preceding, batch, None, k);
+            prop_assert_eq!(&plain, &filtered);
+            let (screened, _) = selected_and_filtered(&xs, &ids, preceding, batch, Some(screen), k);
+            prop_assert_eq!(&screened, &filtered);
+        }
+    }
+
+    #[test]
+    fn selection_checks_its_operator_screen_and_selector() {
+        let avg = Aggregate {
+            kind: AggKind::Avg,
+            arg: 0,
+        };
+        let min = Aggregate {
+            kind: AggKind::Min,
+            arg: 0,
+        };
+        let x = [Float64Array::from(vec![1.0, 2.0, 3.0])];
+        let keep_all = &mut |c: Chunk<'_>, kept: &mut Vec<u32>| kept.extend(0..c.len as u32);
+        let mut op = WindowOperator::try_new(Frame::Rows { preceding: 1 }, 1, vec![min]).unwrap();
+        assert!(!op.selects());
+        assert!(op.process_selected(&[0, 0, 0], &x, None, keep_all).is_err());
+        let op = WindowOperator::try_new(Frame::Unbounded, 1, vec![avg]).unwrap();
+        assert!(!op.selects());
+        let mut op = WindowOperator::try_new(Frame::Rows { preceding: 1 }, 1, vec![avg]).unwrap();
+        let bad = Screen {
+            arg: 1,
+            k: 3.0,
+            sample: true,
+        };
+        assert!(
+            op.process_selected(&[0, 0, 0], &x, Some(bad), keep_all)
+                .is_err()
+        );
+        let nan = Screen {
+            arg: 0,
+            k: f64::NAN,
+            sample: true,
+        };
+        assert!(
+            op.process_selected(&[0, 0, 0], &x, Some(nan), keep_all)
+                .is_err()
+        );
+        let out = op.process_selected(&[0, 0, 0], &x, None, keep_all).unwrap();
+        assert_eq!(out.rows, vec![0, 1, 2]);
+        let avg = out.outputs[0]
+            .as_any()
+            .downcast_ref::<Float64Array>()
+            .unwrap();
+        // The rejected calls pushed nothing: the frames hold the rows of this call only.
+        assert_eq!(avg.values().to_vec(), vec![1.0, 1.5, 2.5]);
+        let beyond = &mut |_: Chunk<'_>, kept: &mut Vec<u32>| kept.push(3);
+        assert!(op.process_selected(&[0, 0, 0], &x, None, beyond).is_err());
     }
 
     proptest! {

@@ -7,7 +7,9 @@
 //! DataFusion physical expressions and whose `OVER (…)` aggregates run on healer's keyed
 //! incremental [`healer_operators::window::WindowOperator`]. The pipeline keeps its state
 //! between batches, so a rule runs on an unbounded stream with O(1) work per row and gives
-//! the same rows whatever the batch boundaries are.
+//! the same rows whatever the batch boundaries are. The filters after a window are also
+//! [`pushdown`] into it, conservatively, so that most rows are dropped before their
+//! aggregates are built.
 //!
 //! See the README's *Rule language* section for what a rule may contain.
 
@@ -17,6 +19,7 @@ pub mod functions;
 pub mod lstm;
 pub mod models;
 pub mod output;
+pub mod pushdown;
 pub mod rule;
 pub mod stage;
 

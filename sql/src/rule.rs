@@ -185,6 +185,7 @@ pub struct RuleCompiler {
     metrics: SchemaRef,
     samples: SchemaRef,
     output_contract: bool,
+    pushdown: bool,
 }
 
 impl std::fmt::Debug for RuleCompiler {
@@ -220,7 +221,16 @@ impl RuleCompiler {
             metrics,
             samples,
             output_contract: true,
+            pushdown: true,
         })
+    }
+
+    /// Do not push filters into window stages (see [`crate::pushdown`]): every row's
+    /// aggregates are built and the filters decide alone. The rules give the same rows either
+    /// way; this is for comparing the two.
+    pub fn without_pushdown(mut self) -> Self {
+        self.pushdown = false;
+        self
     }
 
     /// Accept queries whose output is not anomaly rows (for tests and exploration: such rules
@@ -424,6 +434,9 @@ impl RuleCompiler {
             split_by_metric: true,
         };
         lowering.lower(&plan)?;
+        if self.pushdown {
+            crate::pushdown::push_down_filters(&mut lowering.stages);
+        }
         let table = lowering.table.ok_or_else(|| {
             CompileError::msg("the rule reads no stream: select FROM metrics or FROM samples")
         })?;
@@ -898,6 +911,7 @@ impl Lowering<'_> {
                 .collect(),
             schema: Arc::new(output.as_arrow().clone()),
             input_columns: input.fields().len(),
+            prefilter: None,
         })
     }
 }

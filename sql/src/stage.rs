@@ -7,16 +7,18 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, Float64Array, RecordBatch};
-use arrow::compute::{cast, filter_record_batch};
+use arrow::array::{Array, ArrayRef, AsArray, Float64Array, RecordBatch, UInt32Array};
+use arrow::compute::{cast, filter_record_batch, take};
 use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::Result as DFResult;
 use datafusion::physical_expr::PhysicalExpr;
 use healer_operators::keys::KeyInterner;
 use healer_operators::keys::KeyValue;
+use healer_operators::predicate::Scratch;
 use healer_operators::window::{Aggregate, Frame, GroupState, SeriesForecaster, WindowOperator};
 
 use crate::error::ExecError;
+use crate::pushdown::WindowPrefilter;
 
 /// One group of window aggregates that share partition keys and frame.
 #[derive(Debug)]
@@ -60,6 +62,10 @@ pub enum StageTemplate {
         schema: SchemaRef,
         /// Number of input columns.
         input_columns: usize,
+        /// A conservative pre-filter over the output columns, derived from the filters that
+        /// follow (see [`crate::pushdown`]): rows it rules out are not output. Used when the
+        /// stage has one group whose operator can select rows.
+        prefilter: Option<WindowPrefilter>,
     },
 }
 
@@ -86,6 +92,7 @@ impl StageTemplate {
         Ok(Stage {
             template: Arc::clone(self),
             windows,
+            scratch: Scratch::default(),
         })
     }
 }
@@ -95,6 +102,8 @@ impl StageTemplate {
 pub struct Stage {
     template: Arc<StageTemplate>,
     windows: Vec<(KeyInterner, WindowOperator)>,
+    /// Buffers of the pre-filter.
+    scratch: Scratch,
 }
 
 fn eval(expr: &Arc<dyn PhysicalExpr>, batch: &RecordBatch) -> DFResult<ArrayRef> {
@@ -206,39 +215,29 @@ impl Stage {
                 groups,
                 schema,
                 input_columns,
+                prefilter,
             } => {
+                if let (Some(prefilter), [template], [(interner, op)]) =
+                    (prefilter, groups.as_slice(), self.windows.as_mut_slice())
+                    && op.selects()
+                {
+                    return window_selected(
+                        rule,
+                        &batch,
+                        (template, interner, op),
+                        prefilter,
+                        schema,
+                        *input_columns,
+                        &mut self.scratch,
+                    );
+                }
                 let rows = batch.num_rows();
                 let mut columns: Vec<Option<ArrayRef>> =
                     vec![None; schema.fields().len() - input_columns];
                 // The rows' event times, read once for all the batch's RANGE frames.
                 let mut times: Option<Vec<i64>> = None;
                 for (template, (interner, op)) in groups.iter().zip(self.windows.iter_mut()) {
-                    let keys = template
-                        .partition
-                        .iter()
-                        .map(|e| eval(e, &batch))
-                        .collect::<DFResult<Vec<_>>>()
-                        .map_err(df)?;
-                    let ids =
-                        interner
-                            .intern(&keys, rows)
-                            .map_err(|source| ExecError::Operator {
-                                rule: rule.to_string(),
-                                source,
-                            })?;
-                    let args = template
-                        .args
-                        .iter()
-                        .map(|e| {
-                            let a = eval(e, &batch).map_err(df)?;
-                            let a = if a.data_type() == &DataType::Float64 {
-                                a
-                            } else {
-                                cast(&a, &DataType::Float64).map_err(arrow_err)?
-                            };
-                            Ok(a.as_primitive::<arrow::datatypes::Float64Type>().clone())
-                        })
-                        .collect::<Result<Vec<Float64Array>, ExecError>>()?;
+                    let (ids, args) = group_input(rule, &batch, template, interner)?;
                     let outputs = match template.frame {
                         Frame::Range { .. } => match &times {
                             Some(ts) => op.process_at(&ids, ts, &args),
@@ -275,6 +274,159 @@ impl Stage {
             }
         }
     }
+}
+
+/// The group ids and arguments of `batch`'s rows for window group `template`.
+fn group_input(
+    rule: &str,
+    batch: &RecordBatch,
+    template: &WindowGroupTemplate,
+    interner: &mut KeyInterner,
+) -> Result<(Vec<u32>, Vec<Float64Array>), ExecError> {
+    let df = |source| ExecError::DataFusion {
+        rule: rule.to_string(),
+        source,
+    };
+    let keys = template
+        .partition
+        .iter()
+        .map(|e| eval(e, batch))
+        .collect::<DFResult<Vec<_>>>()
+        .map_err(df)?;
+    let ids = interner
+        .intern(&keys, batch.num_rows())
+        .map_err(|source| ExecError::Operator {
+            rule: rule.to_string(),
+            source,
+        })?;
+    let args = template
+        .args
+        .iter()
+        .map(|e| {
+            let a = eval(e, batch).map_err(df)?;
+            let a = if a.data_type() == &DataType::Float64 {
+                a
+            } else {
+                cast(&a, &DataType::Float64).map_err(|source| ExecError::Arrow {
+                    rule: rule.to_string(),
+                    source,
+                })?
+            };
+            Ok(a.as_primitive::<arrow::datatypes::Float64Type>().clone())
+        })
+        .collect::<Result<Vec<Float64Array>, ExecError>>()?;
+    Ok((ids, args))
+}
+
+/// A window stage of one group with a pre-filter: the operator computes the aggregates a
+/// chunk of rows at a time, the pre-filter picks the chunk's rows, and only those are built
+/// into the output (input columns taken, aggregates appended).
+fn window_selected(
+    rule: &str,
+    batch: &RecordBatch,
+    (template, interner, op): (&WindowGroupTemplate, &mut KeyInterner, &mut WindowOperator),
+    prefilter: &WindowPrefilter,
+    schema: &SchemaRef,
+    input_columns: usize,
+    scratch: &mut Scratch,
+) -> Result<RecordBatch, ExecError> {
+    let internal = |what: String| ExecError::DataFusion {
+        rule: rule.to_string(),
+        source: datafusion::error::DataFusionError::Internal(what),
+    };
+    let arrow_err = |source| ExecError::Arrow {
+        rule: rule.to_string(),
+        source,
+    };
+    let (ids, args) = group_input(rule, batch, template, interner)?;
+    let predicate = &prefilter.predicate;
+    // The predicate's columns: input columns (Float64, NULL as NaN) or aggregates.
+    enum Leaf<'a> {
+        Input(std::borrow::Cow<'a, [f64]>),
+        Aggregate(usize),
+    }
+    let mut leaves = Vec::with_capacity(predicate.columns().len());
+    for &c in predicate.columns() {
+        let leaf = if c < input_columns {
+            let a = batch
+                .column(c)
+                .as_primitive_opt::<arrow::datatypes::Float64Type>()
+                .ok_or_else(|| internal(format!("pre-filter column {c} is not Float64")))?;
+            Leaf::Input(match a.nulls().filter(|n| n.null_count() > 0) {
+                None => std::borrow::Cow::Borrowed(&a.values()[..]),
+                Some(nulls) => std::borrow::Cow::Owned(
+                    a.values()
+                        .iter()
+                        .zip(nulls.iter())
+                        .map(|(&v, valid)| if valid { v } else { f64::NAN })
+                        .collect(),
+                ),
+            })
+        } else {
+            let j = template
+                .positions
+                .iter()
+                .position(|&p| p == c - input_columns)
+                .ok_or_else(|| internal(format!("pre-filter column {c} is not an aggregate")))?;
+            Leaf::Aggregate(j)
+        };
+        leaves.push((c, leaf));
+    }
+    let width = schema.fields().len();
+    // The input columns at a screened chunk's candidate rows.
+    let mut gathered: Vec<Vec<f64>> = vec![Vec::new(); leaves.len()];
+    let selected = op
+        .process_selected(&ids, &args, prefilter.screen, &mut |chunk, kept| {
+            let rows = chunk.rows.map_or(chunk.len, <[u32]>::len);
+            let mut columns: Vec<&[f64]> = vec![&[]; width];
+            for ((c, leaf), buffer) in leaves.iter().zip(&mut gathered) {
+                columns[*c] = match leaf {
+                    Leaf::Input(values) => {
+                        let values = &values[chunk.start..chunk.start + chunk.len];
+                        match chunk.rows {
+                            None => values,
+                            Some(rows) => {
+                                buffer.clear();
+                                buffer.extend(rows.iter().map(|&r| values[r as usize]));
+                                buffer
+                            }
+                        }
+                    }
+                    Leaf::Aggregate(j) => chunk.aggregates[*j],
+                };
+            }
+            predicate.select(&columns, rows, 0, kept, scratch);
+        })
+        .map_err(|source| ExecError::Operator {
+            rule: rule.to_string(),
+            source,
+        })?;
+    let mut all: Vec<ArrayRef> = if selected.rows.len() == batch.num_rows() {
+        batch.columns().to_vec()
+    } else {
+        let indices = UInt32Array::from(selected.rows);
+        batch
+            .columns()
+            .iter()
+            .map(|c| take(c, &indices, None))
+            .collect::<Result<_, _>>()
+            .map_err(arrow_err)?
+    };
+    let rows = all.first().map_or(0, |c| c.len());
+    let mut outputs: Vec<Option<ArrayRef>> = vec![None; width - input_columns];
+    for (array, &pos) in selected.outputs.into_iter().zip(&template.positions) {
+        let field = schema.field(input_columns + pos);
+        outputs[pos] = Some(if array.data_type() == field.data_type() {
+            array
+        } else {
+            cast(&array, field.data_type()).map_err(arrow_err)?
+        });
+    }
+    for (i, c) in outputs.into_iter().enumerate() {
+        all.push(c.ok_or_else(|| internal(format!("window column {i} was not computed")))?);
+    }
+    let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(rows));
+    RecordBatch::try_new_with_options(Arc::clone(schema), all, &options).map_err(arrow_err)
 }
 
 /// The event time of every row of `batch` in milliseconds since the epoch, from its `ts`
