@@ -893,6 +893,24 @@ impl WindowOperator {
 const PLAIN_CHUNK: usize = 4096;
 
 impl WindowOperator {
+    /// Pushes rows of argument `arg` on the plain path (see [`push_rows_plain`]); their
+    /// running sums land in the snapshot's first rows.
+    fn push_plain_chunk(&mut self, arg: usize, groups: &[u32], input: &Float64Array) {
+        push_rows_plain(
+            PlainRows {
+                series: &mut self.columns,
+                slab: &mut self.slab,
+                stride: self.stride,
+                cap: self.frame.capacity(),
+                n_args: self.n_args,
+                arg,
+            },
+            groups,
+            input,
+            &mut self.snapshot,
+        );
+    }
+
     /// [`WindowOperator::process`] for an argument of a bounded frame that needs neither
     /// MIN/MAX nor a forecast, chunk by chunk: push a chunk's rows, then finish every
     /// aggregate of the argument over that chunk.
@@ -904,7 +922,6 @@ impl WindowOperator {
         out_of: &mut [Option<ArrayRef>],
     ) {
         let rows = groups.len();
-        let cap = self.frame.capacity();
         let mut outs: Vec<(usize, AggKind, Finished)> = self
             .aggregates
             .iter()
@@ -915,19 +932,7 @@ impl WindowOperator {
         let mut start = 0;
         while start < rows {
             let len = PLAIN_CHUNK.min(rows - start);
-            push_rows_plain(
-                PlainRows {
-                    series: &mut self.columns,
-                    slab: &mut self.slab,
-                    stride: self.stride,
-                    cap,
-                    n_args: self.n_args,
-                    arg,
-                },
-                &groups[start..start + len],
-                &input.slice(start, len),
-                &mut self.snapshot,
-            );
+            self.push_plain_chunk(arg, &groups[start..start + len], &input.slice(start, len));
             for (_, kind, out) in &mut outs {
                 out.extend(&self.snapshot, len, self.frame, *kind);
             }
@@ -1063,7 +1068,6 @@ impl WindowOperator {
         let margin = 1.0 - (1e-6 + self.frame.capacity() as f64 * 1e-14);
         self.prepare(groups, args)?;
         let rows = groups.len();
-        let cap = self.frame.capacity();
         self.snapshot.resize(PLAIN_CHUNK.min(rows));
         let mut sel = std::mem::take(&mut self.selection);
         sel.values.resize_with(self.aggregates.len(), Vec::new);
@@ -1080,19 +1084,7 @@ impl WindowOperator {
             let mut screened = false;
             for &arg in &order {
                 let input = &args[arg];
-                push_rows_plain(
-                    PlainRows {
-                        series: &mut self.columns,
-                        slab: &mut self.slab,
-                        stride: self.stride,
-                        cap,
-                        n_args: self.n_args,
-                        arg,
-                    },
-                    &groups[start..start + len],
-                    &input.slice(start, len),
-                    &mut self.snapshot,
-                );
+                self.push_plain_chunk(arg, &groups[start..start + len], &input.slice(start, len));
                 if let Some(sc) = screen.filter(|sc| sc.arg == arg) {
                     sel.xs.clear();
                     let chunk = input.slice(start, len);

@@ -19,8 +19,9 @@ use arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMi
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::util::pretty::pretty_format_batches;
 use healer_operators::schema::ts_type;
-use healer_operators::unpivot::Unpivot;
-use healer_sql::{RuleCompiler, StreamTable};
+use healer_sql::RuleCompiler;
+
+mod common;
 
 struct Case {
     input: String,
@@ -117,23 +118,10 @@ fn run(case: &Case, file: &Path) -> String {
         .compile_str(file, &case.rule)
         .unwrap_or_else(|e| panic!("{}: rule does not compile:\n{e}", file.display()));
     let rule = &rules[0];
-    let unpivot = Unpivot::try_new(&input.schema()).unwrap();
     let mut printed: Option<String> = None;
     for chunk in [usize::MAX, 1, 2, 3, 7, 64] {
-        let mut instance = rule.instantiate().unwrap();
-        let mut out = Vec::new();
-        let mut offset = 0;
-        while offset < input.num_rows() {
-            let len = chunk.min(input.num_rows() - offset);
-            let part = input.slice(offset, len);
-            let part = match rule.table {
-                StreamTable::Metrics => part,
-                StreamTable::Samples => unpivot.apply(&part).unwrap(),
-            };
-            out.push(instance.process(part).unwrap());
-            offset += len;
-        }
-        let text = pretty_format_batches(&out).unwrap().to_string();
+        let out = common::run(rule, &input, chunk, None);
+        let text = pretty_format_batches(&[out]).unwrap().to_string();
         match &printed {
             None => printed = Some(text),
             Some(first) => assert_eq!(

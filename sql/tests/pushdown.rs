@@ -10,10 +10,11 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::util::pretty::pretty_format_batches;
 use healer_operators::predicate::{Cmp, RowExpr};
 use healer_operators::schema::ts_type;
-use healer_operators::unpivot::Unpivot;
 use healer_operators::window::Screen;
 use healer_sql::stage::StageTemplate;
-use healer_sql::{CompiledRule, RuleCompiler, StreamTable};
+use healer_sql::{CompiledRule, RuleCompiler};
+
+mod common;
 use proptest::prelude::*;
 
 const ZSCORE: &str = include_str!("../rules/zscore.sql");
@@ -149,21 +150,9 @@ fn compile(sql: &str, pushdown: bool) -> Arc<CompiledRule> {
 }
 
 fn run(rule: &Arc<CompiledRule>, input: &RecordBatch, split: usize) -> String {
-    let unpivot = Unpivot::try_new(&input.schema()).unwrap();
-    let mut instance = rule.instantiate().unwrap();
-    let mut out = Vec::new();
-    let mut offset = 0;
-    while offset < input.num_rows() {
-        let len = split.min(input.num_rows() - offset);
-        let part = input.slice(offset, len);
-        let part = match rule.table {
-            StreamTable::Metrics => part,
-            StreamTable::Samples => unpivot.apply(&part).unwrap(),
-        };
-        out.push(instance.process(part).unwrap());
-        offset += len;
-    }
-    pretty_format_batches(&out).unwrap().to_string()
+    pretty_format_batches(&[common::run(rule, input, split, None)])
+        .unwrap()
+        .to_string()
 }
 
 fn prefilters(rule: &CompiledRule) -> Vec<Option<RowExpr>> {
@@ -243,27 +232,12 @@ fn bundled_zscore_rule_is_prefiltered_on_both_of_its_filters() {
                 .collect()
         })
         .collect();
-    let (t, f) = (true, false);
-    let expected = [
-        vec![t],
-        vec![t],
-        vec![t],
-        vec![t],
-        vec![t],
-        vec![t],
-        vec![t],
-        vec![f],
-        vec![t],
-        vec![f],
-        vec![t],
-        vec![t],
-        vec![t],
-        vec![t],
-        vec![t],
-        vec![t],
-        vec![f],
-        vec![f, t],
-    ];
+    // One letter a rule: pre-filtered (p) or not (-); the last rule has two windows.
+    let mut expected: Vec<Vec<bool>> = "ppppppp-p-pppppp-"
+        .chars()
+        .map(|c| vec![c == 'p'])
+        .collect();
+    expected.push(vec![false, true]);
     assert_eq!(pushed, expected);
     // Which are screened on the running sums: the z-score conjuncts of the argument's own
     // value (sample or population), not a z-score under an OR or of another column.

@@ -1,5 +1,8 @@
 //! Helpers shared by the rule tests.
 
+// Each test binary uses some of them.
+#![allow(dead_code)]
+
 use std::sync::Arc;
 
 use arrow::array::{
@@ -8,7 +11,8 @@ use arrow::array::{
 use arrow::compute::concat_batches;
 use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
 use healer_operators::schema::ts_type;
-use healer_sql::CompiledRule;
+use healer_operators::unpivot::Unpivot;
+use healer_sql::{CompiledRule, StreamTable};
 
 /// The `metrics` stream of the tests: `ts`, `resource` and one metric, `cpu_percent`.
 pub fn schema() -> SchemaRef {
@@ -32,14 +36,16 @@ pub fn cpu_batch(ts: Vec<i64>, res: Vec<String>, cpu: Vec<Option<f64>>) -> Recor
     .unwrap()
 }
 
-/// Runs `rule` over `input` in batches of `chunk` rows; at row `checkpoint` (if any) the state
-/// is saved and restored into a fresh instance, as a restart from a checkpoint does.
+/// Runs `rule` over `input` (wide `metrics` rows, turned into the `samples` view when the
+/// rule reads it) in batches of `chunk` rows; at row `checkpoint` (if any) the state is saved
+/// and restored into a fresh instance, as a restart from a checkpoint does.
 pub fn run(
     rule: &Arc<CompiledRule>,
     input: &RecordBatch,
     chunk: usize,
     checkpoint: Option<usize>,
 ) -> RecordBatch {
+    let unpivot = Unpivot::try_new(&input.schema()).unwrap();
     let mut instance = rule.instantiate().unwrap();
     let mut out = Vec::new();
     let mut offset = 0;
@@ -50,7 +56,12 @@ pub fn run(
             instance.restore(&state, &|_, _| true).unwrap();
         }
         let len = chunk.min(input.num_rows() - offset);
-        out.push(instance.process(input.slice(offset, len)).unwrap());
+        let part = input.slice(offset, len);
+        let part = match rule.table {
+            StreamTable::Metrics => part,
+            StreamTable::Samples => unpivot.apply(&part).unwrap(),
+        };
+        out.push(instance.process(part).unwrap());
         offset += len;
     }
     concat_batches(&out[0].schema(), &out).unwrap()
