@@ -31,9 +31,9 @@
 //! ));
 //! let x = [1.0, 4.0, f64::NAN, 3.0];
 //! let mut kept = Vec::new();
-//! p.select(&[&x], x.len(), 10, &mut kept, &mut Scratch::default());
-//! // Row 1 passes, row 2 is unknown (kept); rows are numbered from 10.
-//! assert_eq!(kept, vec![11, 12]);
+//! p.select(&[&x], x.len(), &mut kept, &mut Scratch::default());
+//! // Row 1 passes, row 2 is unknown (kept).
+//! assert_eq!(kept, vec![1, 2]);
 //! ```
 
 /// An arithmetic operator.
@@ -150,7 +150,7 @@ impl RowPredicate {
         &self.columns
     }
 
-    /// Appends to `kept` the numbers `first + k` of the rows `k < len` that the predicate
+    /// Appends to `kept` the positions `k` of the rows `k < len` that the predicate
     /// does not rule out. `columns[i]` holds column `i` for the chunk (NaN where NULL); only
     /// the columns of [`RowPredicate::columns`] are read, and they need at least `len` rows.
     /// `scratch` holds the evaluation's buffers from one call to the next.
@@ -158,7 +158,6 @@ impl RowPredicate {
         &self,
         columns: &[&[f64]],
         len: usize,
-        first: u32,
         kept: &mut Vec<u32>,
         scratch: &mut Scratch,
     ) {
@@ -166,9 +165,9 @@ impl RowPredicate {
         if std::arch::is_x86_feature_detected!("avx2") {
             #[allow(unsafe_code)]
             // SAFETY: the CPU has AVX2, as just checked.
-            return unsafe { self.select_avx2(columns, len, first, kept, scratch) };
+            return unsafe { self.select_avx2(columns, len, kept, scratch) };
         }
-        self.select_with(columns, len, first, kept, scratch, &eval_baseline);
+        self.select_with(columns, len, kept, scratch, &eval_baseline);
     }
 
     /// [`RowPredicate::select`] compiled for AVX2: four lanes per instruction instead of the
@@ -179,12 +178,11 @@ impl RowPredicate {
         &self,
         columns: &[&[f64]],
         len: usize,
-        first: u32,
         kept: &mut Vec<u32>,
         scratch: &mut Scratch,
     ) {
         // A closure in an AVX2 function is AVX2 code too.
-        self.select_with(columns, len, first, kept, scratch, &|e, c, l, p| {
+        self.select_with(columns, len, kept, scratch, &|e, c, l, p| {
             eval_avx2(e, c, l, p)
         });
     }
@@ -194,7 +192,6 @@ impl RowPredicate {
         &self,
         columns: &[&'a [f64]],
         len: usize,
-        first: u32,
         kept: &mut Vec<u32>,
         scratch: &mut Scratch,
         eval: &impl Fn(&RowExpr, &[&'a [f64]], usize, &mut Vec<Vec<f64>>) -> Val<'a>,
@@ -203,14 +200,14 @@ impl RowPredicate {
         match eval(&self.expr, columns, len, pool) {
             Val::Const(c) => {
                 if c != 0.0 {
-                    kept.extend((0..len as u32).map(|k| first + k));
+                    kept.extend(0..len as u32);
                 }
             }
             Val::Buf(b) => {
-                keep_nonzero(&b, first, kept);
+                keep_nonzero(&b, kept);
                 pool.push(b);
             }
-            Val::Col(c) => keep_nonzero(c, first, kept),
+            Val::Col(c) => keep_nonzero(c, kept),
         }
     }
 }
@@ -266,10 +263,10 @@ fn not(a: f64) -> f64 {
 }
 
 #[inline(always)]
-fn keep_nonzero(values: &[f64], first: u32, kept: &mut Vec<u32>) {
+fn keep_nonzero(values: &[f64], kept: &mut Vec<u32>) {
     for (&v, k) in values.iter().zip(0u32..) {
         if v != 0.0 {
-            kept.push(first + k);
+            kept.push(k);
         }
     }
 }
@@ -458,13 +455,7 @@ mod tests {
 
     fn kept(p: &RowPredicate, columns: &[&[f64]]) -> Vec<u32> {
         let mut out = Vec::new();
-        p.select(
-            columns,
-            columns[0].len(),
-            0,
-            &mut out,
-            &mut Scratch::default(),
-        );
+        p.select(columns, columns[0].len(), &mut out, &mut Scratch::default());
         out
     }
 
@@ -517,8 +508,8 @@ mod tests {
         assert_eq!(kept(&p, &[&value, &mean, &std, &n]), vec![0, 2, 3, 4, 5]);
         let mut out = Vec::new();
         let mut scratch = Scratch::default();
-        p.select(&[&value, &mean, &std, &n], 3, 100, &mut out, &mut scratch);
-        assert_eq!(out, vec![100, 102]);
+        p.select(&[&value, &mean, &std, &n], 3, &mut out, &mut scratch);
+        assert_eq!(out, vec![0, 2]);
     }
 
     #[test]

@@ -1004,7 +1004,7 @@ struct Selection {
     candidates: Vec<u32>,
     /// The snapshot rows of the candidates.
     compact: Snapshot,
-    /// The screened argument's values over the chunk, NaN where NULL.
+    /// The screened argument's values over the chunk, NaN where NULL (when it has NULLs).
     xs: Vec<f64>,
 }
 
@@ -1086,20 +1086,24 @@ impl WindowOperator {
                 let input = &args[arg];
                 self.push_plain_chunk(arg, &groups[start..start + len], &input.slice(start, len));
                 if let Some(sc) = screen.filter(|sc| sc.arg == arg) {
-                    sel.xs.clear();
                     let chunk = input.slice(start, len);
-                    match chunk.nulls().filter(|n| n.null_count() > 0) {
-                        None => sel.xs.extend_from_slice(chunk.values()),
-                        Some(nulls) => sel.xs.extend(
-                            chunk
-                                .values()
-                                .iter()
-                                .zip(nulls.iter())
-                                .map(|(&x, valid)| if valid { x } else { f64::NAN }),
-                        ),
-                    }
+                    // The values as they are, or with NaN where NULL.
+                    let xs: &[f64] = match chunk.nulls().filter(|n| n.null_count() > 0) {
+                        None => chunk.values(),
+                        Some(nulls) => {
+                            sel.xs.clear();
+                            sel.xs.extend(
+                                chunk
+                                    .values()
+                                    .iter()
+                                    .zip(nulls.iter())
+                                    .map(|(&x, valid)| if valid { x } else { f64::NAN }),
+                            );
+                            &sel.xs
+                        }
+                    };
                     sel.candidates.clear();
-                    screen_rows(&self.snapshot, &sel.xs, sc, margin, &mut sel.candidates);
+                    screen_rows(&self.snapshot, xs, sc, margin, &mut sel.candidates);
                     screened = true;
                 }
                 let snap = if screened {

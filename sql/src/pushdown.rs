@@ -62,20 +62,16 @@ pub fn push_down_filters(stages: &mut [StageTemplate]) {
             if !WindowOperator::can_select(group.frame, &group.aggregates) {
                 continue;
             }
-            let leaves = (0..schema.fields().len())
-                .map(|c| {
-                    let numeric = matches!(schema.field(c).data_type(), DataType::Float64);
-                    // Inputs: Float64 columns. Aggregates: all of them (COUNT is exact).
-                    (c >= *input_columns || numeric).then_some(Sym::Known(
-                        RowExpr::Column(c),
-                        if c < *input_columns {
-                            Kind::Float
-                        } else {
-                            kind_of(schema.field(c).data_type())
-                        },
-                    ))
+            // Inputs: their Float64 columns. Aggregates: all of them (COUNT is exact).
+            let leaves = schema
+                .fields()
+                .iter()
+                .enumerate()
+                .map(|(c, field)| match field.data_type() {
+                    t if c >= *input_columns => Sym::Known(RowExpr::Column(c), kind_of(t)),
+                    DataType::Float64 => Sym::Known(RowExpr::Column(c), Kind::Float),
+                    _ => Sym::Unknown,
                 })
-                .map(|s| s.unwrap_or(Sym::Unknown))
                 .collect();
             *prefilter = derive(leaves, schema, tail).map(|expr| WindowPrefilter {
                 screen: z_screen(&expr, group, *input_columns),
@@ -240,48 +236,40 @@ fn literal(v: &ScalarValue) -> Sym {
 }
 
 fn binary(op: Operator, l: Sym, r: Sym, float: bool) -> Sym {
-    let bool_op = |make: fn(Box<RowExpr>, Box<RowExpr>) -> RowExpr| match (l.clone(), r.clone()) {
-        (Sym::Known(a, Kind::Bool), Sym::Known(b, Kind::Bool)) => {
-            Sym::Known(make(Box::new(a), Box::new(b)), Kind::Bool)
-        }
-        _ => Sym::Unknown,
-    };
-    let cmp = |c: Cmp| match (&l, &r) {
-        (Sym::Known(a, ka), Sym::Known(b, kb)) if *ka != Kind::Bool && *kb != Kind::Bool => {
-            Sym::Known(
-                RowExpr::Compare(c, Box::new(a.clone()), Box::new(b.clone())),
-                Kind::Bool,
-            )
-        }
-        _ => Sym::Unknown,
-    };
-    let arith = |a_op: Arith| match (&l, &r) {
-        // Float arithmetic only: Arrow's integer kernels wrap or fail on overflow.
-        (Sym::Known(a, Kind::Float), Sym::Known(b, Kind::Float)) if float => Sym::Known(
-            RowExpr::Arith(a_op, Box::new(a.clone()), Box::new(b.clone())),
-            Kind::Float,
-        ),
-        _ => Sym::Unknown,
-    };
-    match op {
+    let ((a, ka), (b, kb)) = match (l, r) {
+        (Sym::Known(a, ka), Sym::Known(b, kb)) => ((Box::new(a), ka), (Box::new(b), kb)),
         // `unknown AND x` drops exactly the rows that `x` drops.
-        Operator::And => match (&l, &r) {
-            (Sym::Unknown, Sym::Known(_, Kind::Bool)) => r,
-            (Sym::Known(_, Kind::Bool), Sym::Unknown) => l,
-            _ => bool_op(RowExpr::And),
-        },
-        Operator::Or => bool_op(RowExpr::Or),
-        Operator::Eq => cmp(Cmp::Eq),
-        Operator::NotEq => cmp(Cmp::NotEq),
-        Operator::Lt => cmp(Cmp::Lt),
-        Operator::LtEq => cmp(Cmp::LtEq),
-        Operator::Gt => cmp(Cmp::Gt),
-        Operator::GtEq => cmp(Cmp::GtEq),
-        Operator::Plus => arith(Arith::Add),
-        Operator::Minus => arith(Arith::Sub),
-        Operator::Multiply => arith(Arith::Mul),
-        Operator::Divide => arith(Arith::Div),
-        _ => Sym::Unknown,
+        (Sym::Unknown, x @ Sym::Known(_, Kind::Bool))
+        | (x @ Sym::Known(_, Kind::Bool), Sym::Unknown)
+            if op == Operator::And =>
+        {
+            return x;
+        }
+        _ => return Sym::Unknown,
+    };
+    let both = |k: Kind| ka == k && kb == k;
+    let numbers = ka != Kind::Bool && kb != Kind::Bool;
+    // Float arithmetic only: Arrow's integer kernels wrap or fail on overflow.
+    let float = float && both(Kind::Float);
+    let (expr, kind, exact) = match op {
+        Operator::And => (RowExpr::And(a, b), Kind::Bool, both(Kind::Bool)),
+        Operator::Or => (RowExpr::Or(a, b), Kind::Bool, both(Kind::Bool)),
+        Operator::Eq => (RowExpr::Compare(Cmp::Eq, a, b), Kind::Bool, numbers),
+        Operator::NotEq => (RowExpr::Compare(Cmp::NotEq, a, b), Kind::Bool, numbers),
+        Operator::Lt => (RowExpr::Compare(Cmp::Lt, a, b), Kind::Bool, numbers),
+        Operator::LtEq => (RowExpr::Compare(Cmp::LtEq, a, b), Kind::Bool, numbers),
+        Operator::Gt => (RowExpr::Compare(Cmp::Gt, a, b), Kind::Bool, numbers),
+        Operator::GtEq => (RowExpr::Compare(Cmp::GtEq, a, b), Kind::Bool, numbers),
+        Operator::Plus => (RowExpr::Arith(Arith::Add, a, b), Kind::Float, float),
+        Operator::Minus => (RowExpr::Arith(Arith::Sub, a, b), Kind::Float, float),
+        Operator::Multiply => (RowExpr::Arith(Arith::Mul, a, b), Kind::Float, float),
+        Operator::Divide => (RowExpr::Arith(Arith::Div, a, b), Kind::Float, float),
+        _ => return Sym::Unknown,
+    };
+    if exact {
+        Sym::Known(expr, kind)
+    } else {
+        Sym::Unknown
     }
 }
 

@@ -395,7 +395,7 @@ fn window_selected(
                     Leaf::Aggregate(j) => chunk.aggregates[*j],
                 };
             }
-            predicate.select(&columns, rows, 0, kept, scratch);
+            predicate.select(&columns, rows, kept, scratch);
         })
         .map_err(|source| ExecError::Operator {
             rule: rule.to_string(),
