@@ -109,6 +109,43 @@ impl ColumnInterner {
         out
     }
 
+    /// The ids of a dictionary's `values`, interned once for batches that share them (see
+    /// `last_dictionary`).
+    fn dictionary_ids(&mut self, values: &ArrayRef) -> Result<&[u32]> {
+        let cached = self
+            .last_dictionary
+            .take()
+            .filter(|(v, _)| Arc::ptr_eq(v, values));
+        let ids = match cached {
+            Some((_, ids)) => ids,
+            None => {
+                let mut ids = Vec::with_capacity(values.len());
+                self.intern(values.as_ref(), &mut ids)?;
+                ids
+            }
+        };
+        Ok(&self.last_dictionary.insert((Arc::clone(values), ids)).1)
+    }
+
+    /// The one id of every row of `array` when it is a dictionary of one value without
+    /// NULLs (interned as [`Self::intern`] would), else `None`.
+    fn single_value_id(&mut self, array: &dyn Array) -> Result<Option<u32>> {
+        match array.data_type() {
+            DataType::Dictionary(key, _)
+                if key.as_ref() == &DataType::Int32 && array.logical_null_count() == 0 =>
+            {
+                let values = array
+                    .as_dictionary::<arrow::datatypes::Int32Type>()
+                    .values();
+                if values.len() != 1 {
+                    return Ok(None);
+                }
+                Ok(Some(self.dictionary_ids(values)?[0]))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Appends the id of every row of `array` to `out`.
     fn intern(&mut self, array: &dyn Array, out: &mut Vec<u32>) -> Result<()> {
         match array.data_type() {
@@ -135,10 +172,19 @@ impl ColumnInterner {
                         continue;
                     }
                     let id = self.str_id(v);
+                    out.push(id);
                     if period == 0 && i > 0 && a.is_valid(0) && id == out[start] {
                         period = i;
+                        if periodic_from(a, period, i + 1) {
+                            // The rest repeats the rows one period back: copy their ids.
+                            while out.len() - start < a.len() {
+                                let from = out.len() - period;
+                                let take = period.min(a.len() - (out.len() - start));
+                                out.extend_from_within(from..from + take);
+                            }
+                            break;
+                        }
                     }
-                    out.push(id);
                 }
             }
             DataType::LargeUtf8 => {
@@ -167,25 +213,12 @@ impl ColumnInterner {
                 // Fast path (the samples view): intern each dictionary value once, then map
                 // the keys.
                 let dict = array.as_dictionary::<arrow::datatypes::Int32Type>();
-                let values = dict.values();
-                let cached = self
-                    .last_dictionary
-                    .take()
-                    .filter(|(v, _)| Arc::ptr_eq(v, values));
-                let value_ids = match cached {
-                    Some((_, ids)) => ids,
-                    None => {
-                        let mut ids = Vec::with_capacity(values.len());
-                        self.intern(values.as_ref(), &mut ids)?;
-                        ids
-                    }
-                };
-                match value_ids.as_slice() {
+                let value_ids = self.dictionary_ids(dict.values())?;
+                match *value_ids {
                     // One value (the metric of a samples view): every row has its id.
-                    &[only] => out.resize(out.len() + dict.len(), only),
+                    [only] => out.resize(out.len() + dict.len(), only),
                     _ => out.extend(dict.keys().values().iter().map(|&k| value_ids[k as usize])),
                 }
-                self.last_dictionary = Some((Arc::clone(values), value_ids));
             }
             DataType::Dictionary(_, _) => {
                 let dict = array.as_any_dictionary();
@@ -233,6 +266,35 @@ impl ColumnInterner {
         }
         Ok(())
     }
+}
+
+/// Whether every row of `a` from `from` on equals the row `period` rows before it, checked
+/// in bulk: the rows' lengths repeat and their bytes are one slice equal to the slice one
+/// period back (equal lengths make equal concatenations equal row by row). Arrays with
+/// NULLs are left to the row-by-row path.
+fn periodic_from(a: &arrow::array::StringArray, period: usize, from: usize) -> bool {
+    if a.null_count() > 0 || period == 0 || from < period || from >= a.len() {
+        return false;
+    }
+    // Equal lengths from row `from` on: every offset from there is the one a period back
+    // plus the same constant (a branch-free test per chunk, so it vectorises).
+    let offsets = a.value_offsets();
+    let (here, back) = (
+        &offsets[from..],
+        &offsets[from - period..offsets.len() - period],
+    );
+    let shift = here[0] - back[0];
+    let lengths_repeat = here.chunks(1024).zip(back.chunks(1024)).all(|(h, b)| {
+        h.iter()
+            .zip(b)
+            .fold(true, |same, (&x, &y)| same & (x - y == shift))
+    });
+    if !lengths_repeat {
+        return false;
+    }
+    let bytes = a.value_data();
+    let range = |r: std::ops::Range<usize>| offsets[r.start] as usize..offsets[r.end] as usize;
+    bytes[range(from..a.len())] == bytes[range(from - period..a.len() - period)]
 }
 
 /// Group ids of (first, second) id pairs: a dense table per first id while second ids are
@@ -283,8 +345,16 @@ impl PairTable {
 
     /// The group id of `(a, b)` for every `a` of `firsts`, appended to `out`; new pairs get
     /// ids from `next` on.
-    fn get_column(&mut self, firsts: &[u32], b: u32, next: &mut u32, out: &mut Vec<u32>) {
-        let width = firsts.iter().copied().max().map_or(0, |m| m as usize + 1);
+    /// `width` is one more than the largest id in `firsts` (or 0).
+    fn get_column(
+        &mut self,
+        firsts: &[u32],
+        width: u32,
+        b: u32,
+        next: &mut u32,
+        out: &mut Vec<u32>,
+    ) {
+        let width = width as usize;
         let cached = self.by_second.get(&b).map_or(0, Vec::len);
         if width > cached && self.by_second_entries + (width - cached) > self.by_second_limit {
             for &a in firsts {
@@ -344,8 +414,14 @@ pub struct KeyInterner {
     pairs: PairTable,
     tuples: HashMap<Box<[u32]>, u32>,
     groups: u32,
-    /// Per column: the ids of the rows of the last array interned.
+    /// Per column: the ids of the rows of the last array interned (empty while the column
+    /// is [`constant`](Self::constant) and nothing needed them row by row).
     scratch: Vec<Vec<u32>>,
+    /// Per column: the one id of every row of the last array, when it is a dictionary of
+    /// one value without NULLs (the metric of a samples view).
+    constant: Vec<Option<u32>>,
+    /// Per column: one more than the largest id of the last array's rows.
+    widths: Vec<u32>,
     /// Per column: that array. Views cut from one batch share their key arrays (the samples
     /// view passes the same `resource` column with every metric), so each is interned once;
     /// holding the array keeps its address from being reused by another one.
@@ -474,6 +550,8 @@ impl KeyInterner {
             return Ok(vec![0; rows]);
         }
         self.scratch.resize_with(n, Vec::new);
+        self.constant.resize(n, None);
+        self.widths.resize(n, 0);
         self.last.resize(n, None);
         for (c, key) in keys.iter().enumerate() {
             if self.last[c].as_ref().is_some_and(|a| Arc::ptr_eq(a, key)) {
@@ -481,10 +559,42 @@ impl KeyInterner {
             }
             self.last[c] = None;
             self.scratch[c].clear();
-            self.scratch[c].reserve(rows);
-            let (interner, scratch) = (&mut self.columns[c], &mut self.scratch[c]);
-            interner.intern(key.as_ref(), scratch)?;
+            let interner = &mut self.columns[c];
+            self.constant[c] = interner.single_value_id(key.as_ref())?;
+            self.widths[c] = match self.constant[c] {
+                Some(id) => id + 1,
+                None => {
+                    let scratch = &mut self.scratch[c];
+                    scratch.reserve(rows);
+                    interner.intern(key.as_ref(), scratch)?;
+                    // Only pairs use it (`PairTable::get_column`).
+                    if n == 2 {
+                        scratch.iter().copied().max().map_or(0, |m| m + 1)
+                    } else {
+                        0
+                    }
+                }
+            };
             self.last[c] = Some(Arc::clone(key));
+        }
+        if n == 2
+            && let (None, Some(b)) = (self.constant[0], self.constant[1])
+        {
+            // One value in the second column (a metric of the samples view): one table
+            // row lookup per row, or an addition.
+            let mut out = Vec::with_capacity(rows);
+            let first = &self.scratch[0];
+            self.pairs
+                .get_column(first, self.widths[0], b, &mut self.groups, &mut out);
+            return Ok(out);
+        }
+        for c in 0..n {
+            if let Some(id) = self.constant[c]
+                && self.scratch[c].len() != rows
+            {
+                self.scratch[c].clear();
+                self.scratch[c].resize(rows, id);
+            }
         }
         match n {
             1 => {
@@ -497,9 +607,10 @@ impl KeyInterner {
                     let (first, second) = (&self.scratch[0], &self.scratch[1]);
                     let b = second.first().copied().unwrap_or(0);
                     if second.iter().all(|&x| x == b) {
-                        // One value in the second column (a metric of the samples view):
-                        // one table row lookup per row.
-                        self.pairs.get_column(first, b, &mut self.groups, &mut out);
+                        // One value in the second column, not as a dictionary.
+                        let width = self.widths[0];
+                        self.pairs
+                            .get_column(first, width, b, &mut self.groups, &mut out);
                     } else {
                         for (&a, &b) in first.iter().zip(second) {
                             let (id, new) = self.pairs.get_or_insert((a, b), self.groups);
@@ -691,6 +802,7 @@ mod tests {
             period in 1usize..20,
             rows in 0usize..200,
             noise in proptest::collection::vec((0usize..200, proptest::option::of(0usize..30)), 0..10),
+            skip in 0usize..4,
         ) {
             let mut values: Vec<Option<String>> =
                 (0..rows).map(|i| Some(format!("r{}", i % period))).collect();
@@ -700,7 +812,11 @@ mod tests {
                 }
             }
             let mut k = KeyInterner::new(1);
-            let column: ArrayRef = Arc::new(StringArray::from(values.clone()));
+            // A slice of a longer array, as a batch cut from a larger one is: its offsets
+            // do not start at 0.
+            let mut longer: Vec<Option<String>> = (0..skip).map(|i| Some(format!("x{i}"))).collect();
+            longer.extend(values.iter().cloned());
+            let column: ArrayRef = Arc::new(StringArray::from(longer).slice(skip, rows));
             let got = k.intern(&[column], rows).unwrap();
             let mut seen: HashMap<Option<String>, u32> = HashMap::new();
             let expected: Vec<u32> = values
@@ -725,6 +841,48 @@ mod tests {
         assert_eq!(ids_of(&mut small, &v, false), ids_of(&mut large, &v, false));
         assert_eq!(small.pairs.by_second_entries, 0, "over the limit: no cache");
         assert_eq!(large.pairs.by_second_entries, 30);
+    }
+
+    #[test]
+    fn single_valued_dictionaries_in_any_position() {
+        // A dictionary of one value is not materialised row by row unless a path needs it:
+        // in every position, alone, with others, and interned again (cached), it must give
+        // the ids of the same values as plain strings.
+        let varying = ["a", "b", "a", "c"];
+        for n in 1..=3 {
+            for mask in 0..(1u32 << n) {
+                let (mut dict, mut plain) = (KeyInterner::new(n), KeyInterner::new(n));
+                for round in 0..3 {
+                    let constant = ["x", "y", "x"][round];
+                    let (mut d_cols, mut p_cols): (Vec<ArrayRef>, Vec<ArrayRef>) = (vec![], vec![]);
+                    for c in 0..n {
+                        if mask & (1 << c) != 0 {
+                            d_cols.push(Arc::new(
+                                DictionaryArray::<Int32Type>::try_new(
+                                    Int32Array::from(vec![0; 4]),
+                                    Arc::new(StringArray::from(vec![constant])),
+                                )
+                                .unwrap(),
+                            ));
+                            p_cols.push(Arc::new(StringArray::from(vec![constant; 4])));
+                        } else {
+                            let col: ArrayRef = Arc::new(StringArray::from(varying.to_vec()));
+                            d_cols.push(Arc::clone(&col));
+                            p_cols.push(col);
+                        }
+                    }
+                    for _ in 0..2 {
+                        assert_eq!(
+                            dict.intern(&d_cols, 4).unwrap(),
+                            plain.intern(&p_cols, 4).unwrap(),
+                            "{n} columns, mask {mask:b}, round {round}"
+                        );
+                    }
+                }
+                assert_eq!(dict.len(), plain.len());
+                assert_eq!(dict.group_keys(), plain.group_keys());
+            }
+        }
     }
 
     #[test]
