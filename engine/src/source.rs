@@ -89,17 +89,63 @@ pub enum SourceError {
 
 /// Reads a parquet file through object_store: ranged GETs, footer with a prefetch hint.
 ///
-/// A local file can be read directly instead ([`ObjectReader::with_local_file`]), into
-/// buffers that are reused once the decoder drops them. Through object_store every range is
-/// a new zeroed buffer: each page of the file is then faulted in and zeroed before the read
-/// fills it; on the replay benchmark (1 GB of parquet) the reads were 7 % of the CPU samples
-/// and most of the process's page faults.
+/// A local file is read directly instead ([`ObjectReader::with_local_file`]): mapped into
+/// memory, each range handed to the decoder without a copy, or, where the file cannot be
+/// mapped, read into buffers that are reused once the decoder drops them. Through
+/// object_store every range is a new zeroed buffer: each page of the file is then faulted in
+/// and zeroed before the read fills it; on the replay benchmark (1 GB of parquet) the reads
+/// were 7 % of the CPU samples and most of the process's page faults. Reading into reused
+/// buffers still copied every byte from the page cache (5 % of the samples); the mapping
+/// does not.
+///
+/// A mapped file must not be truncated while it is replayed (the process would get
+/// `SIGBUS`). Writers that replace a file by renaming a new one over it, as object_store's
+/// local store and healer's own sinks do, are safe: the mapping keeps the old file.
 #[derive(Debug, Clone)]
 pub struct ObjectReader {
     store: Arc<dyn ObjectStore>,
     path: Path,
     size: u64,
-    local: Option<(Arc<std::fs::File>, Arc<BufferPool>)>,
+    local: Option<LocalFile>,
+}
+
+/// How a local file's ranges are read.
+#[derive(Debug, Clone)]
+enum LocalFile {
+    /// Slices of the file mapped into memory.
+    Mapped(Arc<memmap2::Mmap>),
+    /// `pread` into pooled buffers.
+    Read(Arc<std::fs::File>, Arc<BufferPool>),
+}
+
+/// A range of a mapped file, given to the decoder as [`Bytes`]. When the decoder drops it,
+/// its pages leave the process's resident set (they stay in the page cache), so a replay's
+/// memory does not grow with the size of its files.
+struct MappedRange {
+    map: Arc<memmap2::Mmap>,
+    range: Range<usize>,
+}
+
+impl AsRef<[u8]> for MappedRange {
+    fn as_ref(&self) -> &[u8] {
+        &self.map[self.range.clone()]
+    }
+}
+
+impl Drop for MappedRange {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        // SAFETY: the mapping is read-only and shared, of a file: dropping its pages loses
+        // nothing, a later access (another range on the same page) reads them back from the
+        // file. No Rust reference into the range outlives `self`.
+        let _ = unsafe {
+            self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                self.range.start,
+                self.range.len(),
+            )
+        };
+    }
 }
 
 impl ObjectReader {
@@ -119,10 +165,62 @@ impl ObjectReader {
         self
     }
 
-    /// Reads ranges from `file` (the object's local file) into buffers of `pool`.
+    /// Reads ranges from `file` (the object's local file): from a read-only mapping of it,
+    /// or into buffers of `pool` where it cannot be mapped.
+    #[allow(unsafe_code)]
     pub fn with_local_file(mut self, file: std::fs::File, pool: Arc<BufferPool>) -> Self {
-        self.local = Some((Arc::new(file), pool));
+        // SAFETY: read-only; see the type's docs for the one hazard, a file truncated while
+        // it is read.
+        self.local = Some(match unsafe { memmap2::Mmap::map(&file) } {
+            Ok(map) => LocalFile::Mapped(Arc::new(map)),
+            Err(_) => LocalFile::Read(Arc::new(file), pool),
+        });
         self
+    }
+
+    /// Reads ranges from `file` into buffers of `pool`, never mapping it.
+    pub fn with_local_reads(mut self, file: std::fs::File, pool: Arc<BufferPool>) -> Self {
+        self.local = Some(LocalFile::Read(Arc::new(file), pool));
+        self
+    }
+
+    fn read_mapped(
+        map: &Arc<memmap2::Mmap>,
+        ranges: &[Range<u64>],
+    ) -> parquet::errors::Result<Vec<Bytes>> {
+        ranges
+            .iter()
+            .map(|r| {
+                let within = r.start <= r.end && r.end <= map.len() as u64;
+                if !within {
+                    return Err(parquet::errors::ParquetError::EOF(format!(
+                        "range {}..{} of a file of {} bytes",
+                        r.start,
+                        r.end,
+                        map.len()
+                    )));
+                }
+                let range = r.start as usize..r.end as usize;
+                if range.is_empty() {
+                    return Ok(Bytes::new());
+                }
+                // One call maps the range's pages instead of a fault every few pages while
+                // the decoder reads it (a hint: the decoder's reads fault in what it misses).
+                let _ = map.advise_range(memmap2::Advice::PopulateRead, range.start, range.len());
+                Ok(Bytes::from_owner(MappedRange {
+                    map: Arc::clone(map),
+                    range,
+                }))
+            })
+            .collect()
+    }
+
+    /// The ranges of a local file, `None` for an object read through object_store.
+    async fn read(&self, ranges: &[Range<u64>]) -> Option<parquet::errors::Result<Vec<Bytes>>> {
+        Some(match self.local.as_ref()? {
+            LocalFile::Mapped(map) => Self::read_mapped(map, ranges),
+            LocalFile::Read(file, pool) => Self::read_local(file, pool, ranges.to_vec()).await,
+        })
     }
 
     async fn read_local(
@@ -236,9 +334,8 @@ fn to_parquet_err(e: object_store::Error) -> parquet::errors::ParquetError {
 impl AsyncFileReader for ObjectReader {
     fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
         async move {
-            if let Some((file, pool)) = &self.local {
-                let mut read = Self::read_local(file, pool, vec![range]).await?;
-                return Ok(read.pop().expect("one range read"));
+            if let Some(read) = self.read(std::slice::from_ref(&range)).await {
+                return Ok(read?.pop().expect("one range read"));
             }
             self.store
                 .get_range(&self.path, range)
@@ -253,8 +350,8 @@ impl AsyncFileReader for ObjectReader {
         ranges: Vec<Range<u64>>,
     ) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
         async move {
-            if let Some((file, pool)) = &self.local {
-                return Self::read_local(file, pool, ranges).await;
+            if let Some(read) = self.read(&ranges).await {
+                return read;
             }
             self.store
                 .get_ranges(&self.path, &ranges)
@@ -789,7 +886,7 @@ mod tests {
         let store: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
         let mut reader = ObjectReader::new(store, Path::from("unused"))
             .with_file_size(content.len() as u64)
-            .with_local_file(std::fs::File::open(&path).unwrap(), Arc::clone(&pool));
+            .with_local_reads(std::fs::File::open(&path).unwrap(), Arc::clone(&pool));
         let idle = |pool: &BufferPool| pool.idle.lock().unwrap().len();
 
         let read = reader
@@ -821,6 +918,42 @@ mod tests {
         assert!(reader.get_bytes(10..10).await.unwrap().is_empty());
         assert_eq!(idle(&pool), 3);
         assert!(reader.get_bytes(99_000..100_001).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn mapped_reads_give_the_file_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.bin");
+        // Several pages, so ranges share pages and end inside them.
+        let content: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &content).unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
+        let mut reader = ObjectReader::new(store, Path::from("unused"))
+            .with_file_size(content.len() as u64)
+            .with_local_file(
+                std::fs::File::open(&path).unwrap(),
+                Arc::new(BufferPool::default()),
+            );
+        assert!(matches!(reader.local, Some(LocalFile::Mapped(_))));
+        let ranges = vec![0..10, 5..160_000, 150_000..150_001, 299_990..300_000];
+        let read = reader.get_byte_ranges(ranges.clone()).await.unwrap();
+        for (r, bytes) in ranges.iter().zip(&read) {
+            assert_eq!(bytes[..], content[r.start as usize..r.end as usize]);
+        }
+        // Dropping a range releases its pages; slices of others on the same pages still
+        // read the file's bytes.
+        let kept = read[1].slice(140_000..150_000);
+        drop(read);
+        assert_eq!(kept[..], content[140_005..150_005]);
+        let again = reader.get_bytes(149_000..151_000).await.unwrap();
+        drop(kept);
+        assert_eq!(again[..], content[149_000..151_000]);
+
+        assert!(reader.get_bytes(10..10).await.unwrap().is_empty());
+        assert!(reader.get_bytes(299_000..300_001).await.is_err());
+        #[allow(clippy::reversed_empty_ranges)]
+        let backwards = 20..10;
+        assert!(reader.get_bytes(backwards).await.is_err());
     }
 
     #[test]
