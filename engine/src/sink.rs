@@ -201,13 +201,23 @@ pub(crate) fn date_of(ms: i64) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// The digest that ends a file's name: of its ids, in order.
 pub(crate) fn digest_of_ids(batch: &RecordBatch) -> String {
     let mut h = StableHasher::new();
+    add_ids(&mut h, batch);
+    digest_hex(&h)
+}
+
+/// Adds `batch`'s ids to a digest (a file's digest is over all its batches in order).
+fn add_ids(h: &mut StableHasher, batch: &RecordBatch) {
     if let Some(ids) = batch.column_by_name("id") {
         for id in ids.as_string::<i32>().iter().flatten() {
             h.str(id);
         }
     }
+}
+
+fn digest_hex(h: &StableHasher) -> String {
     h.hex()[..16].to_string()
 }
 
@@ -217,10 +227,18 @@ struct Hour {
     /// Rows in canonical order not yet encoded: fewer than a row group.
     pending: Vec<RecordBatch>,
     pending_rows: usize,
-    /// The open file, its rows so far and the digest of their ids.
-    file: Option<(FileWriter, usize, StableHasher)>,
+    /// The file being encoded.
+    file: Option<OpenFile>,
     /// Files of this hour written so far.
     chunk: usize,
+}
+
+/// An hour's file being encoded: its rows so far and the digest of their ids.
+#[derive(Debug)]
+struct OpenFile {
+    writer: FileWriter,
+    rows: usize,
+    digest: StableHasher,
 }
 
 /// The incident-log writer for anomaly rows. See the [module docs](self).
@@ -309,7 +327,7 @@ impl IncidentLog {
     async fn encode_full_groups(&mut self, hour: i64) -> Result<(), SinkError> {
         loop {
             let entry = self.hours.get_mut(&hour).expect("open hour");
-            let in_file = entry.file.as_ref().map_or(0, |f| f.1);
+            let in_file = entry.file.as_ref().map_or(0, |f| f.rows);
             let group = ROW_GROUP_ROWS.min(self.max_rows_per_file - in_file);
             if entry.pending_rows < group {
                 return Ok(());
@@ -331,10 +349,11 @@ impl IncidentLog {
         }
         entry.pending_rows = all.num_rows() - rows;
         let group = all.slice(0, rows);
-        let (writer, in_file, digest) = match &mut entry.file {
+        let file = match &mut entry.file {
             Some(f) => f,
-            None => entry.file.insert((
-                FileWriter::try_new(
+            None => entry.file.insert(OpenFile {
+                // Named for errors only: the name's digest is known once the file is full.
+                writer: FileWriter::try_new(
                     &self.schema,
                     &format!(
                         "anomalies/date={}/part-{:02}-…",
@@ -342,17 +361,13 @@ impl IncidentLog {
                         hour.rem_euclid(24)
                     ),
                 )?,
-                0,
-                StableHasher::new(),
-            )),
+                rows: 0,
+                digest: StableHasher::new(),
+            }),
         };
-        writer.write(&group)?;
-        *in_file += rows;
-        if let Some(ids) = group.column_by_name("id") {
-            for id in ids.as_string::<i32>().iter().flatten() {
-                digest.str(id);
-            }
-        }
+        file.writer.write(&group)?;
+        file.rows += rows;
+        add_ids(&mut file.digest, &group);
         Ok(())
     }
 
@@ -365,14 +380,19 @@ impl IncidentLog {
         let Some(entry) = self.hours.get_mut(&hour) else {
             return Ok(());
         };
-        let Some((writer, rows, digest)) = entry.file.take() else {
+        let Some(OpenFile {
+            writer,
+            rows,
+            digest,
+        }) = entry.file.take()
+        else {
             return Ok(());
         };
         let chunk = entry.chunk;
         entry.chunk += 1;
         let date = date_of(hour * HOUR_MS);
         let hh = hour.rem_euclid(24);
-        let digest = &digest.hex()[..16];
+        let digest = digest_hex(&digest);
         let name = match &mut self.epoch {
             None => format!("anomalies/date={date}/part-{hh:02}-{chunk:04}-{digest}.parquet"),
             Some((epoch, n)) => {

@@ -178,8 +178,10 @@ impl ObjectReader {
         self
     }
 
-    /// Reads ranges from `file` into buffers of `pool`, never mapping it.
-    pub fn with_local_reads(mut self, file: std::fs::File, pool: Arc<BufferPool>) -> Self {
+    /// Reads ranges from `file` into buffers of `pool`, never mapping it (the fallback's
+    /// tests).
+    #[cfg(test)]
+    fn with_local_reads(mut self, file: std::fs::File, pool: Arc<BufferPool>) -> Self {
         self.local = Some(LocalFile::Read(Arc::new(file), pool));
         self
     }
@@ -876,17 +878,24 @@ mod tests {
         Schema::new(fields)
     }
 
-    #[tokio::test]
-    async fn local_reads_reuse_their_buffers() {
+    /// A local file of `len` patterned bytes, opened, and a reader of its size.
+    fn local_file(len: u32) -> (tempfile::TempDir, Vec<u8>, std::fs::File, ObjectReader) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("data.bin");
-        let content: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let content: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &content).unwrap();
-        let pool = Arc::new(BufferPool::default());
         let store: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-        let mut reader = ObjectReader::new(store, Path::from("unused"))
-            .with_file_size(content.len() as u64)
-            .with_local_reads(std::fs::File::open(&path).unwrap(), Arc::clone(&pool));
+        let reader =
+            ObjectReader::new(store, Path::from("unused")).with_file_size(content.len() as u64);
+        let file = std::fs::File::open(&path).unwrap();
+        (dir, content, file, reader)
+    }
+
+    #[tokio::test]
+    async fn local_reads_reuse_their_buffers() {
+        let (_dir, content, file, reader) = local_file(100_000);
+        let pool = Arc::new(BufferPool::default());
+        let mut reader = reader.with_local_reads(file, Arc::clone(&pool));
         let idle = |pool: &BufferPool| pool.idle.lock().unwrap().len();
 
         let read = reader
@@ -922,18 +931,9 @@ mod tests {
 
     #[tokio::test]
     async fn mapped_reads_give_the_file_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("data.bin");
         // Several pages, so ranges share pages and end inside them.
-        let content: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        std::fs::write(&path, &content).unwrap();
-        let store: Arc<dyn ObjectStore> = Arc::new(object_store::local::LocalFileSystem::new());
-        let mut reader = ObjectReader::new(store, Path::from("unused"))
-            .with_file_size(content.len() as u64)
-            .with_local_file(
-                std::fs::File::open(&path).unwrap(),
-                Arc::new(BufferPool::default()),
-            );
+        let (_dir, content, file, reader) = local_file(300_000);
+        let mut reader = reader.with_local_file(file, Arc::new(BufferPool::default()));
         assert!(matches!(reader.local, Some(LocalFile::Mapped(_))));
         let ranges = vec![0..10, 5..160_000, 150_000..150_001, 299_990..300_000];
         let read = reader.get_byte_ranges(ranges.clone()).await.unwrap();
