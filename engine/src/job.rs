@@ -17,10 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, UInt32Array};
-use arrow::compute::{concat_batches, take_record_batch};
+use arrow::compute::take_record_batch;
 use arrow::datatypes::SchemaRef;
-use arrow::row::{RowConverter, SortField};
 use healer_operators::keys::KeyValue;
+use healer_operators::order::canonical_order;
 use healer_operators::schema::{LOG_TAGS, RESOURCE, anomaly_schema};
 use healer_operators::severity::Severity;
 use healer_operators::unpivot::{METRIC, Unpivot};
@@ -1089,29 +1089,6 @@ fn view_error(e: healer_operators::OperatorError) -> JobError {
     JobError::Config(e.to_string())
 }
 
-/// Sorts anomaly rows by (ts, resource, metric, rule).
-pub fn canonical_order(batch: &RecordBatch) -> Result<RecordBatch, arrow::error::ArrowError> {
-    if batch.num_rows() <= 1 {
-        return Ok(batch.clone());
-    }
-    // Compared in arrow's row format (one memcmp per pair of rows), several times faster
-    // than a lexicographic sort over the string columns; the same ascending order.
-    let columns: Vec<ArrayRef> = ["ts", "resource", "metric", "rule"]
-        .iter()
-        .map(|c| Arc::clone(batch.column_by_name(c).expect("anomaly schema")))
-        .collect();
-    let converter = RowConverter::new(
-        columns
-            .iter()
-            .map(|c| SortField::new(c.data_type().clone()))
-            .collect(),
-    )?;
-    let rows = converter.convert_columns(&columns)?;
-    let mut idx: Vec<u32> = (0..batch.num_rows() as u32).collect();
-    idx.sort_by(|&a, &b| rows.row(a as usize).cmp(&rows.row(b as usize)));
-    take_record_batch(batch, &UInt32Array::from(idx))
-}
-
 fn run_merge(
     mut rx: mpsc::Receiver<(usize, Step)>,
     workers: usize,
@@ -1121,7 +1098,6 @@ fn run_merge(
     // to all), so the queues' heads are always of one kind and can be taken in lockstep.
     let mut queues: Vec<std::collections::VecDeque<Step>> =
         (0..workers).map(|_| Default::default()).collect();
-    let schema = anomaly_schema();
     while let Some((worker, step)) = rx.blocking_recv() {
         queues[worker].push_back(step);
         while queues.iter().all(|q| !q.is_empty()) {
@@ -1148,8 +1124,7 @@ fn run_merge(
                 }
             }
             if !batches.is_empty() {
-                let merged = concat_batches(&schema, &batches)?;
-                send_blocking(&tx, Message::Data(canonical_order(&merged)?), "sink")?;
+                send_blocking(&tx, Message::Data(canonical_order(&batches)?), "sink")?;
             }
             if let Some(w) = watermark {
                 send_blocking(&tx, Message::Watermark(w), "sink")?;

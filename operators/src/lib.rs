@@ -9,6 +9,7 @@
 //! * [`keys`]: interning of partition keys into dense group ids.
 //! * [`predicate`]: conservative row pre-filters evaluated inside the window pass.
 //! * [`schema`]: the canonical metrics schema and the versioned incident-log schema.
+//! * [`order`]: the canonical order of anomaly rows, in which the incident log stores them.
 //! * [`severity`]: the z-score severity and confidence mapping.
 //! * [`unpivot`]: the long `samples` view of a wide metrics batch.
 //! * [`id`]: deterministic, version-stable identifiers.
@@ -27,6 +28,7 @@ pub mod iforest;
 pub mod iforest_model;
 pub mod keys;
 pub mod nab;
+pub mod order;
 pub mod predicate;
 pub mod rca;
 pub mod schema;

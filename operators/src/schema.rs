@@ -83,25 +83,29 @@ pub fn canonical_metrics_schema() -> SchemaRef {
 
 /// The incident-log schema for anomaly rows (`anomaly/v1`).
 pub fn anomaly_schema() -> SchemaRef {
-    let fields = vec![
-        Field::new("id", DataType::Utf8, false),
-        Field::new(TS, ts_type(), false),
-        Field::new(RESOURCE, DataType::Utf8, false),
-        Field::new("metric", DataType::Utf8, false),
-        Field::new("value", DataType::Float64, true),
-        Field::new("score", DataType::Float64, true),
-        Field::new("severity", DataType::Utf8, false),
-        Field::new("confidence", DataType::Float64, false),
-        Field::new("expected_low", DataType::Float64, true),
-        Field::new("expected_high", DataType::Float64, true),
-        Field::new("rule", DataType::Utf8, false),
-        Field::new("service", DataType::Utf8, true),
-        Field::new("region", DataType::Utf8, true),
-    ];
-    let metadata = [(SCHEMA_KEY.to_string(), ANOMALY_SCHEMA_VERSION.to_string())]
-        .into_iter()
-        .collect();
-    Arc::new(Schema::new_with_metadata(fields, metadata))
+    // Built once: every batch of anomalies shares it (a batch per rule and input batch).
+    static SCHEMA: std::sync::LazyLock<SchemaRef> = std::sync::LazyLock::new(|| {
+        let fields = vec![
+            Field::new("id", DataType::Utf8, false),
+            Field::new(TS, ts_type(), false),
+            Field::new(RESOURCE, DataType::Utf8, false),
+            Field::new("metric", DataType::Utf8, false),
+            Field::new("value", DataType::Float64, true),
+            Field::new("score", DataType::Float64, true),
+            Field::new("severity", DataType::Utf8, false),
+            Field::new("confidence", DataType::Float64, false),
+            Field::new("expected_low", DataType::Float64, true),
+            Field::new("expected_high", DataType::Float64, true),
+            Field::new("rule", DataType::Utf8, false),
+            Field::new("service", DataType::Utf8, true),
+            Field::new("region", DataType::Utf8, true),
+        ];
+        let metadata = [(SCHEMA_KEY.to_string(), ANOMALY_SCHEMA_VERSION.to_string())]
+            .into_iter()
+            .collect();
+        Arc::new(Schema::new_with_metadata(fields, metadata))
+    });
+    Arc::clone(&SCHEMA)
 }
 
 /// Whether a column of this type is treated as a metric (numeric, not the time column).

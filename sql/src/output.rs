@@ -123,10 +123,17 @@ impl OutputMapping {
         let ts = cast(out.column(self.required[0]), &ts_type())?;
         let resource = utf8(self.required[1])?;
         let metric = utf8(self.required[2])?;
-        let keep: arrow::array::BooleanArray = (0..out.num_rows())
-            .map(|i| Some(ts.is_valid(i) && resource.is_valid(i) && metric.is_valid(i)))
-            .collect();
-        let filtered = |a: ArrayRef| arrow::compute::filter(&a, &keep);
+        // Usually every row is attributed, and nothing needs filtering.
+        let keep: Option<arrow::array::BooleanArray> =
+            (ts.null_count() + resource.null_count() + metric.null_count() > 0).then(|| {
+                (0..out.num_rows())
+                    .map(|i| Some(ts.is_valid(i) && resource.is_valid(i) && metric.is_valid(i)))
+                    .collect()
+            });
+        let filtered = |a: ArrayRef| match &keep {
+            Some(keep) => arrow::compute::filter(&a, keep),
+            None => Ok(a),
+        };
         let ts = filtered(ts)?;
         let resource = filtered(resource)?;
         let metric = filtered(metric)?;
