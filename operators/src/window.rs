@@ -1925,7 +1925,31 @@ struct PlainRows<'a> {
 /// argument needs neither MIN/MAX nor a forecast: the same steps as [`push_bounded`], with
 /// the frame, extrema and forecast tests taken out of the loop. Runs of rows that are one
 /// tick of consecutive series (see [`SeriesColumns`]) go through [`push_tick`].
-fn push_rows_plain(
+fn push_rows_plain(st: PlainRows<'_>, groups: &[u32], input: &Float64Array, snap: &mut Snapshot) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        #[allow(unsafe_code)]
+        // SAFETY: the CPU has AVX2, as just checked.
+        return unsafe { push_rows_plain_avx2(st, groups, input, snap) };
+    }
+    push_rows_plain_body(st, groups, input, snap);
+}
+
+/// [`push_rows_plain`] compiled for AVX2: the run and readiness checks of every tick
+/// ([`run_length`], [`tick_ready`]) compare four ids or counts per instruction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn push_rows_plain_avx2(
+    st: PlainRows<'_>,
+    groups: &[u32],
+    input: &Float64Array,
+    snap: &mut Snapshot,
+) {
+    push_rows_plain_body(st, groups, input, snap);
+}
+
+#[inline(always)]
+fn push_rows_plain_body(
     mut st: PlainRows<'_>,
     groups: &[u32],
     input: &Float64Array,
@@ -1963,6 +1987,7 @@ fn push_rows_plain(
 /// The length of the run of consecutive ids that `ids` starts with (at least 1 when `ids`
 /// is not empty): 16 ids at a time, compared without an early exit so that the comparison
 /// vectorises, then one at a time.
+#[inline(always)]
 fn run_length(ids: &[u32]) -> usize {
     let Some(&g) = ids.first() else {
         return 0;
@@ -1990,6 +2015,7 @@ const TICK_RUN: usize = 8;
 
 /// Whether series `g .. g + len` are all full, at the same ring slot, and not due a
 /// refresh on this row: the conditions of [`push_tick`].
+#[inline(always)]
 fn tick_ready(cols: &SeriesColumns, g: usize, len: usize, cap: usize) -> bool {
     let head = cols.head[g];
     let refresh = REFRESH_FRAMES * cap;
