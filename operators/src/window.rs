@@ -1181,7 +1181,7 @@ fn screen_rows(snap: &Snapshot, xs: &[f64], sc: Screen, margin: f64, out: &mut V
     screen_rows_body(snap, xs, sc, margin, out);
 }
 
-/// [`screen_rows`] compiled for AVX2 (see [`push_tick_avx2`]).
+/// [`screen_rows`] compiled for AVX2 (see [`push_rows_plain_avx2`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn screen_rows_avx2(snap: &Snapshot, xs: &[f64], sc: Screen, margin: f64, out: &mut Vec<u32>) {
@@ -1235,7 +1235,7 @@ fn chunk_values(snap: &Snapshot, frame: Frame, kind: AggKind, out: &mut [f64]) {
     chunk_values_body(snap, frame, kind, out);
 }
 
-/// [`chunk_values`] compiled for AVX2 (see [`push_tick_avx2`]).
+/// [`chunk_values`] compiled for AVX2 (see [`push_rows_plain_avx2`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn chunk_values_avx2(snap: &Snapshot, frame: Frame, kind: AggKind, out: &mut [f64]) {
@@ -1345,7 +1345,7 @@ impl Finished {
         self.extend_body(snap, len, frame, kind);
     }
 
-    /// [`Finished::extend`] compiled for AVX2 (see [`push_tick_avx2`]).
+    /// [`Finished::extend`] compiled for AVX2 (see [`push_rows_plain_avx2`]).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     fn extend_avx2(&mut self, snap: &Snapshot, len: usize, frame: Frame, kind: AggKind) {
@@ -1935,8 +1935,11 @@ fn push_rows_plain(st: PlainRows<'_>, groups: &[u32], input: &Float64Array, snap
     push_rows_plain_body(st, groups, input, snap);
 }
 
-/// [`push_rows_plain`] compiled for AVX2: the run and readiness checks of every tick
-/// ([`run_length`], [`tick_ready`]) compare four ids or counts per instruction.
+/// [`push_rows_plain`] compiled for AVX2: four `f64` lanes per instruction in the tick pass
+/// ([`push_tick`]) instead of the baseline's two, and four ids or counts in its run and
+/// readiness checks ([`run_length`], [`tick_ready`]). The operations are the same IEEE ones
+/// (Rust never contracts a multiply and an add into a fused one), so the results are bit
+/// for bit those of the baseline build.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn push_rows_plain_avx2(
@@ -2026,21 +2029,7 @@ fn tick_ready(cols: &SeriesColumns, g: usize, len: usize, cap: usize) -> bool {
     ok
 }
 
-/// [`push_row_plain`] for one row of each of the series `g .. g + xs.len()`, rows
-/// `row0 ..` of the snapshot, where [`tick_ready`] holds: the same arithmetic, written as
-/// selects over contiguous columns so that it vectorises. The few series whose sums then
-/// cancel are recomputed after the pass, as [`push_row_plain`] would.
-fn push_tick(st: &mut PlainRows<'_>, g: usize, xs: &[f64], snap: &mut Snapshot, row0: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        #[allow(unsafe_code)]
-        // SAFETY: the CPU has AVX2, as just checked.
-        return unsafe { push_tick_avx2(st, g, xs, snap, row0) };
-    }
-    push_tick_body(st, g, xs, snap, row0);
-}
-
-/// Whether the AVX2 builds of the vectorised loops ([`push_tick_avx2`],
+/// Whether the AVX2 builds of the vectorised loops ([`push_rows_plain_avx2`],
 /// [`Finished::extend_avx2`]) may run: the CPU has AVX2 (a cached check) and, in tests, the
 /// baseline build is not forced.
 #[cfg(target_arch = "x86_64")]
@@ -2053,17 +2042,12 @@ fn avx2() -> bool {
     std::arch::is_x86_feature_detected!("avx2")
 }
 
-/// [`push_tick`] compiled for AVX2: four `f64` lanes per instruction instead of the
-/// baseline's two. The operations are the same IEEE ones (Rust never contracts a multiply
-/// and an add into a fused one), so the results are bit for bit those of the baseline build.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn push_tick_avx2(st: &mut PlainRows<'_>, g: usize, xs: &[f64], snap: &mut Snapshot, row0: usize) {
-    push_tick_body(st, g, xs, snap, row0);
-}
-
+/// [`push_row_plain`] for one row of each of the series `g .. g + xs.len()`, rows
+/// `row0 ..` of the snapshot, where [`tick_ready`] holds: the same arithmetic, written as
+/// selects over contiguous columns so that it vectorises. The few series whose sums then
+/// cancel are recomputed after the pass, as [`push_row_plain`] would.
 #[inline(always)]
-fn push_tick_body(st: &mut PlainRows<'_>, g: usize, xs: &[f64], snap: &mut Snapshot, row0: usize) {
+fn push_tick(st: &mut PlainRows<'_>, g: usize, xs: &[f64], snap: &mut Snapshot, row0: usize) {
     let len = xs.len();
     let (cap, stride) = (st.cap, st.stride);
     let cols = &mut *st.series;
