@@ -20,6 +20,7 @@
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray};
+use arrow::buffer::ScalarBuffer;
 use arrow::compute::{concat_batches, filter_record_batch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
@@ -49,7 +50,7 @@ pub struct EventTimeGate {
     max_ts: i64,
     watermark: i64,
     /// Sorted batches with their timestamps, all rows `>= watermark`.
-    pending: Vec<(RecordBatch, Vec<i64>)>,
+    pending: Vec<(RecordBatch, ScalarBuffer<i64>)>,
     /// Whether the watermark is set by [`EventTimeGate::advance`] only.
     external: bool,
 }
@@ -330,7 +331,10 @@ impl EventTimeGate {
                 parts.push((batch.slice(0, cut), ts[0], ts[cut - 1]));
             }
             if cut < ts.len() {
-                keep.push((batch.slice(cut, ts.len() - cut), ts[cut..].to_vec()));
+                keep.push((
+                    batch.slice(cut, ts.len() - cut),
+                    ts.slice(cut, ts.len() - cut),
+                ));
             }
         }
         self.pending = keep;
@@ -372,7 +376,10 @@ mod tests {
     }
 
     fn released_ts(out: &GateOutput) -> Vec<i64> {
-        out.released.iter().flat_map(ts_values).collect()
+        out.released
+            .iter()
+            .flat_map(|b| ts_values(b).to_vec())
+            .collect()
     }
 
     #[test]

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, new_null_array};
+use arrow::buffer::ScalarBuffer;
 use arrow::compute::{cast, concat_batches};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMillisecondType};
 use bytes::Bytes;
@@ -468,14 +469,15 @@ pub fn conform(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch, S
         .map_err(|e| e.to_string())
 }
 
-/// Timestamps (ms) of a conformed batch's `ts` column; NULL reads as `i64::MIN`.
-pub fn ts_values(batch: &RecordBatch) -> Vec<i64> {
+/// Timestamps (ms) of a conformed batch's `ts` column; NULL reads as `i64::MIN`. Without
+/// NULLs this shares the column's buffer (no copy).
+pub fn ts_values(batch: &RecordBatch) -> ScalarBuffer<i64> {
     let ts = batch
         .column_by_name(TS)
         .expect("conformed batches have a ts column")
         .as_primitive::<TimestampMillisecondType>();
     if ts.null_count() == 0 {
-        ts.values().to_vec()
+        ts.values().clone()
     } else {
         (0..ts.len())
             .map(|i| if ts.is_null(i) { i64::MIN } else { ts.value(i) })
@@ -498,7 +500,7 @@ pub fn sort_by_ts(batch: RecordBatch) -> Result<RecordBatch, arrow::error::Arrow
 /// The rows of a file not emitted yet.
 struct Head {
     batch: RecordBatch,
-    ts: Vec<i64>,
+    ts: ScalarBuffer<i64>,
     max: i64,
     sorted: bool,
 }
@@ -530,7 +532,7 @@ impl Head {
             let ready = (cut > 0).then(|| self.batch.slice(0, cut));
             let rest = Head {
                 batch: self.batch.slice(cut, n - cut),
-                ts: self.ts[cut..].to_vec(),
+                ts: self.ts.slice(cut, n - cut),
                 max: self.max,
                 sorted: true,
             };

@@ -224,7 +224,8 @@ fn decode_read(
     }
     let rows = decoder.take_rows();
     let max_ts = ts_values(&rows)
-        .into_iter()
+        .iter()
+        .copied()
         .filter(|&t| t != i64::MIN)
         .max();
     ShardRead {
