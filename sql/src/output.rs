@@ -191,12 +191,7 @@ impl OutputMapping {
         let tsv = ts.as_primitive::<TimestampMillisecondType>();
         let res = resource.as_string::<i32>();
         let met = metric.as_string::<i32>();
-        let hasher = AnomalyIds::new(rule);
-        let mut ids = StringBuilder::with_capacity(n, 32 * n);
-        for i in 0..n {
-            ids.append_value(hasher.id(res.value(i), met.value(i), tsv.value(i)).as_str());
-        }
-        let ids = ids.finish();
+        let ids = AnomalyIds::new(rule).column(res, met, tsv.values());
         let rules = StringArray::from_iter_values(std::iter::repeat_n(rule, n));
         let columns: Vec<ArrayRef> = vec![
             Arc::new(ids),
