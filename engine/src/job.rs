@@ -1040,15 +1040,13 @@ fn run_worker(
                             unreachable!("samples view built when a rule reads it")
                         }
                     };
-                    for input in inputs {
-                        let out = rule.anomalies(input)?;
-                        if out.num_rows() > 0 {
-                            metrics.add_anomalies(out.num_rows() as u64);
-                            pending.push(match &tags {
-                                Some(t) => t.fill(out)?,
-                                None => out,
-                            });
-                        }
+                    let out = rule.anomalies_of(inputs)?;
+                    if out.num_rows() > 0 {
+                        metrics.add_anomalies(out.num_rows() as u64);
+                        pending.push(match &tags {
+                            Some(t) => t.fill(out)?,
+                            None => out,
+                        });
                     }
                 }
             }

@@ -278,6 +278,41 @@ fn metric_separable_rules_give_the_same_rows_one_metric_at_a_time() {
     assert_eq!(sorted(&row_major), sorted(&per_metric));
 }
 
+/// `anomalies_of` over a wide batch's per-metric batches gives, in order, the rows that
+/// `anomalies` gives batch by batch: the stages after the window run once over all of them.
+#[test]
+fn batches_at_once_give_the_rows_of_each_in_turn() {
+    let input = data(8, 1500, 4, 11);
+    let rules = compile(input.schema(), ZSCORE);
+    let unpivot = Unpivot::try_new(&input.schema()).unwrap();
+    let (mut one_by_one, mut at_once) = (
+        rules[0].instantiate().unwrap(),
+        rules[0].instantiate().unwrap(),
+    );
+    let (mut expected, mut got) = (Vec::new(), Vec::new());
+    let mut flagged = 0;
+    for (k, offset) in (0..input.num_rows()).step_by(257).enumerate() {
+        let part = input.slice(offset, 257.min(input.num_rows() - offset));
+        let mut parts = unpivot.per_metric(&part).unwrap();
+        if k % 3 == 2 {
+            // Some calls with one batch, or none.
+            parts.truncate(k % 2);
+        }
+        for p in &parts {
+            expected.push(one_by_one.anomalies(p.clone()).unwrap());
+        }
+        let out = at_once.anomalies_of(parts).unwrap();
+        flagged += out.num_rows();
+        got.push(out);
+    }
+    assert!(flagged > 20, "the fixture must flag something: {flagged}");
+    let schema = healer_operators::schema::anomaly_schema();
+    assert_eq!(
+        arrow::compute::concat_batches(&schema, &got).unwrap(),
+        arrow::compute::concat_batches(&schema, &expected).unwrap()
+    );
+}
+
 #[test]
 fn rules_that_mix_metrics_are_not_separable() {
     let input = data(1, 10, 2, 1);
