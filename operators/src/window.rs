@@ -894,8 +894,15 @@ const PLAIN_CHUNK: usize = 4096;
 
 impl WindowOperator {
     /// Pushes rows of argument `arg` on the plain path (see [`push_rows_plain`]); their
-    /// running sums land in the snapshot's first rows.
-    fn push_plain_chunk(&mut self, arg: usize, groups: &[u32], input: &Float64Array) {
+    /// running sums land in the snapshot's first rows, or only those `screen` keeps in the
+    /// screen.
+    fn push_plain_chunk<S: RowScreen>(
+        &mut self,
+        arg: usize,
+        groups: &[u32],
+        input: &Float64Array,
+        screen: &mut S,
+    ) {
         push_rows_plain(
             PlainRows {
                 series: &mut self.columns,
@@ -908,6 +915,7 @@ impl WindowOperator {
             groups,
             input,
             &mut self.snapshot,
+            screen,
         );
     }
 
@@ -932,7 +940,12 @@ impl WindowOperator {
         let mut start = 0;
         while start < rows {
             let len = PLAIN_CHUNK.min(rows - start);
-            self.push_plain_chunk(arg, &groups[start..start + len], &input.slice(start, len));
+            self.push_plain_chunk(
+                arg,
+                &groups[start..start + len],
+                &input.slice(start, len),
+                &mut NoScreen,
+            );
             for (_, kind, out) in &mut outs {
                 out.extend(&self.snapshot, len, self.frame, *kind);
             }
@@ -1004,8 +1017,6 @@ struct Selection {
     candidates: Vec<u32>,
     /// The snapshot rows of the candidates.
     compact: Snapshot,
-    /// The screened argument's values over the chunk, NaN where NULL (when it has NULLs).
-    xs: Vec<f64>,
 }
 
 impl WindowOperator {
@@ -1083,31 +1094,23 @@ impl WindowOperator {
             let len = PLAIN_CHUNK.min(rows - start);
             let mut screened = false;
             for &arg in &order {
-                let input = &args[arg];
-                self.push_plain_chunk(arg, &groups[start..start + len], &input.slice(start, len));
-                if let Some(sc) = screen.filter(|sc| sc.arg == arg) {
-                    let chunk = input.slice(start, len);
-                    // The values as they are, or with NaN where NULL.
-                    let xs: &[f64] = match chunk.nulls().filter(|n| n.null_count() > 0) {
-                        None => chunk.values(),
-                        Some(nulls) => {
-                            sel.xs.clear();
-                            sel.xs.extend(
-                                chunk
-                                    .values()
-                                    .iter()
-                                    .zip(nulls.iter())
-                                    .map(|(&x, valid)| if valid { x } else { f64::NAN }),
-                            );
-                            &sel.xs
+                let input = args[arg].slice(start, len);
+                let chunk = &groups[start..start + len];
+                match screen.filter(|sc| sc.arg == arg) {
+                    Some(sc) => {
+                        let mut screening =
+                            Screening::new(sc, margin, &mut sel.candidates, &mut sel.compact);
+                        self.push_plain_chunk(arg, chunk, &input, &mut screening);
+                        screened = true;
+                    }
+                    None => {
+                        self.push_plain_chunk(arg, chunk, &input, &mut NoScreen);
+                        if screened {
+                            sel.compact.gather(&self.snapshot, &sel.candidates);
                         }
-                    };
-                    sel.candidates.clear();
-                    screen_rows(&self.snapshot, xs, sc, margin, &mut sel.candidates);
-                    screened = true;
+                    }
                 }
                 let snap = if screened {
-                    sel.compact.gather(&self.snapshot, &sel.candidates);
                     &sel.compact
                 } else {
                     &self.snapshot
@@ -1169,56 +1172,121 @@ impl WindowOperator {
     }
 }
 
-/// Appends to `out` the rows `k < xs.len()` of `snap` that [`Screen`] `sc` does not rule
-/// out, `xs[k]` being the row's value (NaN when missing).
-fn screen_rows(snap: &Snapshot, xs: &[f64], sc: Screen, margin: f64, out: &mut Vec<u32>) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        #[allow(unsafe_code)]
-        // SAFETY: the CPU has AVX2, as just checked.
-        return unsafe { screen_rows_avx2(snap, xs, sc, margin, out) };
+/// What the plain pass ([`push_rows_plain`]) does with each row's running sums besides
+/// keeping them: nothing more ([`NoScreen`]: every row's sums land in the snapshot), or a
+/// [`Screen`] applied on the fly ([`Screening`]).
+trait RowScreen {
+    /// Whether rows are screened: a tick's rows then skip the snapshot, and only the rows
+    /// the screen keeps are written, by [`RowScreen::keep`].
+    const ACTIVE: bool;
+
+    /// Whether the screen rules out the row of value `x` (NaN when missing) whose frame
+    /// has the running sums `(n, shift, s1, s2)`.
+    fn ruled_out(&self, n: f64, x: f64, shift: f64, s1: f64, s2: f64) -> bool;
+
+    /// Keeps row `row` of the chunk with its running sums.
+    fn keep(&mut self, row: usize, n: f64, shift: f64, s1: f64, s2: f64);
+
+    /// The number of rows kept so far.
+    fn kept(&self) -> usize;
+
+    /// Forgets the rows kept after the first `len`.
+    fn truncate(&mut self, len: usize);
+}
+
+/// The plain pass without a screen.
+struct NoScreen;
+
+impl RowScreen for NoScreen {
+    const ACTIVE: bool = false;
+
+    #[inline(always)]
+    fn ruled_out(&self, _: f64, _: f64, _: f64, _: f64, _: f64) -> bool {
+        false
     }
-    screen_rows_body(snap, xs, sc, margin, out);
+
+    #[inline(always)]
+    fn keep(&mut self, _: usize, _: f64, _: f64, _: f64, _: f64) {}
+
+    #[inline(always)]
+    fn kept(&self) -> usize {
+        0
+    }
+
+    #[inline(always)]
+    fn truncate(&mut self, _: usize) {}
 }
 
-/// [`screen_rows`] compiled for AVX2 (see [`push_rows_plain_avx2`]).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn screen_rows_avx2(snap: &Snapshot, xs: &[f64], sc: Screen, margin: f64, out: &mut Vec<u32>) {
-    screen_rows_body(snap, xs, sc, margin, out);
+/// A [`Screen`] applied by the plain pass as it pushes the rows of a chunk: the rows it
+/// does not rule out (positions within the chunk, ascending) and their running sums, in
+/// the order of the rows. Screening in the pass saves writing every row's sums to the
+/// snapshot and reading them back: about 1 % of the rows pass a 3σ screen.
+struct Screening<'a> {
+    /// `k²`, times the margin that covers the rounding of both forms of the test.
+    k2: f64,
+    sample: bool,
+    /// The fewest present values a tested row needs (2 for the sample deviation).
+    least: f64,
+    rows: &'a mut Vec<u32>,
+    sums: &'a mut Snapshot,
 }
 
-#[inline(always)]
-fn screen_rows_body(snap: &Snapshot, xs: &[f64], sc: Screen, margin: f64, out: &mut Vec<u32>) {
-    let len = xs.len();
-    let (n, shift) = (&snap.n[..len], &snap.shift[..len]);
-    let (s1, s2) = (&snap.s1[..len], &snap.s2[..len]);
-    let k2 = sc.k * sc.k * margin;
-    let least = if sc.sample { 2.0 } else { 1.0 };
-    // Sixteen rows at a time: the test vectorises, and the candidates (about 1 % of the
-    // rows for a 3σ filter) are picked from a bit mask.
-    let mut k = 0;
-    while k < len {
-        let end = (k + 16).min(len);
-        let mut mask = 0u32;
-        for j in k..end {
-            let (n, x) = (n[j], xs[j]);
-            let d = n * (x - shift[j]) - s1[j];
-            let spread = n * s2[j] - s1[j] * s1[j];
-            let (lhs, rhs) = if sc.sample {
-                (d * d * (n - 1.0), k2 * n * spread)
-            } else {
-                (d * d, k2 * spread)
-            };
-            // NaN anywhere makes `ruled_out` false.
-            let ruled_out = (lhs < rhs) & rhs.is_finite() & (n >= least);
-            mask |= u32::from(!ruled_out) << (j - k);
+impl<'a> Screening<'a> {
+    fn new(sc: Screen, margin: f64, rows: &'a mut Vec<u32>, sums: &'a mut Snapshot) -> Self {
+        rows.clear();
+        for v in [&mut sums.n, &mut sums.shift, &mut sums.s1, &mut sums.s2] {
+            v.clear();
         }
-        while mask != 0 {
-            out.push((k + mask.trailing_zeros() as usize) as u32);
-            mask &= mask - 1;
+        Self {
+            k2: sc.k * sc.k * margin,
+            sample: sc.sample,
+            least: if sc.sample { 2.0 } else { 1.0 },
+            rows,
+            sums,
         }
-        k = end;
+    }
+}
+
+impl RowScreen for Screening<'_> {
+    const ACTIVE: bool = true;
+
+    #[inline(always)]
+    fn ruled_out(&self, n: f64, x: f64, shift: f64, s1: f64, s2: f64) -> bool {
+        let d = n * (x - shift) - s1;
+        let spread = n * s2 - s1 * s1;
+        let (lhs, rhs) = if self.sample {
+            (d * d * (n - 1.0), self.k2 * n * spread)
+        } else {
+            (d * d, self.k2 * spread)
+        };
+        // NaN anywhere makes it false.
+        (lhs < rhs) & rhs.is_finite() & (n >= self.least)
+    }
+
+    #[inline(always)]
+    fn keep(&mut self, row: usize, n: f64, shift: f64, s1: f64, s2: f64) {
+        self.rows.push(row as u32);
+        self.sums.n.push(n);
+        self.sums.shift.push(shift);
+        self.sums.s1.push(s1);
+        self.sums.s2.push(s2);
+    }
+
+    #[inline(always)]
+    fn kept(&self) -> usize {
+        self.rows.len()
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.rows.truncate(len);
+        for v in [
+            &mut self.sums.n,
+            &mut self.sums.shift,
+            &mut self.sums.s1,
+            &mut self.sums.s2,
+        ] {
+            v.truncate(len);
+        }
     }
 }
 
@@ -1925,14 +1993,20 @@ struct PlainRows<'a> {
 /// argument needs neither MIN/MAX nor a forecast: the same steps as [`push_bounded`], with
 /// the frame, extrema and forecast tests taken out of the loop. Runs of rows that are one
 /// tick of consecutive series (see [`SeriesColumns`]) go through [`push_tick`].
-fn push_rows_plain(st: PlainRows<'_>, groups: &[u32], input: &Float64Array, snap: &mut Snapshot) {
+fn push_rows_plain<S: RowScreen>(
+    st: PlainRows<'_>,
+    groups: &[u32],
+    input: &Float64Array,
+    snap: &mut Snapshot,
+    screen: &mut S,
+) {
     #[cfg(target_arch = "x86_64")]
     if avx2() {
         #[allow(unsafe_code)]
         // SAFETY: the CPU has AVX2, as just checked.
-        return unsafe { push_rows_plain_avx2(st, groups, input, snap) };
+        return unsafe { push_rows_plain_avx2(st, groups, input, snap, screen) };
     }
-    push_rows_plain_body(st, groups, input, snap);
+    push_rows_plain_body(st, groups, input, snap, screen);
 }
 
 /// [`push_rows_plain`] compiled for AVX2: four `f64` lanes per instruction in the tick pass
@@ -1942,21 +2016,23 @@ fn push_rows_plain(st: PlainRows<'_>, groups: &[u32], input: &Float64Array, snap
 /// for bit those of the baseline build.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn push_rows_plain_avx2(
+fn push_rows_plain_avx2<S: RowScreen>(
     st: PlainRows<'_>,
     groups: &[u32],
     input: &Float64Array,
     snap: &mut Snapshot,
+    screen: &mut S,
 ) {
-    push_rows_plain_body(st, groups, input, snap);
+    push_rows_plain_body(st, groups, input, snap, screen);
 }
 
 #[inline(always)]
-fn push_rows_plain_body(
+fn push_rows_plain_body<S: RowScreen>(
     mut st: PlainRows<'_>,
     groups: &[u32],
     input: &Float64Array,
     snap: &mut Snapshot,
+    screen: &mut S,
 ) {
     let rows = groups.len();
     let raw = &input.values()[..rows];
@@ -1971,8 +2047,13 @@ fn push_rows_plain_body(
             let most = (rows - i).min(st.series.len() - g);
             len = run_length(&groups[i..i + most]);
         }
-        if len >= TICK_RUN && tick_ready(st.series, g, len, st.cap) {
-            push_tick(&mut st, g, &raw[i..i + len], snap, i);
+        let ready = if len >= TICK_RUN {
+            tick_ready(st.series, g, len, st.cap)
+        } else {
+            None
+        };
+        if let Some(full) = ready {
+            push_tick(&mut st, g, &raw[i..i + len], full, snap, i, screen);
         } else {
             for r in i..i + len {
                 let x = match nulls {
@@ -1981,6 +2062,12 @@ fn push_rows_plain_body(
                 };
                 let s = groups[r] as usize * st.n_args + st.arg;
                 push_row_plain(&mut st, s, x, snap, r);
+                if S::ACTIVE {
+                    let (n, shift, s1, s2) = (snap.n[r], snap.shift[r], snap.s1[r], snap.s2[r]);
+                    if !screen.ruled_out(n, x, shift, s1, s2) {
+                        screen.keep(r, n, shift, s1, s2);
+                    }
+                }
             }
         }
         i += len;
@@ -2016,17 +2103,18 @@ fn run_length(ids: &[u32]) -> usize {
 /// The shortest run of consecutive series worth a [`push_tick`].
 const TICK_RUN: usize = 8;
 
-/// Whether series `g .. g + len` are all full, at the same ring slot, and not due a
-/// refresh on this row: the conditions of [`push_tick`].
+/// Whether series `g .. g + len` can take their next row as one [`push_tick`]: they are
+/// all at the same ring slot and either all full and not due a refresh on this row
+/// (`Some(true)`) or all still filling, with the same number of rows (`Some(false)`).
 #[inline(always)]
-fn tick_ready(cols: &SeriesColumns, g: usize, len: usize, cap: usize) -> bool {
-    let head = cols.head[g];
+fn tick_ready(cols: &SeriesColumns, g: usize, len: usize, cap: usize) -> Option<bool> {
+    let (head, rows) = (cols.head[g], cols.rows[g]);
     let refresh = REFRESH_FRAMES * cap;
     let mut ok = true;
     for s in g..g + len {
-        ok &= (cols.head[s] == head) & (cols.rows[s] == cap) & (cols.evictions[s] + 1 < refresh);
+        ok &= (cols.head[s] == head) & (cols.rows[s] == rows) & (cols.evictions[s] + 1 < refresh);
     }
-    ok
+    ok.then_some(rows == cap)
 }
 
 /// Whether the AVX2 builds of the vectorised loops ([`push_rows_plain_avx2`],
@@ -2043,16 +2131,28 @@ fn avx2() -> bool {
 }
 
 /// [`push_row_plain`] for one row of each of the series `g .. g + xs.len()`, rows
-/// `row0 ..` of the snapshot, where [`tick_ready`] holds: the same arithmetic, written as
-/// selects over contiguous columns so that it vectorises. The few series whose sums then
-/// cancel are recomputed after the pass, as [`push_row_plain`] would.
+/// `row0 ..` of the snapshot, where [`tick_ready`] holds (`full` as it says): the same
+/// arithmetic, written as selects over contiguous columns so that it vectorises. The few
+/// full series whose sums then cancel are recomputed after the pass, as [`push_row_plain`]
+/// would. With an active
+/// `screen`, the rows' sums are screened in the pass, sixteen rows at a time, instead of
+/// being written to the snapshot.
 #[inline(always)]
-fn push_tick(st: &mut PlainRows<'_>, g: usize, xs: &[f64], snap: &mut Snapshot, row0: usize) {
+fn push_tick<S: RowScreen>(
+    st: &mut PlainRows<'_>,
+    g: usize,
+    xs: &[f64],
+    full: bool,
+    snap: &mut Snapshot,
+    row0: usize,
+    screen: &mut S,
+) {
     let len = xs.len();
     let (cap, stride) = (st.cap, st.stride);
     let cols = &mut *st.series;
     let head = cols.head[g];
     let slot = head * stride + g;
+    let kept_before = screen.kept();
     let mut cancelled = false;
     {
         let olds = &mut st.slab[slot..slot + len];
@@ -2064,62 +2164,84 @@ fn push_tick(st: &mut PlainRows<'_>, g: usize, xs: &[f64], snap: &mut Snapshot, 
         let ssh = &mut snap.shift[row0..row0 + len];
         let ss1 = &mut snap.s1[row0..row0 + len];
         let ss2 = &mut snap.s2[row0..row0 + len];
-        for k in 0..len {
-            let (old, x) = (olds[k], xs[k]);
-            let (had, has) = (!old.is_nan(), !x.is_nan());
-            let (sh, a, b) = (shift[k], s1[k], s2[k]);
-            // Evict the oldest row.
-            let d = old - sh;
-            let n1 = if had { n[k] - 1.0 } else { n[k] };
-            let emptied = had & (n1 == 0.0);
-            let a = if emptied {
-                0.0
-            } else if had {
-                a - d
-            } else {
-                a
-            };
-            let b = if emptied {
-                0.0
-            } else if had {
-                b - d * d
-            } else {
-                b
-            };
-            // Add the new one.
-            let restart = has & (n1 == 0.0);
-            let d = x - sh;
-            let sh = if restart { x } else { sh };
-            let a = if restart {
-                0.0
-            } else if has {
-                a + d
-            } else {
-                a
-            };
-            let b = if restart {
-                0.0
-            } else if has {
-                b + d * d
-            } else {
-                b
-            };
-            let n2 = if has { n1 + 1.0 } else { n1 };
-            olds[k] = x;
-            (n[k], shift[k], s1[k], s2[k]) = (n2, sh, a, b);
-            (sn[k], ssh[k], ss1[k], ss2[k]) = (n2, sh, a, b);
-            cancelled |= b * n2 > 256.0 * (b * n2 - a * a);
+        let mut k0 = 0;
+        while k0 < len {
+            let end = if S::ACTIVE { (k0 + 16).min(len) } else { len };
+            let mut mask = 0u32;
+            for k in k0..end {
+                let (old, x) = (olds[k], xs[k]);
+                let (had, has) = (full & !old.is_nan(), !x.is_nan());
+                let (sh, a, b) = (shift[k], s1[k], s2[k]);
+                // Evict the oldest row (of a full frame).
+                let d = old - sh;
+                let n1 = if had { n[k] - 1.0 } else { n[k] };
+                let emptied = had & (n1 == 0.0);
+                let a = if emptied {
+                    0.0
+                } else if had {
+                    a - d
+                } else {
+                    a
+                };
+                let b = if emptied {
+                    0.0
+                } else if had {
+                    b - d * d
+                } else {
+                    b
+                };
+                // Add the new one.
+                let restart = has & (n1 == 0.0);
+                let d = x - sh;
+                let sh = if restart { x } else { sh };
+                let a = if restart {
+                    0.0
+                } else if has {
+                    a + d
+                } else {
+                    a
+                };
+                let b = if restart {
+                    0.0
+                } else if has {
+                    b + d * d
+                } else {
+                    b
+                };
+                let n2 = if has { n1 + 1.0 } else { n1 };
+                olds[k] = x;
+                (n[k], shift[k], s1[k], s2[k]) = (n2, sh, a, b);
+                if S::ACTIVE {
+                    mask |= u32::from(!screen.ruled_out(n2, x, sh, a, b)) << (k - k0);
+                } else {
+                    (sn[k], ssh[k], ss1[k], ss2[k]) = (n2, sh, a, b);
+                }
+                cancelled |= b * n2 > 256.0 * (b * n2 - a * a);
+            }
+            while mask != 0 {
+                let k = k0 + mask.trailing_zeros() as usize;
+                screen.keep(row0 + k, n[k], shift[k], s1[k], s2[k]);
+                mask &= mask - 1;
+            }
+            k0 = end;
         }
     }
     let next = if head + 1 == cap { 0 } else { head + 1 };
     cols.head[g..g + len].fill(next);
-    for e in &mut cols.evictions[g..g + len] {
-        *e += 1;
+    let counted = if full {
+        &mut cols.evictions[g..g + len]
+    } else {
+        &mut cols.rows[g..g + len]
+    };
+    for c in counted {
+        *c += 1;
     }
     for q in &mut cols.seq[g..g + len] {
         *q += 1;
     }
-    if cancelled {
+    // A frame still filling has no eviction yet, so nothing to recompute (as in
+    // `push_row_plain`).
+    if cancelled && full {
         for k in 0..len {
             let s = g + k;
             let mut series = cols.get(s);
@@ -2135,6 +2257,17 @@ fn push_tick(st: &mut PlainRows<'_>, g: usize, xs: &[f64], snap: &mut Snapshot, 
                 let r = row0 + k;
                 (snap.n[r], snap.shift[r]) = (series.n as i64 as f64, series.shift);
                 (snap.s1[r], snap.s2[r]) = (series.s1, series.s2);
+            }
+        }
+        if S::ACTIVE {
+            // Screen the tick again on the recomputed sums.
+            screen.truncate(kept_before);
+            for (k, &x) in xs.iter().enumerate() {
+                let s = g + k;
+                let (n, shift, s1, s2) = (cols.n[s], cols.shift[s], cols.s1[s], cols.s2[s]);
+                if !screen.ruled_out(n, x, shift, s1, s2) {
+                    screen.keep(row0 + k, n, shift, s1, s2);
+                }
             }
         }
     }
@@ -2579,6 +2712,10 @@ mod tests {
     /// The rows of a selected run, and for each the bits of every aggregate (`None` for
     /// NULL), against the full outputs of [`WindowOperator::process`] filtered by the same
     /// test on the same aggregates.
+    ///
+    /// With `two_args`, argument 1 is the series and argument 0 another one (the row-by-row
+    /// path); otherwise the series is the only argument (ticks of consecutive series go
+    /// through the vectorised pass, which screens on the fly).
     fn selected_and_filtered(
         xs: &[Option<f64>],
         ids: &[u32],
@@ -2586,41 +2723,31 @@ mod tests {
         batch: usize,
         screen: Option<Screen>,
         k: f64,
+        two_args: bool,
     ) -> (RowBits, RowBits) {
-        let aggs = vec![
-            Aggregate {
-                kind: AggKind::Avg,
-                arg: 1,
-            },
-            Aggregate {
-                kind: AggKind::StddevSamp,
-                arg: 1,
-            },
-            Aggregate {
-                kind: AggKind::Count,
-                arg: 1,
-            },
-            Aggregate {
-                kind: AggKind::Sum,
-                arg: 0,
-            },
-            Aggregate {
-                kind: AggKind::VarPop,
-                arg: 0,
-            },
-        ];
+        let series = usize::from(two_args);
+        let mut aggs: Vec<Aggregate> = [AggKind::Avg, AggKind::StddevSamp, AggKind::Count]
+            .into_iter()
+            .map(|kind| Aggregate { kind, arg: series })
+            .collect();
+        let mut args = vec![Float64Array::from(xs.to_vec())];
+        if two_args {
+            for kind in [AggKind::Sum, AggKind::VarPop] {
+                aggs.push(Aggregate { kind, arg: 0 });
+            }
+            let other: Vec<Option<f64>> = xs.iter().map(|x| x.map(|v| 2.0 - v)).collect();
+            args.insert(0, Float64Array::from(other));
+        }
+        let n_args = args.len();
         let frame = Frame::Rows { preceding };
-        // Argument 1 is the series; argument 0 another one.
-        let other: Vec<Option<f64>> = xs.iter().map(|x| x.map(|v| 2.0 - v)).collect();
-        let args = [Float64Array::from(other), Float64Array::from(xs.to_vec())];
         let z_above = |x: f64, mean: f64, std: f64| ((x - mean) / std).abs() > k;
-        let mut op = WindowOperator::try_new(frame, 2, aggs.clone()).unwrap();
+        let mut op = WindowOperator::try_new(frame, n_args, aggs.clone()).unwrap();
         let mut selected = Vec::new();
         let mut start = 0;
         while start < xs.len() {
             let len = batch.min(xs.len() - start);
             let part: Vec<Float64Array> = args.iter().map(|a| a.slice(start, len)).collect();
-            let values = part[1].values().clone();
+            let values = part[series].values().clone();
             let out = op
                 .process_selected(
                     &ids[start..start + len],
@@ -2647,7 +2774,7 @@ mod tests {
             }
             start += len;
         }
-        let mut full = WindowOperator::try_new(frame, 2, aggs).unwrap();
+        let mut full = WindowOperator::try_new(frame, n_args, aggs).unwrap();
         let outputs = full.process(ids, &args).unwrap();
         let (mean, std) = (outputs[0].as_any(), outputs[1].as_any());
         let (mean, std) = (
@@ -2659,7 +2786,7 @@ mod tests {
             .filter(|&r| {
                 mean.is_valid(r)
                     && std.is_valid(r)
-                    && z_above(args[1].value(r), mean.value(r), std.value(r))
+                    && z_above(args[series].value(r), mean.value(r), std.value(r))
             })
             .map(|r| (r as u32, all_bits.iter().map(|c| c[r]).collect()))
             .collect();
@@ -2670,8 +2797,8 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(32))]
         /// Selecting rows gives the rows, and the aggregates, of the full output filtered by
         /// the same test, with or without a screen on the running sums (which must never
-        /// rule out a row the test keeps, level shifts and NaN included), over two
-        /// arguments and any batching.
+        /// rule out a row the test keeps, level shifts and NaN included), over one argument
+        /// (vectorised ticks, series falling behind) or two, and any batching.
         #[test]
         fn selected_rows_are_the_filtered_full_output(
             xs in tick_values(),
@@ -2680,14 +2807,17 @@ mod tests {
             batch in 1usize..6000,
             k in prop_oneof![Just(0.0), 0.5f64..4.0],
             sample in any::<bool>(),
+            two_args in any::<bool>(),
+            skip in prop_oneof![Just(0usize), 50usize..500],
         ) {
-            let (ids, keep) = ticks(xs.len(), groups, 0);
+            let (ids, keep) = ticks(xs.len(), groups, skip);
             let xs: Vec<Option<f64>> = keep.iter().map(|&i| xs[i]).collect();
             // A population screen with the sample test keeps more rows; both are sound.
-            let screen = Screen { arg: 1, k, sample };
-            let (plain, filtered) = selected_and_filtered(&xs, &ids, preceding, batch, None, k);
+            let screen = Screen { arg: usize::from(two_args), k, sample };
+            let run = |screen| selected_and_filtered(&xs, &ids, preceding, batch, screen, k, two_args);
+            let (plain, filtered) = run(None);
             prop_assert_eq!(&plain, &filtered);
-            let (screened, _) = selected_and_filtered(&xs, &ids, preceding, batch, Some(screen), k);
+            let (screened, _) = run(Some(screen));
             prop_assert_eq!(&screened, &filtered);
         }
     }
@@ -2793,6 +2923,25 @@ mod tests {
         // 20 series in lockstep, each the level-shifted series (its sums cancel after the
         // shift), and each far past its refresh.
         let one = level_shift(6_000);
+        let xs: Vec<Option<f64>> = one.iter().flat_map(|&x| [x; 20]).collect();
+        let (ids, _) = ticks(xs.len(), 20, 0);
+        let (plain, general) = plain_and_general_on(&xs, &ids, 20, 299, 4_000);
+        assert_eq!(plain, general);
+    }
+
+    #[test]
+    fn plain_ticks_match_while_their_frames_fill() {
+        // 20 series in lockstep whose first value is far from the others: their sums cancel
+        // while the frame is still filling, when nothing is recomputed yet.
+        let one: Vec<Option<f64>> = (0..400)
+            .map(|i| {
+                Some(if i == 0 {
+                    0.0
+                } else {
+                    1e9 + ((i * 7919) % 13) as f64
+                })
+            })
+            .collect();
         let xs: Vec<Option<f64>> = one.iter().flat_map(|&x| [x; 20]).collect();
         let (ids, _) = ticks(xs.len(), 20, 0);
         let (plain, general) = plain_and_general_on(&xs, &ids, 20, 299, 4_000);
