@@ -21,9 +21,13 @@
 //! [`crate::checkpoint`]).
 //!
 //! # Atomicity
-//! Each file is encoded in memory and stored with a single `put`: object stores make it
-//! visible whole or not at all (the local store writes a temporary file and renames it), so
-//! a reader never sees half a file.
+//! A reader never sees half a file. On the local file system, an hour's file is written to a
+//! staging file beside it as its row groups are encoded (`part-HH.parquet#N`, a name that
+//! object_store listings skip) and renamed into place when complete, so its bytes reach the
+//! disk while the job runs rather than all at the end. On other stores each file is encoded
+//! in memory and stored with a single `put`, which they make visible whole or not at all.
+//! A job that fails removes its staging files; one that is killed can leave one behind, as
+//! object_store's own `put` can.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -64,6 +68,15 @@ pub enum SinkError {
         /// Cause.
         #[source]
         source: object_store::Error,
+    },
+    /// Writing or renaming a local staging file failed.
+    #[error("writing {path}: {source}")]
+    Io {
+        /// File being written.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
     },
     /// Concatenation failed.
     #[error(transparent)]
@@ -109,14 +122,106 @@ fn properties(schema: &SchemaRef) -> WriterProperties {
 }
 
 fn encode(batch: &RecordBatch, path: &str) -> Result<Bytes, SinkError> {
-    let mut file = FileWriter::try_new(&batch.schema(), path)?;
+    let mut file = FileWriter::try_new(&batch.schema(), path, Target::Memory(Vec::new()))?;
     file.write(batch)?;
-    file.finish()
+    match file.finish()? {
+        Target::Memory(bytes) => Ok(Bytes::from(bytes)),
+        Target::Staged(_) => unreachable!("encoded in memory"),
+    }
 }
 
-/// A parquet file being encoded in memory, row group by row group.
+/// Where the bytes of a file being encoded go.
+enum Target {
+    /// Memory: the file is stored with one `put` once complete.
+    Memory(Vec<u8>),
+    /// A staging file on the local disk, renamed once complete (see the
+    /// [module docs](self)).
+    Staged(Staged),
+}
+
+impl std::io::Write for Target {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Target::Memory(v) => v.write(buf),
+            Target::Staged(s) => s.file.write(buf),
+        }
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        match self {
+            Target::Memory(v) => v.write_all(buf),
+            Target::Staged(s) => s.file.write_all(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Target::Memory(_) => Ok(()),
+            Target::Staged(s) => s.file.flush(),
+        }
+    }
+}
+
+/// A local staging file, removed when dropped before [`Staged::complete`].
+struct Staged {
+    file: std::io::BufWriter<std::fs::File>,
+    path: std::path::PathBuf,
+    done: bool,
+}
+
+/// Write size of a staging file.
+const STAGING_BUFFER: usize = 1 << 20;
+
+impl Staged {
+    /// A new staging file `<dir>/<stem>.parquet#<n>`, `n` the first number free, creating
+    /// `dir` if needed.
+    fn create(dir: &std::path::Path, stem: &str) -> Result<Self, SinkError> {
+        let io = |path: &std::path::Path, source| SinkError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        for n in 1u32.. {
+            let path = dir.join(format!("{stem}.parquet#{n}"));
+            match std::fs::File::create_new(&path) {
+                Ok(file) => {
+                    return Ok(Self {
+                        file: std::io::BufWriter::with_capacity(STAGING_BUFFER, file),
+                        path,
+                        done: false,
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io(&path, e)),
+            }
+        }
+        unreachable!("a free staging name below 2^32")
+    }
+
+    /// Flushes the file and renames it to `to`.
+    fn complete(mut self, to: &std::path::Path) -> Result<(), SinkError> {
+        let io = |path: &std::path::Path, source| SinkError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        std::io::Write::flush(&mut self.file).map_err(|e| io(&self.path, e))?;
+        std::fs::rename(&self.path, to).map_err(|e| io(to, e))?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A parquet file being encoded, row group by row group.
 struct FileWriter {
-    writer: ArrowWriter<Vec<u8>>,
+    writer: ArrowWriter<Target>,
     path: String,
 }
 
@@ -130,8 +235,8 @@ impl std::fmt::Debug for FileWriter {
 }
 
 impl FileWriter {
-    fn try_new(schema: &SchemaRef, path: &str) -> Result<Self, SinkError> {
-        let writer = ArrowWriter::try_new(Vec::new(), Arc::clone(schema), Some(properties(schema)))
+    fn try_new(schema: &SchemaRef, path: &str, target: Target) -> Result<Self, SinkError> {
+        let writer = ArrowWriter::try_new(target, Arc::clone(schema), Some(properties(schema)))
             .map_err(|source| SinkError::Parquet {
                 path: path.to_string(),
                 source,
@@ -155,13 +260,11 @@ impl FileWriter {
     }
 
     /// The whole file (`into_inner` writes the footer).
-    fn finish(self) -> Result<Bytes, SinkError> {
+    fn finish(self) -> Result<Target, SinkError> {
         let path = self.path;
-        let bytes = self
-            .writer
+        self.writer
             .into_inner()
-            .map_err(|source| SinkError::Parquet { path, source })?;
-        Ok(Bytes::from(bytes))
+            .map_err(|source| SinkError::Parquet { path, source })
     }
 }
 
@@ -351,19 +454,21 @@ impl IncidentLog {
         let group = all.slice(0, rows);
         let file = match &mut entry.file {
             Some(f) => f,
-            None => entry.file.insert(OpenFile {
-                // Named for errors only: the name's digest is known once the file is full.
-                writer: FileWriter::try_new(
-                    &self.schema,
-                    &format!(
-                        "anomalies/date={}/part-{:02}-…",
-                        date_of(hour * HOUR_MS),
-                        hour.rem_euclid(24)
-                    ),
-                )?,
-                rows: 0,
-                digest: StableHasher::new(),
-            }),
+            None => {
+                let dir = format!("anomalies/date={}", date_of(hour * HOUR_MS));
+                let stem = format!("part-{:02}", hour.rem_euclid(24));
+                let target = match self.location.local_file(&dir) {
+                    Some(dir) => Target::Staged(Staged::create(&dir, &stem)?),
+                    None => Target::Memory(Vec::new()),
+                };
+                entry.file.insert(OpenFile {
+                    // Named for errors only: the name's digest is known once the file is
+                    // full.
+                    writer: FileWriter::try_new(&self.schema, &format!("{dir}/{stem}-…"), target)?,
+                    rows: 0,
+                    digest: StableHasher::new(),
+                })
+            }
         };
         file.writer.write(&group)?;
         file.rows += rows;
@@ -403,9 +508,23 @@ impl IncidentLog {
                 )
             }
         };
-        let bytes = writer.finish()?;
-        self.written
-            .push(put_bytes(&self.location, &name, bytes, rows).await?);
+        let written = match writer.finish()? {
+            Target::Memory(bytes) => {
+                put_bytes(&self.location, &name, Bytes::from(bytes), rows).await?
+            }
+            Target::Staged(staged) => {
+                let to = self
+                    .location
+                    .local_file(&name)
+                    .expect("staged files are local");
+                staged.complete(&to)?;
+                WrittenFile {
+                    path: self.location.child(&name).to_string(),
+                    rows,
+                }
+            }
+        };
+        self.written.push(written);
         Ok(())
     }
 
@@ -531,5 +650,141 @@ impl DeadLetter {
     /// Files written so far.
     pub fn written(&self) -> &[WrittenFile] {
         &self.written
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{ArrayRef, Float64Array, StringArray, TimestampMillisecondArray};
+    use futures::TryStreamExt;
+    use healer_operators::schema::anomaly_schema;
+    use object_store::path::Path;
+
+    /// `rows` anomaly rows from `t0` ms, one per 10 ms, in canonical order.
+    fn anomalies(t0: i64, rows: usize) -> RecordBatch {
+        let schema = anomaly_schema();
+        let text = |f: &dyn Fn(usize) -> String| -> ArrayRef {
+            Arc::new(StringArray::from_iter_values((0..rows).map(f)))
+        };
+        let float = |f: &dyn Fn(usize) -> f64| -> ArrayRef {
+            Arc::new(Float64Array::from_iter_values((0..rows).map(f)))
+        };
+        let columns: Vec<ArrayRef> = vec![
+            text(&|i| format!("{:032x}", t0 as usize + i)),
+            Arc::new(
+                TimestampMillisecondArray::from_iter_values((0..rows).map(|i| t0 + 10 * i as i64))
+                    .with_timezone("UTC"),
+            ),
+            text(&|i| format!("host-{}", i % 7)),
+            text(&|_| "cpu_percent".into()),
+            float(&|i| i as f64),
+            float(&|i| 3.0 + (i % 5) as f64),
+            text(&|_| "MEDIUM".into()),
+            float(&|_| 0.4),
+            float(&|_| 0.0),
+            float(&|_| 1.0),
+            text(&|_| "zscore_300".into()),
+            text(&|_| "api".into()),
+            text(&|_| "eu".into()),
+        ];
+        RecordBatch::try_new(schema, columns).unwrap()
+    }
+
+    fn files(dir: &std::path::Path) -> Vec<String> {
+        let mut out: Vec<String> = walkdir(dir)
+            .into_iter()
+            .map(|p| p.strip_prefix(dir).unwrap().display().to_string())
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                out.extend(walkdir(&path));
+            } else {
+                out.push(path);
+            }
+        }
+        out
+    }
+
+    /// A local log streams an open hour's row groups to a staging file that listings
+    /// skip, renames it into place when the hour closes, and writes the same bytes as a
+    /// log kept in memory for another store.
+    #[tokio::test]
+    async fn local_files_are_staged_then_renamed_with_the_bytes_of_a_put() {
+        let dir = tempfile::tempdir().unwrap();
+        let local =
+            Location::parse(dir.path().to_str().unwrap(), &Default::default(), false).unwrap();
+        let memory = Location::from_store(
+            Arc::new(object_store::memory::InMemory::new()),
+            Path::from("log"),
+            url::Url::parse("memory:///").unwrap(),
+        );
+        let mut staged = IncidentLog::new(local.clone(), anomaly_schema(), usize::MAX);
+        let mut kept = IncidentLog::new(memory.clone(), anomaly_schema(), usize::MAX);
+        // More than a row group of hour 0, and a few rows of hour 1.
+        let rows = ROW_GROUP_ROWS + 1000;
+        for batch in [anomalies(0, rows), anomalies(HOUR_MS, 10)] {
+            staged.push(batch.clone()).await.unwrap();
+            kept.push(batch).await.unwrap();
+        }
+        // Hour 0 has a row group on disk, under a name listings skip; hour 1 has less than
+        // a row group, not encoded yet.
+        let open = files(dir.path());
+        assert_eq!(open, ["anomalies/date=1970-01-01/part-00.parquet#1"]);
+        let staging = dir.path().join(&open[0]);
+        assert!(std::fs::metadata(&staging).unwrap().len() > 0);
+        let listed: Vec<_> = local
+            .store
+            .list(Some(&local.path))
+            .try_collect()
+            .await
+            .unwrap();
+        assert!(listed.is_empty(), "{listed:?}");
+
+        staged.advance(i64::MAX).await.unwrap();
+        kept.advance(i64::MAX).await.unwrap();
+        let done = files(dir.path());
+        assert_eq!(done.len(), 2);
+        assert!(done.iter().all(|f| f.ends_with(".parquet")), "{done:?}");
+        for (name, rows_in) in done.iter().zip([rows, 10]) {
+            let on_disk = std::fs::read(dir.path().join(name)).unwrap();
+            let put = memory
+                .store
+                .get(&memory.child(name))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            assert_eq!(on_disk, put.to_vec(), "{name}");
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                Bytes::from(on_disk),
+            )
+            .unwrap();
+            assert_eq!(
+                reader.metadata().file_metadata().num_rows() as usize,
+                rows_in
+            );
+        }
+    }
+
+    /// A log dropped with an hour open (a failed job) leaves no staging file behind.
+    #[tokio::test]
+    async fn staging_files_are_removed_when_the_log_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let local =
+            Location::parse(dir.path().to_str().unwrap(), &Default::default(), false).unwrap();
+        let mut log = IncidentLog::new(local, anomaly_schema(), usize::MAX);
+        log.push(anomalies(0, ROW_GROUP_ROWS + 1)).await.unwrap();
+        assert_eq!(files(dir.path()).len(), 1);
+        drop(log);
+        assert!(files(dir.path()).is_empty());
     }
 }

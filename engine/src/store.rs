@@ -62,6 +62,8 @@ pub struct Location {
     pub path: Path,
     /// The URL this location was resolved from, for messages and DataFusion registration.
     pub url: Url,
+    /// The same store when it is the local file system (see [`Location::local_file`]).
+    local: Option<Arc<LocalFileSystem>>,
 }
 
 impl Location {
@@ -101,6 +103,7 @@ impl Location {
                 store: Arc::new(store),
                 path: Path::from(prefix.trim_end_matches('/')),
                 url,
+                local: None,
             });
         }
         let local = match location.strip_prefix("file://") {
@@ -119,11 +122,24 @@ impl Location {
             .map_err(|e| bad(e.to_string()))?;
         let path = Path::from_absolute_path(&absolute).map_err(|e| bad(e.to_string()))?;
         let url = Url::from_directory_path("/").map_err(|_| bad("invalid root".into()))?;
+        let local = Arc::new(LocalFileSystem::new());
         Ok(Self {
-            store: Arc::new(LocalFileSystem::new()),
+            store: Arc::clone(&local) as Arc<dyn ObjectStore>,
             path,
             url,
+            local: Some(local),
         })
+    }
+
+    /// A location in any store, addressed only through object_store (never as local
+    /// files, even for a [`LocalFileSystem`]).
+    pub fn from_store(store: Arc<dyn ObjectStore>, path: Path, url: Url) -> Self {
+        Self {
+            store,
+            path,
+            url,
+            local: None,
+        }
     }
 
     /// `path` joined with a relative `child` (`/`-separated).
@@ -141,7 +157,15 @@ impl Location {
             store: Arc::clone(&self.store),
             path: self.child(child),
             url: self.url.clone(),
+            local: self.local.clone(),
         }
+    }
+
+    /// For a location on the local file system, the path on disk of `child` (see
+    /// [`Location::child`]); `None` for other stores.
+    pub fn local_file(&self, child: &str) -> Option<std::path::PathBuf> {
+        let local = self.local.as_ref()?;
+        local.path_to_filesystem(&self.child(child)).ok()
     }
 
     /// A human-readable form.
@@ -172,6 +196,12 @@ mod tests {
             format!("{}/a/b.parquet", plain.path)
         );
 
+        let canonical = std::fs::canonicalize(dir.path()).unwrap();
+        assert_eq!(
+            plain.sub("x").local_file("a/b.parquet"),
+            Some(canonical.join("x/a/b.parquet"))
+        );
+
         let created = dir.path().join("new/log");
         Location::parse(created.to_str().unwrap(), &S3Config::default(), true).unwrap();
         assert!(created.is_dir());
@@ -187,6 +217,7 @@ mod tests {
         assert_eq!(remote.url.as_str(), "s3://bucket/");
         assert_eq!(remote.path.as_ref(), "some/prefix");
         assert_eq!(remote.display(), "s3://bucket/some/prefix");
+        assert_eq!(remote.local_file("a.parquet"), None);
 
         for bad in ["s3:///x", "gs://bucket/x", "http://host/x"] {
             assert!(Location::parse(bad, &s3, false).is_err(), "{bad}");
