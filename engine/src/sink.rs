@@ -22,9 +22,10 @@
 //!
 //! # Atomicity
 //! A reader never sees half a file. On the local file system, an hour's file is written to a
-//! staging file beside it as its row groups are encoded (`part-HH.parquet#N`, a name that
-//! object_store listings skip) and renamed into place when complete, so its bytes reach the
-//! disk while the job runs rather than all at the end. On other stores each file is encoded
+//! staging file beside it as its row groups are encoded (`.part-HH.parquet#N`: object_store
+//! listings skip the `#N` suffix, and dataset readers such as pyarrow, Spark or Hive skip
+//! hidden files) and renamed into place when complete, so its bytes reach the disk while the
+//! job runs rather than all at the end. On other stores each file is encoded
 //! in memory and stored with a single `put`, which they make visible whole or not at all.
 //! A job that fails removes its staging files; one that is killed can leave one behind, as
 //! object_store's own `put` can.
@@ -173,7 +174,7 @@ struct Staged {
 const STAGING_BUFFER: usize = 1 << 20;
 
 impl Staged {
-    /// A new staging file `<dir>/<stem>.parquet#<n>`, `n` the first number free, creating
+    /// A new staging file `<dir>/.<stem>.parquet#<n>`, `n` the first number free, creating
     /// `dir` if needed.
     fn create(dir: &std::path::Path, stem: &str) -> Result<Self, SinkError> {
         let io = |path: &std::path::Path, source| SinkError::Io {
@@ -182,7 +183,7 @@ impl Staged {
         };
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         for n in 1u32.. {
-            let path = dir.join(format!("{stem}.parquet#{n}"));
+            let path = dir.join(format!(".{stem}.parquet#{n}"));
             match std::fs::File::create_new(&path) {
                 Ok(file) => {
                     return Ok(Self {
@@ -516,7 +517,10 @@ impl IncidentLog {
                 let to = self
                     .location
                     .local_file(&name)
-                    .expect("staged files are local");
+                    .ok_or_else(|| SinkError::Io {
+                        path: name.clone(),
+                        source: std::io::Error::other("not a path on the local file system"),
+                    })?;
                 staged.complete(&to)?;
                 WrittenFile {
                     path: self.location.child(&name).to_string(),
@@ -737,7 +741,7 @@ mod tests {
         // Hour 0 has a row group on disk, under a name listings skip; hour 1 has less than
         // a row group, not encoded yet.
         let open = files(dir.path());
-        assert_eq!(open, ["anomalies/date=1970-01-01/part-00.parquet#1"]);
+        assert_eq!(open, ["anomalies/date=1970-01-01/.part-00.parquet#1"]);
         let staging = dir.path().join(&open[0]);
         assert!(std::fs::metadata(&staging).unwrap().len() > 0);
         let listed: Vec<_> = local

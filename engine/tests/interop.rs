@@ -123,6 +123,31 @@ async fn incident_log_is_readable_by_pyarrow_duckdb_and_polars() {
     c.sink.out = log.display().to_string();
     let summary = Job::prepare(&c).await.unwrap().run().await.unwrap();
     assert!(summary.metrics.anomalies > 0);
+    // A staging file as a running job has it: the first bytes of an hour's file. Every
+    // reader below must skip it.
+    let written = std::fs::read_dir(log.join("anomalies"))
+        .unwrap()
+        .map(|d| d.unwrap().path())
+        .find(|p| p.is_dir())
+        .unwrap();
+    let part = std::fs::read_dir(&written)
+        .unwrap()
+        .map(|f| f.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .unwrap();
+    let head = std::fs::read(&part).unwrap();
+    std::fs::write(written.join(".part-23.parquet#1"), &head[..head.len() / 2]).unwrap();
+    let location = Location::parse(&c.sink.out, &S3Config::default(), false).unwrap();
+    let batches = query(&location, "SELECT count(*) AS n FROM anomalies")
+        .await
+        .unwrap();
+    let n = batches[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<arrow::array::Int64Array>()
+        .unwrap()
+        .value(0);
+    assert_eq!(n as u64, summary.metrics.anomalies, "healer incidents");
 
     let python = std::env::var("HEALER_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = r#"
