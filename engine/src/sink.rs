@@ -173,15 +173,19 @@ struct Staged {
 /// Write size of a staging file.
 const STAGING_BUFFER: usize = 1 << 20;
 
+/// The error of an I/O operation on the local file `path`.
+fn io_error(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> SinkError + '_ {
+    move |source| SinkError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
 impl Staged {
     /// A new staging file `<dir>/.<stem>.parquet#<n>`, `n` the first number free, creating
     /// `dir` if needed.
     fn create(dir: &std::path::Path, stem: &str) -> Result<Self, SinkError> {
-        let io = |path: &std::path::Path, source| SinkError::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
         for n in 1u32.. {
             let path = dir.join(format!(".{stem}.parquet#{n}"));
             match std::fs::File::create_new(&path) {
@@ -193,20 +197,17 @@ impl Staged {
                     });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(io(&path, e)),
+                Err(e) => return Err(io_error(&path)(e)),
             }
         }
         unreachable!("a free staging name below 2^32")
     }
 
-    /// Flushes the file and renames it to `to`.
-    fn complete(mut self, to: &std::path::Path) -> Result<(), SinkError> {
-        let io = |path: &std::path::Path, source| SinkError::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        std::io::Write::flush(&mut self.file).map_err(|e| io(&self.path, e))?;
-        std::fs::rename(&self.path, to).map_err(|e| io(to, e))?;
+    /// Flushes the file and renames it to `name` in its directory.
+    fn complete(mut self, name: &str) -> Result<(), SinkError> {
+        std::io::Write::flush(&mut self.file).map_err(io_error(&self.path))?;
+        let to = self.path.with_file_name(name);
+        std::fs::rename(&self.path, &to).map_err(io_error(&to))?;
         self.done = true;
         Ok(())
     }
@@ -514,14 +515,8 @@ impl IncidentLog {
                 put_bytes(&self.location, &name, Bytes::from(bytes), rows).await?
             }
             Target::Staged(staged) => {
-                let to = self
-                    .location
-                    .local_file(&name)
-                    .ok_or_else(|| SinkError::Io {
-                        path: name.clone(),
-                        source: std::io::Error::other("not a path on the local file system"),
-                    })?;
-                staged.complete(&to)?;
+                // Beside its staging file, which is in the hour's directory.
+                staged.complete(name.rsplit('/').next().unwrap_or(&name))?;
                 WrittenFile {
                     path: self.location.child(&name).to_string(),
                     rows,
@@ -717,14 +712,20 @@ mod tests {
         out
     }
 
+    /// A temporary directory and its location.
+    fn local_dir() -> (tempfile::TempDir, Location) {
+        let dir = tempfile::tempdir().unwrap();
+        let local =
+            Location::parse(dir.path().to_str().unwrap(), &Default::default(), false).unwrap();
+        (dir, local)
+    }
+
     /// A local log streams an open hour's row groups to a staging file that listings
     /// skip, renames it into place when the hour closes, and writes the same bytes as a
     /// log kept in memory for another store.
     #[tokio::test]
     async fn local_files_are_staged_then_renamed_with_the_bytes_of_a_put() {
-        let dir = tempfile::tempdir().unwrap();
-        let local =
-            Location::parse(dir.path().to_str().unwrap(), &Default::default(), false).unwrap();
+        let (dir, local) = local_dir();
         let memory = Location::from_store(
             Arc::new(object_store::memory::InMemory::new()),
             Path::from("log"),
@@ -782,9 +783,7 @@ mod tests {
     /// A log dropped with an hour open (a failed job) leaves no staging file behind.
     #[tokio::test]
     async fn staging_files_are_removed_when_the_log_is_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        let local =
-            Location::parse(dir.path().to_str().unwrap(), &Default::default(), false).unwrap();
+        let (dir, local) = local_dir();
         let mut log = IncidentLog::new(local, anomaly_schema(), usize::MAX);
         log.push(anomalies(0, ROW_GROUP_ROWS + 1)).await.unwrap();
         assert_eq!(files(dir.path()).len(), 1);

@@ -668,9 +668,8 @@ impl ParquetSource {
                 if rows > 0 {
                     files.push(FileInfo {
                         store: Arc::clone(&location.store),
+                        local: location.local_path(&path),
                         path,
-                        local: (location.url.scheme() == "file")
-                            .then(|| std::path::PathBuf::from(&display)),
                         display,
                         size,
                         min_ts,

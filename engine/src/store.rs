@@ -161,11 +161,15 @@ impl Location {
         }
     }
 
-    /// For a location on the local file system, the path on disk of `child` (see
-    /// [`Location::child`]); `None` for other stores.
+    /// For a location on the local file system, the path on disk of `path`, a path of
+    /// its store; `None` for other stores.
+    pub fn local_path(&self, path: &Path) -> Option<std::path::PathBuf> {
+        self.local.as_ref()?.path_to_filesystem(path).ok()
+    }
+
+    /// [`Location::local_path`] of `child` (see [`Location::child`]).
     pub fn local_file(&self, child: &str) -> Option<std::path::PathBuf> {
-        let local = self.local.as_ref()?;
-        local.path_to_filesystem(&self.child(child)).ok()
+        self.local_path(&self.child(child))
     }
 
     /// A human-readable form.
@@ -201,6 +205,11 @@ mod tests {
             plain.sub("x").local_file("a/b.parquet"),
             Some(canonical.join("x/a/b.parquet"))
         );
+        // A directory name with `=`, a space and a `%` maps to itself.
+        let odd = canonical.join("date=1 %2");
+        std::fs::create_dir(&odd).unwrap();
+        let in_odd = Location::parse(odd.to_str().unwrap(), &S3Config::default(), false).unwrap();
+        assert_eq!(in_odd.local_file("f.parquet"), Some(odd.join("f.parquet")));
 
         let created = dir.path().join("new/log");
         Location::parse(created.to_str().unwrap(), &S3Config::default(), true).unwrap();

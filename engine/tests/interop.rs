@@ -58,6 +58,20 @@ async fn list(location: &Location, prefix: &str) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// The anomaly rows of a log, counted by `healer incidents`' query engine.
+async fn count(log: &Location) -> u64 {
+    let batches = query(log, "SELECT count(*) AS n FROM anomalies")
+        .await
+        .unwrap();
+    let n = batches[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<arrow::array::Int64Array>()
+        .unwrap()
+        .value(0);
+    n as u64
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_from_and_to_s3_matches_local() {
     let moto = Moto::start();
@@ -101,16 +115,7 @@ async fn replay_from_and_to_s3_matches_local() {
         "same files, same bytes"
     );
 
-    let batches = query(&remote_log, "SELECT count(*) AS n FROM anomalies")
-        .await
-        .unwrap();
-    let n = batches[0]
-        .column(0)
-        .as_any()
-        .downcast_ref::<arrow::array::Int64Array>()
-        .unwrap()
-        .value(0);
-    assert_eq!(n as u64, s3_summary.metrics.anomalies);
+    assert_eq!(count(&remote_log).await, s3_summary.metrics.anomalies);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,16 +143,11 @@ async fn incident_log_is_readable_by_pyarrow_duckdb_and_polars() {
     let head = std::fs::read(&part).unwrap();
     std::fs::write(written.join(".part-23.parquet#1"), &head[..head.len() / 2]).unwrap();
     let location = Location::parse(&c.sink.out, &S3Config::default(), false).unwrap();
-    let batches = query(&location, "SELECT count(*) AS n FROM anomalies")
-        .await
-        .unwrap();
-    let n = batches[0]
-        .column(0)
-        .as_any()
-        .downcast_ref::<arrow::array::Int64Array>()
-        .unwrap()
-        .value(0);
-    assert_eq!(n as u64, summary.metrics.anomalies, "healer incidents");
+    assert_eq!(
+        count(&location).await,
+        summary.metrics.anomalies,
+        "healer incidents"
+    );
 
     let python = std::env::var("HEALER_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = r#"

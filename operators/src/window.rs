@@ -1187,6 +1187,14 @@ trait RowScreen {
     /// Keeps row `row` of the chunk with its running sums.
     fn keep(&mut self, row: usize, n: f64, shift: f64, s1: f64, s2: f64);
 
+    /// Keeps row `row` of value `x` unless the screen rules it out.
+    #[inline(always)]
+    fn offer(&mut self, row: usize, x: f64, n: f64, shift: f64, s1: f64, s2: f64) {
+        if !self.ruled_out(n, x, shift, s1, s2) {
+            self.keep(row, n, shift, s1, s2);
+        }
+    }
+
     /// The number of rows kept so far.
     fn kept(&self) -> usize;
 
@@ -1232,18 +1240,17 @@ struct Screening<'a> {
 }
 
 impl<'a> Screening<'a> {
+    /// A screen with nothing kept yet (`rows` and `sums` emptied).
     fn new(sc: Screen, margin: f64, rows: &'a mut Vec<u32>, sums: &'a mut Snapshot) -> Self {
-        rows.clear();
-        for v in [&mut sums.n, &mut sums.shift, &mut sums.s1, &mut sums.s2] {
-            v.clear();
-        }
-        Self {
+        let mut screening = Self {
             k2: sc.k * sc.k * margin,
             sample: sc.sample,
             least: if sc.sample { 2.0 } else { 1.0 },
             rows,
             sums,
-        }
+        };
+        screening.truncate(0);
+        screening
     }
 }
 
@@ -2063,10 +2070,7 @@ fn push_rows_plain_body<S: RowScreen>(
                 let s = groups[r] as usize * st.n_args + st.arg;
                 push_row_plain(&mut st, s, x, snap, r);
                 if S::ACTIVE {
-                    let (n, shift, s1, s2) = (snap.n[r], snap.shift[r], snap.s1[r], snap.s2[r]);
-                    if !screen.ruled_out(n, x, shift, s1, s2) {
-                        screen.keep(r, n, shift, s1, s2);
-                    }
+                    screen.offer(r, x, snap.n[r], snap.shift[r], snap.s1[r], snap.s2[r]);
                 }
             }
         }
@@ -2134,9 +2138,8 @@ fn avx2() -> bool {
 /// `row0 ..` of the snapshot, where [`tick_ready`] holds (`full` as it says): the same
 /// arithmetic, written as selects over contiguous columns so that it vectorises. The few
 /// full series whose sums then cancel are recomputed after the pass, as [`push_row_plain`]
-/// would. With an active
-/// `screen`, the rows' sums are screened in the pass, sixteen rows at a time, instead of
-/// being written to the snapshot.
+/// would. With an active `screen`, the rows' sums are screened in the pass, sixteen rows at
+/// a time, instead of being written to the snapshot.
 #[inline(always)]
 fn push_tick<S: RowScreen>(
     st: &mut PlainRows<'_>,
@@ -2264,10 +2267,14 @@ fn push_tick<S: RowScreen>(
             screen.truncate(kept_before);
             for (k, &x) in xs.iter().enumerate() {
                 let s = g + k;
-                let (n, shift, s1, s2) = (cols.n[s], cols.shift[s], cols.s1[s], cols.s2[s]);
-                if !screen.ruled_out(n, x, shift, s1, s2) {
-                    screen.keep(row0 + k, n, shift, s1, s2);
-                }
+                screen.offer(
+                    row0 + k,
+                    x,
+                    cols.n[s],
+                    cols.shift[s],
+                    cols.s1[s],
+                    cols.s2[s],
+                );
             }
         }
     }
