@@ -102,6 +102,11 @@ struct EvalNabArgs {
     /// The NAB folder (`data/`, `labels/`, `results/`).
     #[arg(long)]
     dataset: PathBuf,
+    /// The label windows (NAB's `combined_windows.json` format) instead of the dataset's
+    /// own `labels/combined_windows.json`: for example NAB's full labels for a copy that
+    /// ships only some of them.
+    #[arg(long)]
+    labels: Option<PathBuf>,
     /// Rule files or directories (default: the bundled rules).
     #[arg(long, num_args = 1.., conflicts_with = "scores")]
     rules: Vec<PathBuf>,
@@ -1408,7 +1413,7 @@ async fn diagnose(args: DiagnoseArgs) -> Result<ExitCode> {
 
 async fn eval_nab(args: EvalNabArgs) -> Result<ExitCode> {
     use healer_engine::nab_eval;
-    let series = nab_eval::load(&args.dataset)?;
+    let series = nab_eval::load(&args.dataset, args.labels.as_deref())?;
     let (scores, detector) = match &args.scores {
         Some(dir) => (
             nab_eval::read_results(dir, &series)?,

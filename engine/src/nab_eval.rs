@@ -71,9 +71,15 @@ fn parse_time(s: &str) -> Option<i64> {
     .map(|t| t.and_utc().timestamp_millis())
 }
 
-/// Every series under `<dir>/data`, with its windows from `<dir>/labels/combined_windows.json`.
-pub fn load(dir: &Path) -> Result<Vec<Series>, NabError> {
-    let labels_path = dir.join("labels/combined_windows.json");
+/// Every series under `<dir>/data`, with its windows from `labels`, by default
+/// `<dir>/labels/combined_windows.json`. A labels file that names a series not under
+/// `<dir>/data` is rejected: its windows would silently drop out of the normalisation, and
+/// the scores would not be comparable with NAB's.
+pub fn load(dir: &Path, labels_file: Option<&Path>) -> Result<Vec<Series>, NabError> {
+    let labels_path = labels_file.map_or_else(
+        || dir.join("labels/combined_windows.json"),
+        Path::to_path_buf,
+    );
     let err = |path: &Path, reason: String| NabError::Data {
         path: path.to_path_buf(),
         reason,
@@ -140,6 +146,23 @@ pub fn load(dir: &Path) -> Result<Vec<Series>, NabError> {
             values,
             windows,
         });
+    }
+    let mut unknown: Vec<&str> = labels
+        .keys()
+        .filter(|k| !series.iter().any(|s| &s.key == *k))
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        unknown.sort_unstable();
+        return Err(err(
+            &labels_path,
+            format!(
+                "labels for {} series not under {}: {}",
+                unknown.len(),
+                data.display(),
+                unknown.join(", ")
+            ),
+        ));
     }
     Ok(series)
 }

@@ -625,6 +625,72 @@ fn eval_nab_scores_a_detected_window_and_writes_results() {
 }
 
 #[test]
+fn eval_nab_takes_another_labels_file() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_nab(dir.path());
+    let at = |i: i64| {
+        chrono::DateTime::from_timestamp(1_400_000_000 + i * 300, 0)
+            .unwrap()
+            .format("%Y-%m-%d %H:%M:%S%.6f")
+            .to_string()
+    };
+    // Two windows instead of the dataset's one: the spike's, and one far from it that
+    // nothing flags.
+    let labels = dir.path().join("other_windows.json");
+    std::fs::write(
+        &labels,
+        format!(
+            "{{\"synthetic/spike.csv\": [[\"{}\", \"{}\"], [\"{}\", \"{}\"]]}}",
+            at(1000),
+            at(1100),
+            at(1450),
+            at(1550)
+        ),
+    )
+    .unwrap();
+    let eval = |labels: Option<&std::path::Path>| {
+        let mut cmd = healer();
+        cmd.args(["eval", "nab", "--files", "--dataset"])
+            .arg(dir.path());
+        if let Some(l) = labels {
+            cmd.arg("--labels").arg(l);
+        }
+        cmd.output().unwrap()
+    };
+    let own = succeeded(&eval(None));
+    assert!(own.contains("1 with labels here (1 windows)"), "{own}");
+    let other = succeeded(&eval(Some(&labels)));
+    assert!(other.contains("1 with labels here (2 windows)"), "{other}");
+    let file = other
+        .lines()
+        .find(|l| l.trim_start().starts_with("synthetic/spike.csv"))
+        .unwrap_or_else(|| panic!("{other}"));
+    let fields: Vec<&str> = file.split_whitespace().collect();
+    assert_eq!(
+        fields[1..3],
+        ["1", "1"],
+        "one window detected, one missed: {file}"
+    );
+
+    // Labels of a series the dataset does not hold are rejected, with the series named:
+    // their windows would otherwise drop out of the normalisation unnoticed.
+    std::fs::write(
+        &labels,
+        "{\"synthetic/spike.csv\": [], \"realTweets/Twitter_volume_AAPL.csv\": []}",
+    )
+    .unwrap();
+    let bad = eval(Some(&labels));
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("other_windows.json")
+            && stderr.contains("labels for 1 series not under")
+            && stderr.contains("realTweets/Twitter_volume_AAPL.csv"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn eval_nab_on_the_shared_corpus() {
     let nab = shared_dataset("nab");
     let run = healer()
