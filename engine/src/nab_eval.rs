@@ -140,6 +140,15 @@ pub fn load(dir: &Path, labels_file: Option<&Path>) -> Result<Vec<Series>, NabEr
             ),
             None => None,
         };
+        if let Some(w) = &windows {
+            let reversed = w.iter().any(|(a, b)| a > b);
+            if reversed || w.windows(2).any(|p| p[0].1 >= p[1].0) {
+                return Err(err(
+                    &labels_path,
+                    format!("{key}: windows must be ascending, disjoint and not reversed"),
+                ));
+            }
+        }
         series.push(Series {
             key,
             timestamps,
@@ -394,8 +403,9 @@ pub fn score(series: &[Series], scores: &[Vec<f64>]) -> Result<NabReport, NabErr
         ("reward_low_FP_rate", Profile::reward_low_fp_rate()),
         ("reward_low_FN_rate", Profile::reward_low_fn_rate()),
     ] {
+        // The windows were checked when loaded: what is left to reject is in the scores.
         let r = evaluate(&files, &profile).map_err(|e| NabError::Data {
-            path: PathBuf::from("labels/combined_windows.json"),
+            path: PathBuf::from("anomaly scores"),
             reason: e.to_string(),
         })?;
         if name == "standard" {

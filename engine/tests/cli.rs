@@ -672,6 +672,27 @@ fn eval_nab_takes_another_labels_file() {
         "one window detected, one missed: {file}"
     );
 
+    // Windows out of order are rejected with the labels file and the series.
+    std::fs::write(
+        &labels,
+        format!(
+            "{{\"synthetic/spike.csv\": [[\"{}\", \"{}\"], [\"{}\", \"{}\"]]}}",
+            at(1450),
+            at(1550),
+            at(1000),
+            at(1100)
+        ),
+    )
+    .unwrap();
+    let unordered = eval(Some(&labels));
+    assert!(!unordered.status.success());
+    let stderr = String::from_utf8_lossy(&unordered.stderr);
+    assert!(
+        stderr.contains("other_windows.json")
+            && stderr.contains("synthetic/spike.csv: windows must be ascending"),
+        "{stderr}"
+    );
+
     // Labels of a series the dataset does not hold are rejected, with the series named:
     // their windows would otherwise drop out of the normalisation unnoticed.
     std::fs::write(
