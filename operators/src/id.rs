@@ -12,6 +12,16 @@ const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 const OFFSET_A: u64 = 0xcbf2_9ce4_8422_2325;
 /// A second, unrelated offset basis so the two halves are independent.
 const OFFSET_B: u64 = 0x6c62_272e_07bb_0142;
+/// `FNV_PRIME` to the powers 0 to 8.
+const PRIME_POWERS: [u64; 9] = {
+    let mut p = [1u64; 9];
+    let mut i = 1;
+    while i < 9 {
+        p[i] = p[i - 1].wrapping_mul(FNV_PRIME);
+        i += 1;
+    }
+    p
+};
 
 /// 64-bit FNV-1a of `bytes`: stable across runs, platforms and releases (used to route keys
 /// to workers).
@@ -43,6 +53,18 @@ impl StableHasher {
         Self::default()
     }
 
+    /// Adds the 8 little-endian bytes of `v`. Its high zero bytes leave the xor a no-op, so
+    /// each is one multiplication by the prime, and they fold into one by a power of it:
+    /// the same state as byte by byte, in fewer steps (a length prefix is 7 zero bytes
+    /// out of 8).
+    fn word(&mut self, v: u64) {
+        let significant = (8 - v.leading_zeros() / 8) as usize;
+        self.bytes(&v.to_le_bytes()[..significant]);
+        let p = PRIME_POWERS[8 - significant];
+        self.a = self.a.wrapping_mul(p);
+        self.b = self.b.wrapping_mul(p);
+    }
+
     fn bytes(&mut self, bytes: &[u8]) {
         for &byte in bytes {
             self.a = (self.a ^ u64::from(byte)).wrapping_mul(FNV_PRIME);
@@ -52,14 +74,14 @@ impl StableHasher {
 
     /// Adds a string field (length-prefixed, so `("ab","c")` and `("a","bc")` differ).
     pub fn str(&mut self, s: &str) -> &mut Self {
-        self.bytes(&(s.len() as u64).to_le_bytes());
+        self.word(s.len() as u64);
         self.bytes(s.as_bytes());
         self
     }
 
     /// Adds an integer field.
     pub fn i64(&mut self, v: i64) -> &mut Self {
-        self.bytes(&v.to_le_bytes());
+        self.word(v as u64);
         self
     }
 
@@ -196,6 +218,24 @@ mod tests {
         let mut h = StableHasher::new();
         h.str("x").i64(-5);
         assert_eq!(h.hex(), format!("{:016x}{:016x}", h.a, h.b));
+    }
+
+    #[test]
+    fn words_hash_as_their_bytes() {
+        let bytewise = |v: u64| {
+            let mut h = StableHasher::new();
+            h.str("x").bytes(&v.to_le_bytes());
+            (h.a, h.b)
+        };
+        let mut values = vec![0, 1, 0xff, 0x100, u64::MAX, 1 << 63, 1_735_689_600_000];
+        values.extend((0..64).map(|k| 1u64 << k));
+        values.extend((0..64).map(|k| (1u64 << k) - 1));
+        values.extend((-3i64..3).map(|v| v as u64));
+        for v in values {
+            let mut h = StableHasher::new();
+            h.str("x").word(v);
+            assert_eq!((h.a, h.b), bytewise(v), "{v:#x}");
+        }
     }
 
     #[test]
