@@ -65,10 +65,16 @@ impl StableHasher {
         self.b = self.b.wrapping_mul(p);
     }
 
+    /// One byte into both halves.
+    #[inline(always)]
+    fn byte(&mut self, byte: u8) {
+        self.a = (self.a ^ u64::from(byte)).wrapping_mul(FNV_PRIME);
+        self.b = (self.b ^ u64::from(byte.rotate_left(3))).wrapping_mul(FNV_PRIME);
+    }
+
     fn bytes(&mut self, bytes: &[u8]) {
         for &byte in bytes {
-            self.a = (self.a ^ u64::from(byte)).wrapping_mul(FNV_PRIME);
-            self.b = (self.b ^ u64::from(byte.rotate_left(3))).wrapping_mul(FNV_PRIME);
+            self.byte(byte);
         }
     }
 
@@ -77,10 +83,8 @@ impl StableHasher {
     fn bytes_pair(&mut self, x: &[u8], other: &mut Self, y: &[u8]) {
         let common = x.len().min(y.len());
         for (&p, &q) in x[..common].iter().zip(&y[..common]) {
-            self.a = (self.a ^ u64::from(p)).wrapping_mul(FNV_PRIME);
-            self.b = (self.b ^ u64::from(p.rotate_left(3))).wrapping_mul(FNV_PRIME);
-            other.a = (other.a ^ u64::from(q)).wrapping_mul(FNV_PRIME);
-            other.b = (other.b ^ u64::from(q.rotate_left(3))).wrapping_mul(FNV_PRIME);
+            self.byte(p);
+            other.byte(q);
         }
         self.bytes(&x[common..]);
         other.bytes(&y[common..]);

@@ -12,25 +12,7 @@ use std::time::Instant;
 
 use arrow::array::StringArray;
 use healer_operators::id::{AnomalyIds, StableHasher};
-
-const METRICS: [&str; 16] = [
-    "cpu_percent",
-    "memory_percent",
-    "disk_io_read_mb",
-    "disk_io_write_mb",
-    "network_in_mb",
-    "network_out_mb",
-    "active_connections",
-    "error_rate",
-    "p95_latency_ms",
-    "p99_latency_ms",
-    "request_rate",
-    "cache_hit_rate",
-    "db_connections",
-    "queue_depth",
-    "gc_pause_ms",
-    "thread_count",
-];
+use healer_operators::schema::CANONICAL_METRICS;
 
 fn arg(args: &[String], name: &str, default: usize) -> usize {
     args.iter()
@@ -57,7 +39,9 @@ fn main() {
     let resources = arg(&args, "--resources", 1000);
     let names: Vec<String> = (0..resources).map(|r| format!("res-{r:05}")).collect();
     let resource = StringArray::from_iter_values((0..rows).map(|i| &names[(i * 7) % resources]));
-    let metric = StringArray::from_iter_values((0..rows).map(|i| METRICS[(i * 5) % 16]));
+    let metric = StringArray::from_iter_values(
+        (0..rows).map(|i| CANONICAL_METRICS[(i * 5) % CANONICAL_METRICS.len()]),
+    );
     let ts: Vec<i64> = (0..rows as i64)
         .map(|i| 1_735_689_600_000 + (i / 120) * 1000)
         .collect();
