@@ -1,9 +1,9 @@
 -- The bundled novelty rule (sql/rules/novelty.sql) with a fifth deviation: the LSTM
 -- forecaster's residual, |x − forecast| in units of its 60-sample window's scale, against its
 -- own 99.9th percentile. Measured on NAB (`healer eval nab --rules sql/examples/novelty_lstm.sql`)
--- it scores below the bundled rule on the standard and low-FP profiles (0.1 above on
--- low-FN) and takes about ten times as long, so the bundled rule does without it. Run from
--- the repository root (the model path is relative).
+-- it scores below the bundled rule on all three profiles and takes about ten times as long,
+-- so the bundled rule does without it. Run from the repository root (the model path is
+-- relative).
 CREATE VIEW novelty_lstm AS
 WITH base AS (
     SELECT
@@ -65,27 +65,48 @@ ratios AS (
         ts, resource, metric, value, center, n,
         q_value AS spread,
         -- A lagged sample without a ratio (no spread yet, or a constant history) counts as
-        -- ordinary.
-        greatest(
+        -- ordinary. No ratio during the warm-up.
+        CASE WHEN n >= 300 THEN greatest(
             local_ratio,
             lstm_ratio,
             CASE WHEN coalesce(day_ago_ratio, 0) <= 1 THEN d_day / NULLIF(q_day, 0) END,
             CASE WHEN coalesce(week_ago_ratio, 0) <= 1 THEN d_week / NULLIF(q_week, 0) END
-        ) AS ratio
+        ) END AS ratio
     FROM lag_spreads
 ),
 held AS (
     SELECT
         ts, resource, metric, value, center, n, spread, ratio,
-        MAX(ratio) OVER (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 99 PRECEDING AND CURRENT ROW) AS peak
+        MAX(ratio) OVER last_100   AS peak,
+        MAX(ratio) OVER last_300   AS peak_300,
+        MAX(ratio) OVER last_1000  AS peak_1000,
+        MAX(ratio) OVER last_3000  AS peak_3000,
+        MAX(ratio) OVER history    AS peak_6000
     FROM ratios
+    WINDOW last_100  AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 99 PRECEDING AND CURRENT ROW),
+           last_300  AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 299 PRECEDING AND CURRENT ROW),
+           last_1000 AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 999 PRECEDING AND CURRENT ROW),
+           last_3000 AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 2999 PRECEDING AND CURRENT ROW),
+           history   AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 5999 PRECEDING AND CURRENT ROW)
+),
+surprise AS (
+    SELECT
+        ts, resource, metric, value, center, spread, ratio, peak,
+        ratio * (1 + 0.02 * ln(CASE
+            WHEN ratio >= peak_6000 THEN 60
+            WHEN ratio >= peak_3000 THEN 30
+            WHEN ratio >= peak_1000 THEN 10
+            WHEN ratio >= peak_300  THEN 3
+            ELSE 1
+        END)) AS surprise
+    FROM held
 )
 SELECT
     ts, resource, metric, value,
     ratio AS score,
     CASE WHEN ratio >= 4 THEN 'CRITICAL' WHEN ratio >= 2 THEN 'HIGH' ELSE 'MEDIUM' END AS severity,
-    ratio / (ratio + 0.25) AS confidence,
+    surprise / (surprise + 0.25) AS confidence,
     center - spread AS expected_low,
     center + spread AS expected_high
-FROM held
-WHERE ratio > 1 AND ratio >= peak AND n >= 300;
+FROM surprise
+WHERE ratio > 1 AND ratio >= peak;

@@ -23,12 +23,21 @@
 --
 -- A candidate is reported only when it is the largest ratio of the last 100 samples, so one
 -- event gives one anomaly (its first and strongest samples), not one per sample; and not in
--- a series' first 300 samples, before there is a history to compare with. On stationary
--- data about one sample in a thousand passes.
+-- a series' first 300 samples, before there is a history to compare with (their ratios, from
+-- a percentile of a few hundred samples, take no part in anything below). On stationary data
+-- about one sample in a thousand passes.
 --
--- confidence = ratio / (ratio + 0.25): 0.8 (the decision line) at the 99.9th percentile,
--- 0.89 at twice it, 0.94 at four times. Severity: MEDIUM above the percentile, HIGH at twice,
--- CRITICAL at four times. Expected range: median ± the 99.9th percentile deviation.
+-- How long since the series last went this far: a ratio the series has not reached in the
+-- last 6,000 samples is more surprising than the same ratio 150 samples after a larger one,
+-- in the middle of a burst. The surprise is the ratio times 1 + 0.02 ln(L / 100), where L is
+-- the longest of 100, 300, 1,000, 3,000 and 6,000 samples over which the ratio is the
+-- largest: ×1 within a burst, ×1.082 for a six-thousand-sample record. It moves the
+-- confidence of a candidate, not whether it is one.
+--
+-- confidence = surprise / (surprise + 0.25): 0.8 (the decision line) at the 99.9th
+-- percentile, 0.89 at twice it, 0.94 at four times. Severity, from the ratio: MEDIUM above
+-- the percentile, HIGH at twice, CRITICAL at four times. Expected range: median ± the 99.9th
+-- percentile deviation.
 CREATE VIEW novelty AS
 WITH base AS (
     SELECT
@@ -85,26 +94,47 @@ ratios AS (
         ts, resource, metric, value, center, n,
         q_value AS spread,
         -- A lagged sample without a ratio (no spread yet, or a constant history) counts as
-        -- ordinary.
-        greatest(
+        -- ordinary. No ratio during the warm-up.
+        CASE WHEN n >= 300 THEN greatest(
             local_ratio,
             CASE WHEN coalesce(day_ago_ratio, 0) <= 1 THEN d_day / NULLIF(q_day, 0) END,
             CASE WHEN coalesce(week_ago_ratio, 0) <= 1 THEN d_week / NULLIF(q_week, 0) END
-        ) AS ratio
+        ) END AS ratio
     FROM lag_spreads
 ),
 held AS (
     SELECT
         ts, resource, metric, value, center, n, spread, ratio,
-        MAX(ratio) OVER (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 99 PRECEDING AND CURRENT ROW) AS peak
+        MAX(ratio) OVER last_100   AS peak,
+        MAX(ratio) OVER last_300   AS peak_300,
+        MAX(ratio) OVER last_1000  AS peak_1000,
+        MAX(ratio) OVER last_3000  AS peak_3000,
+        MAX(ratio) OVER history    AS peak_6000
     FROM ratios
+    WINDOW last_100  AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 99 PRECEDING AND CURRENT ROW),
+           last_300  AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 299 PRECEDING AND CURRENT ROW),
+           last_1000 AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 999 PRECEDING AND CURRENT ROW),
+           last_3000 AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 2999 PRECEDING AND CURRENT ROW),
+           history   AS (PARTITION BY resource, metric ORDER BY ts ROWS BETWEEN 5999 PRECEDING AND CURRENT ROW)
+),
+surprise AS (
+    SELECT
+        ts, resource, metric, value, center, spread, ratio, peak,
+        ratio * (1 + 0.02 * ln(CASE
+            WHEN ratio >= peak_6000 THEN 60
+            WHEN ratio >= peak_3000 THEN 30
+            WHEN ratio >= peak_1000 THEN 10
+            WHEN ratio >= peak_300  THEN 3
+            ELSE 1
+        END)) AS surprise
+    FROM held
 )
 SELECT
     ts, resource, metric, value,
     ratio AS score,
     CASE WHEN ratio >= 4 THEN 'CRITICAL' WHEN ratio >= 2 THEN 'HIGH' ELSE 'MEDIUM' END AS severity,
-    ratio / (ratio + 0.25) AS confidence,
+    surprise / (surprise + 0.25) AS confidence,
     center - spread AS expected_low,
     center + spread AS expected_high
-FROM held
-WHERE ratio > 1 AND ratio >= peak AND n >= 300;
+FROM surprise
+WHERE ratio > 1 AND ratio >= peak;

@@ -191,6 +191,14 @@ fn numbers(batch: &RecordBatch, name: &str) -> Vec<Option<f64>> {
 /// The novelty rule over `input` (one metric, `cpu_percent`): (row of the series, confidence)
 /// of every anomaly of resource `host-0`.
 fn novelty(input: &RecordBatch) -> Vec<(usize, f64)> {
+    novelty_scored(input)
+        .into_iter()
+        .map(|(row, _, confidence)| (row, confidence))
+        .collect()
+}
+
+/// [`novelty`] with each anomaly's score (its ratio): (row, score, confidence).
+fn novelty_scored(input: &RecordBatch) -> Vec<(usize, f64, f64)> {
     let rule = compile(RuleCompiler::try_new(schema()).unwrap(), NOVELTY);
     let mut instance = rule.instantiate().unwrap();
     let samples = Unpivot::try_new(&input.schema())
@@ -208,12 +216,13 @@ fn novelty(input: &RecordBatch) -> Vec<(usize, f64)> {
         .unwrap()
         .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
     let resource = out.column_by_name("resource").unwrap().as_string::<i32>();
+    let score = f64s(&out, "score");
     let confidence = f64s(&out, "confidence");
     (0..out.num_rows())
         .filter(|&i| resource.value(i) == "host-0")
         .map(|i| {
             let row = ((ts.value(i) - start) / 60_000) as usize;
-            (row, confidence[i].unwrap())
+            (row, score[i].unwrap(), confidence[i].unwrap())
         })
         .collect()
 }
@@ -284,4 +293,38 @@ fn novelty_does_not_flag_a_past_spike_again_a_day_or_a_week_later() {
             "echo at {echo}: {flags:?}"
         );
     }
+}
+
+#[test]
+fn novelty_is_more_confident_of_a_record_than_of_a_burst_s_second_peak() {
+    // Light noise, then two spikes 150 rows apart: the second, half the first, is the largest
+    // ratio of its last 100 rows, so it is reported, but not of its last 300.
+    let mut u = noise(9);
+    let input = series(1, 3_400, |_, t| {
+        let mut v = 50.0 + u();
+        if t == 3_000 {
+            v += 20.0;
+        }
+        if t == 3_150 {
+            v += 10.0;
+        }
+        Some(v)
+    });
+    let flags = novelty_scored(&input);
+    let at = |row: usize| {
+        flags
+            .iter()
+            .find(|&&(r, _, _)| r == row)
+            .copied()
+            .unwrap_or_else(|| panic!("no anomaly at row {row}: {flags:?}"))
+    };
+    let confidence = |surprise: f64| surprise / (surprise + 0.25);
+    // The first spike is the largest ratio of the whole history: ×(1 + 0.02 ln 60).
+    let (_, ratio, c) = at(3_000);
+    assert!(ratio > 10.0, "{flags:?}");
+    assert!((c - confidence(ratio * (1.0 + 0.02 * 60f64.ln()))).abs() < 1e-6, "{flags:?}");
+    // The second is within 300 rows of a larger ratio: the confidence is the ratio's own.
+    let (_, ratio, c) = at(3_150);
+    assert!(ratio > 1.0, "{flags:?}");
+    assert!((c - confidence(ratio)).abs() < 1e-12, "{flags:?}");
 }
