@@ -45,9 +45,10 @@
 //! them. Other quantiles keep the argument's present values sorted ([`SortedBlocks`]), one
 //! more `n + 1` values per series, each row costing a search and a move within one block of
 //! at most 256 values plus a walk over the block lengths. A restored series rebuilds either
-//! from its ring. An operator whose every aggregate keeps only top candidates never reads a
-//! value back from its frame (candidates leave by sequence number): it keeps one presence bit
-//! per row instead of the ring, and saves its candidates.
+//! from its ring. An operator whose every aggregate keeps only top candidates, or is a `MIN`
+//! or `MAX` (whose monotonic deques hold their candidates), never reads a value back from its
+//! frame (candidates leave by sequence number): it keeps one presence bit per row instead of
+//! the ring, and saves its candidates.
 //!
 //! # Missing values
 //! NULL and NaN inputs are both *missing*: they occupy a row of the frame but are ignored by
@@ -412,10 +413,10 @@ pub struct WindowOperator {
     /// oldest first.
     timed: Vec<VecDeque<(i64, f64)>>,
     /// Words per series of `present`; 0 unless every aggregate is a quantile that keeps only
-    /// its top candidates ([`Order::Top`]). Such an operator never reads a value back from
-    /// its frame (candidates are evicted by sequence number), so instead of a ring of values
-    /// it keeps one bit per row of the frame, whether the row held a value: 1/64 of the
-    /// memory.
+    /// its top candidates ([`Order::Top`]), a `MIN` or a `MAX`. Such an operator never reads
+    /// a value back from its frame (candidates are evicted by sequence number), so instead of
+    /// a ring of values it keeps one bit per row of the frame, whether the row held a value:
+    /// 1/64 of the memory.
     presence_words: usize,
     /// The presence bits of every series, `presence_words` per series, bit `k` for ring
     /// slot `k`.
@@ -524,8 +525,10 @@ impl WindowOperator {
         }
         let presence_only = matches!(frame, Frame::Rows { .. })
             && !aggregates.is_empty()
-            && aggregates.iter().all(|a| {
-                matches!(a.kind, AggKind::Quantile(_)) && matches!(ordered[a.arg], Order::Top(_))
+            && aggregates.iter().all(|a| match a.kind {
+                AggKind::Quantile(_) => matches!(ordered[a.arg], Order::Top(_)),
+                AggKind::Min | AggKind::Max => true,
+                _ => false,
             });
         let presence_words = if presence_only {
             frame.capacity().div_ceil(64)
@@ -771,7 +774,8 @@ impl WindowOperator {
                     }
                     Frame::Rows { .. } if self.presence_words > 0 => {
                         let words = self.presence_words;
-                        push_presence(series, &mut self.present[s * words..][..words], cap, x);
+                        let bits = &mut self.present[s * words..][..words];
+                        push_presence(series, bits, cap, x, ext.as_deref_mut());
                     }
                     Frame::Rows { .. } => push_bounded(
                         series,
@@ -1553,10 +1557,8 @@ impl WindowOperator {
                 };
                 let (present, top) = if words > 0 {
                     let s = base + a;
-                    (
-                        self.present[s * words..][..words].to_vec(),
-                        Some(self.tops[s].live()),
-                    )
+                    let top = matches!(self.ordered[a], Order::Top(_)).then(|| self.tops[s].live());
+                    (self.present[s * words..][..words].to_vec(), top)
                 } else {
                     (Vec::new(), None)
                 };
@@ -1612,7 +1614,8 @@ impl WindowOperator {
                 if s.capacity != cap
                     || s.present.len() != self.presence_words
                     || !s.ring.is_empty()
-                    || top_k.is_none()
+                    || top_k.is_none() != want_k.is_none()
+                    || s.top.is_some() != want_k.is_some()
                     || (top_k != want_k && s.top.as_ref().is_some_and(|t| !t.is_empty()))
                 {
                     return Err(OperatorError::InvalidInput(format!(
@@ -1657,13 +1660,18 @@ impl WindowOperator {
                 let words = self.presence_words;
                 let s = base + a;
                 self.present[s * words..][..words].copy_from_slice(&saved.present);
-                let top = saved.top.as_ref().expect("checked above");
-                // No candidate left: nothing was chosen for the saved `k`.
-                self.tops[s] = if !top.is_empty() {
-                    top.clone()
-                } else {
-                    TopK::default()
-                };
+                if let Some(top) = &saved.top {
+                    // No candidate left: nothing was chosen for the saved `k`.
+                    self.tops[s] = if !top.is_empty() {
+                        top.clone()
+                    } else {
+                        TopK::default()
+                    };
+                }
+                if let Some(e) = self.extremes.get_mut(s) {
+                    e.min = saved.min.iter().copied().collect();
+                    e.max = saved.max.iter().copied().collect();
+                }
                 continue;
             }
             if timed {
@@ -1821,6 +1829,18 @@ fn finish(snap: &Snapshot, rows: usize, frame: Frame, kind: AggKind) -> ArrayRef
     out.finish()
 }
 
+impl Extrema {
+    /// Drops the candidates older than sequence number `first`, the frame's oldest row.
+    fn evict_before(&mut self, first: u64) {
+        while self.min.front().is_some_and(|&(s, _)| s < first) {
+            self.min.pop_front();
+        }
+        while self.max.front().is_some_and(|&(s, _)| s < first) {
+            self.max.pop_front();
+        }
+    }
+}
+
 fn push_extrema(e: &mut Extrema, seq: u64, x: f64) {
     if x.is_nan() {
         return;
@@ -1889,13 +1909,7 @@ impl Series {
         if let Some(e) = extrema {
             push_extrema(e, self.seq, x);
             // The frame holds sequence numbers (seq + 1 - rows ..= seq].
-            let first = self.seq + 1 - self.rows as u64;
-            while e.min.front().is_some_and(|&(s, _)| s < first) {
-                e.min.pop_front();
-            }
-            while e.max.front().is_some_and(|&(s, _)| s < first) {
-                e.max.pop_front();
-            }
+            e.evict_before(self.seq + 1 - self.rows as u64);
         }
         self.seq += 1;
     }
@@ -1962,8 +1976,14 @@ fn push_timed(
 }
 
 /// [`push_bounded`] for an operator that keeps presence bits instead of values (see
-/// `WindowOperator::presence_words`): only the row and value counts.
-fn push_presence(series: &mut Series, bits: &mut [u64], cap: usize, x: f64) {
+/// `WindowOperator::presence_words`): only the row and value counts, and `extrema`.
+fn push_presence(
+    series: &mut Series,
+    bits: &mut [u64],
+    cap: usize,
+    x: f64,
+    extrema: Option<&mut Extrema>,
+) {
     let (word, bit) = (series.head / 64, 1u64 << (series.head % 64));
     if series.rows == cap {
         if bits[word] & bit != 0 {
@@ -1983,6 +2003,10 @@ fn push_presence(series: &mut Series, bits: &mut [u64], cap: usize, x: f64) {
         series.head + 1
     };
     series.rows += 1;
+    if let Some(e) = extrema {
+        push_extrema(e, series.seq, x);
+        e.evict_before(series.seq + 1 - series.rows as u64);
+    }
     series.seq += 1;
 }
 
@@ -3419,6 +3443,85 @@ mod state_tests {
         feed_twice(&mut presence, &xs[..10]);
         let saved = presence.export_group(0, vec![]).unwrap();
         assert!(values.import_group(0, &saved).is_err());
+    }
+
+    /// `MIN` and `MAX` (alone, or beside a top-candidate quantile) keep presence bits too:
+    /// the same results as an operator that keeps a ring of values, over several series,
+    /// missing values and batches holding one series, and bit for bit after a save and
+    /// restore at any cut. A ring's state does not fit them.
+    #[test]
+    fn min_and_max_keep_presence_bits() {
+        let frame = Frame::Rows { preceding: 199 };
+        let mut random = crate::test_randoms(11);
+        let xs: Vec<Option<f64>> = (0..1_200)
+            .map(|t| {
+                let v = ((random() >> 40) % 1_000) as f64 - if t > 700 { 400.0 } else { 0.0 };
+                (t % 29 != 5 && !(300..520).contains(&t)).then_some(v)
+            })
+            .collect();
+        let agg = |kind, arg| Aggregate { kind, arg };
+        let high = AggKind::Quantile(Level::new(0.999).unwrap());
+        for aggregates in [
+            vec![agg(AggKind::Max, 0), agg(AggKind::Min, 1)],
+            vec![agg(AggKind::Max, 0), agg(high, 1), agg(AggKind::Min, 1)],
+        ] {
+            let op = || WindowOperator::try_new(frame, 2, aggregates.clone()).unwrap();
+            let mut bits = op();
+            // A COUNT makes an operator keep the ring of values.
+            let mut with_count = aggregates.clone();
+            with_count.push(agg(AggKind::Count, 0));
+            with_count.push(agg(AggKind::Count, 1));
+            let mut ring = WindowOperator::try_new(frame, 2, with_count).unwrap();
+            assert!(bits.presence_words > 0 && bits.slab.is_empty());
+            assert_eq!(ring.presence_words, 0);
+            for (b, part) in xs.chunks(89).enumerate() {
+                let groups: Vec<u32> = (0..part.len())
+                    .map(|i| if b % 3 == 1 { 0 } else { (i % 3) as u32 })
+                    .collect();
+                let x = Float64Array::from(part.to_vec());
+                let args = [x.clone(), x];
+                let got = bits.process(&groups, &args).unwrap();
+                let want = ring.process(&groups, &args).unwrap();
+                for (a, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(g, w, "aggregate {a}, batch {b}");
+                }
+            }
+            let whole = feed_twice(&mut op(), &xs);
+            for cut in [1, 199, 200, 450, 900] {
+                let mut first = op();
+                let head = feed_twice(&mut first, &xs[..cut]);
+                let state = first.export_group(0, vec![]).unwrap();
+                let bytes = postcard::to_stdvec(&state).unwrap();
+                let state: GroupState = postcard::from_bytes(&bytes).unwrap();
+                let mut restored = op();
+                restored.import_group(0, &state).unwrap();
+                let tail = feed_twice(&mut restored, &xs[cut..]);
+                for (w, (h, t)) in whole.iter().zip(head.iter().zip(&tail)) {
+                    let joined: Vec<Option<u64>> = h.iter().chain(t).copied().collect();
+                    assert_eq!(w, &joined, "cut {cut}");
+                }
+                let saved = ring.export_group(0, vec![]).unwrap();
+                assert!(op().import_group(0, &saved).is_err());
+            }
+        }
+        // A quantile's saved candidates do not fit a MAX, nor the reverse.
+        let max_only = || WindowOperator::try_new(frame, 1, vec![agg(AggKind::Max, 0)]).unwrap();
+        let quantile = || WindowOperator::try_new(frame, 1, vec![agg(high, 0)]).unwrap();
+        let x = Float64Array::from(xs[..50].to_vec());
+        let mut q = quantile();
+        q.process(&[0; 50], std::slice::from_ref(&x)).unwrap();
+        assert!(
+            max_only()
+                .import_group(0, &q.export_group(0, vec![]).unwrap())
+                .is_err()
+        );
+        let mut m = max_only();
+        m.process(&[0; 50], &[x]).unwrap();
+        assert!(
+            quantile()
+                .import_group(0, &m.export_group(0, vec![]).unwrap())
+                .is_err()
+        );
     }
 
     /// Large frames: the median sorts the whole frame in blocks, a lone 99.9th percentile

@@ -322,7 +322,10 @@ fn novelty_is_more_confident_of_a_record_than_of_a_burst_s_second_peak() {
     // The first spike is the largest ratio of the whole history: ×(1 + 0.02 ln 60).
     let (_, ratio, c) = at(3_000);
     assert!(ratio > 10.0, "{flags:?}");
-    assert!((c - confidence(ratio * (1.0 + 0.02 * 60f64.ln()))).abs() < 1e-6, "{flags:?}");
+    assert!(
+        (c - confidence(ratio * (1.0 + 0.02 * 60f64.ln()))).abs() < 1e-6,
+        "{flags:?}"
+    );
     // The second is within 300 rows of a larger ratio: the confidence is the ratio's own.
     let (_, ratio, c) = at(3_150);
     assert!(ratio > 1.0, "{flags:?}");
