@@ -194,8 +194,12 @@ impl AggKind {
         })
     }
 
-    fn needs_extrema(self) -> bool {
-        matches!(self, AggKind::Min | AggKind::Max)
+    /// The ends of the frame's values this kind reads.
+    fn extrema_sides(self) -> Sides {
+        Sides {
+            min: self == AggKind::Min,
+            max: self == AggKind::Max,
+        }
     }
 
     /// Whether the kind is defined over bounded frames only.
@@ -361,11 +365,26 @@ enum Order {
 /// whole frame.
 const TOP_K_LIMIT: usize = 64;
 
-/// Monotonic deques of (seq, value) for MIN / MAX of one series, kept only when needed.
+/// Monotonic deques of (seq, value) for MIN / MAX of one series, kept only when needed;
+/// a deque no aggregate reads stays empty.
 #[derive(Debug, Clone, Default)]
 struct Extrema {
     min: VecDeque<(u64, f64)>,
     max: VecDeque<(u64, f64)>,
+    sides: Sides,
+}
+
+/// Which ends of an argument's values its aggregates read: `MIN`, `MAX`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Sides {
+    min: bool,
+    max: bool,
+}
+
+impl Sides {
+    fn any(self) -> bool {
+        self.min || self.max
+    }
 }
 
 /// Keyed incremental window aggregates over one frame. See the [module docs](self).
@@ -374,8 +393,8 @@ pub struct WindowOperator {
     frame: Frame,
     n_args: usize,
     aggregates: Vec<Aggregate>,
-    /// Per argument: whether MIN/MAX deques must be maintained.
-    extrema: Vec<bool>,
+    /// Per argument: which MIN/MAX deques must be maintained.
+    extrema: Vec<Sides>,
     /// The running statistics of series `group * n_args + arg` whose argument is not
     /// plain (see `plain`): one cache line each, for the general path's row-by-row access.
     series: Vec<Series>,
@@ -505,11 +524,13 @@ impl WindowOperator {
                 a.kind
             )));
         }
-        let mut extrema = vec![false; n_args];
+        let mut extrema = vec![Sides::default(); n_args];
         let mut ordered = vec![Order::None; n_args];
         let mut plain = vec![true; n_args];
         for a in &aggregates {
-            extrema[a.arg] |= a.kind.needs_extrema();
+            let sides = a.kind.extrema_sides();
+            extrema[a.arg].min |= sides.min;
+            extrema[a.arg].max |= sides.max;
             plain[a.arg] &= a.kind.is_plain();
             if let AggKind::Quantile(q) = a.kind {
                 let k = top_k_for(q.get(), frame.capacity());
@@ -593,8 +614,14 @@ impl WindowOperator {
             if (0..self.n_args).any(|a| !self.columnar(a)) {
                 self.series.resize_with(needed, Series::default);
             }
-            if self.extrema.iter().any(|e| *e) {
-                self.extremes.resize_with(needed, Extrema::default);
+            if self.extrema.iter().any(|e| e.any()) {
+                let n_args = self.n_args;
+                let sides = &self.extrema;
+                self.extremes
+                    .extend((self.extremes.len()..needed).map(|s| Extrema {
+                        sides: sides[s % n_args],
+                        ..Extrema::default()
+                    }));
             }
             if self.ordered.contains(&Order::Sorted) {
                 self.sorted.resize_with(needed, SortedBlocks::default);
@@ -701,7 +728,7 @@ impl WindowOperator {
             if !self.aggregates.iter().any(|a| a.arg == arg) {
                 continue;
             }
-            let extrema = self.extrema[arg];
+            let extrema = self.extrema[arg].any();
             let forecast = self.forecast_args[arg];
             let ordered = self.ordered[arg];
             let first_value = self
@@ -1845,14 +1872,18 @@ fn push_extrema(e: &mut Extrema, seq: u64, x: f64) {
     if x.is_nan() {
         return;
     }
-    while e.min.back().is_some_and(|&(_, v)| v >= x) {
-        e.min.pop_back();
+    if e.sides.min {
+        while e.min.back().is_some_and(|&(_, v)| v >= x) {
+            e.min.pop_back();
+        }
+        e.min.push_back((seq, x));
     }
-    e.min.push_back((seq, x));
-    while e.max.back().is_some_and(|&(_, v)| v <= x) {
-        e.max.pop_back();
+    if e.sides.max {
+        while e.max.back().is_some_and(|&(_, v)| v <= x) {
+            e.max.pop_back();
+        }
+        e.max.push_back((seq, x));
     }
-    e.max.push_back((seq, x));
 }
 
 /// The ring of one series inside the slot-major slab.
@@ -2412,11 +2443,11 @@ fn push_unbounded(series: &mut Series, x: f64, extrema: Option<&mut Extrema>) {
         series.s1 += x;
         if let Some(e) = extrema {
             // Unbounded frames never evict: the deques hold just the extremes.
-            if e.min.front().is_none_or(|&(_, v)| x < v) {
+            if e.sides.min && e.min.front().is_none_or(|&(_, v)| x < v) {
                 e.min.clear();
                 e.min.push_back((series.seq, x));
             }
-            if e.max.front().is_none_or(|&(_, v)| x > v) {
+            if e.sides.max && e.max.front().is_none_or(|&(_, v)| x > v) {
                 e.max.clear();
                 e.max.push_back((series.seq, x));
             }
