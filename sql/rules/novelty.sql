@@ -2,8 +2,8 @@
 -- the series' recent median further than the series has in the last 6,000 samples, except
 -- one time in a thousand.
 --
--- Four deviations, three from the median of the last 6,000 samples (the current one
--- included):
+-- Four deviations, two from the median of the last 6,000 samples (the current one
+-- included) and two from a lagged sample:
 --   * d_value  |x − median|, a spike or a level beyond what the series does;
 --   * d_recent |mean of the last 5 − median|, a smaller shift that persists (noise averages
 --              out over 5 samples, a shift does not);
@@ -23,21 +23,22 @@
 --
 -- A candidate is reported only when it is the largest ratio of the last 100 samples, so one
 -- event gives one anomaly (its first and strongest samples), not one per sample; and not in
--- a series' first 300 samples, before there is a history to compare with (their ratios, from
--- a percentile of a few hundred samples, take no part in anything below). On stationary data
--- about one sample in a thousand passes.
+-- a series' first 299 samples, before there is a history to compare with (their ratios, from
+-- a percentile of a few hundred samples, take no part in the surprise below). On stationary
+-- data about one sample in a thousand passes.
 --
 -- How long since the series last went this far: a ratio the series has not reached in the
 -- last 6,000 samples is more surprising than the same ratio 150 samples after a larger one,
 -- in the middle of a burst. The surprise is the ratio times 1 + 0.02 ln(L / 100), where L is
 -- the longest of 100, 300, 1,000, 3,000 and 6,000 samples over which the ratio is the
--- largest: ×1 within a burst, ×1.082 for a six-thousand-sample record. It moves the
--- confidence of a candidate, not whether it is one.
+-- largest: ×1 within a burst, ×1.082 for a six-thousand-sample record (on a younger series,
+-- the largest since the warm-up). It moves the confidence of a candidate, not whether it is
+-- one.
 --
--- confidence = surprise / (surprise + 0.25): 0.8 (the decision line) at the 99.9th
--- percentile, 0.89 at twice it, 0.94 at four times. Severity, from the ratio: MEDIUM above
--- the percentile, HIGH at twice, CRITICAL at four times. Expected range: median ± the 99.9th
--- percentile deviation.
+-- confidence = surprise / (surprise + 0.25): 0.80–0.81 at the 99.9th percentile, 0.89–0.90
+-- at twice it, 0.94–0.95 at four times (the higher figure for a record). Severity, from the
+-- ratio: MEDIUM above the percentile, HIGH at twice, CRITICAL at four times. Expected range:
+-- median ± the 99.9th percentile deviation.
 CREATE VIEW novelty AS
 WITH base AS (
     SELECT
