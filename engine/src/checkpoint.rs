@@ -33,10 +33,12 @@ use tokio::sync::{mpsc, watch};
 use crate::gate::GateState;
 use crate::store::Location;
 
-/// Format version of checkpoint objects. 3: window state of `RANGE` frames (event times),
-/// and of operators that keep presence bits and their quantiles' candidates instead of
-/// values (2 was used by development builds with an earlier layout of these).
-pub const CHECKPOINT_VERSION: u32 = 3;
+/// Format version of checkpoint objects. 4: window operators of `MIN`s and `MAX`s keep
+/// presence bits and their deques instead of a ring of values. 3: window state of `RANGE`
+/// frames (event times), and of operators that keep presence bits and their quantiles'
+/// candidates instead of values (2 was used by development builds with an earlier layout
+/// of these).
+pub const CHECKPOINT_VERSION: u32 = 4;
 
 /// Decodes a checkpoint object read from `path`, checking its format version first so
 /// that one written by another version of healer is reported as such.
@@ -454,7 +456,7 @@ mod tests {
             .to_string();
         assert!(
             e.contains("chk-7.bin")
-                && e.contains("checkpoint format version 1, this healer reads version 3"),
+                && e.contains("checkpoint format version 1, this healer reads version 4"),
             "{e}"
         );
         assert!(decode_checkpoint(&[], "empty").is_err());
