@@ -16,6 +16,7 @@ mod common;
 use common::{cpu_batch, f64s, run, schema};
 
 const NOVELTY: &str = include_str!("../rules/novelty.sql");
+const NOVELTY_TIME_LAGS: &str = include_str!("../examples/novelty_time_lags.sql");
 
 /// A deterministic uniform in [-0.5, 0.5).
 fn noise(seed: u64) -> impl FnMut() -> f64 {
@@ -33,12 +34,22 @@ fn noise(seed: u64) -> impl FnMut() -> f64 {
 fn series(
     resources: usize,
     rows: i64,
+    value: impl FnMut(usize, i64) -> Option<f64>,
+) -> RecordBatch {
+    series_every(60_000, resources, rows, value)
+}
+
+/// [`series`] with one sample every `step_ms`.
+fn series_every(
+    step_ms: i64,
+    resources: usize,
+    rows: i64,
     mut value: impl FnMut(usize, i64) -> Option<f64>,
 ) -> RecordBatch {
     let (mut ts, mut res, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
     for t in 0..rows {
         for r in 0..resources {
-            ts.push(1_700_000_000_000 + t * 60_000);
+            ts.push(1_700_000_000_000 + t * step_ms);
             res.push(format!("host-{r}"));
             cpu.push(value(r, t));
         }
@@ -330,4 +341,70 @@ fn novelty_is_more_confident_of_a_record_than_of_a_burst_s_second_peak() {
     let (_, ratio, c) = at(3_150);
     assert!(ratio > 1.0, "{flags:?}");
     assert!((c - confidence(ratio)).abs() < 1e-12, "{flags:?}");
+}
+
+/// The anomalies of the rule in `sql` over `input` (one metric, `cpu_percent`).
+fn anomalies(sql: &str, input: &RecordBatch) -> RecordBatch {
+    let rule = compile(RuleCompiler::try_new(schema()).unwrap(), sql);
+    let samples = Unpivot::try_new(&input.schema())
+        .unwrap()
+        .apply(input)
+        .unwrap();
+    rule.instantiate().unwrap().anomalies(samples).unwrap()
+}
+
+#[test]
+fn time_lags_give_the_row_lags_rows_at_five_minute_sampling() {
+    // Two series every 5 minutes, a daily cycle (288 rows), light noise, a spike, a break of
+    // the cycle within its range and a level shift: the day and week lags in time are the
+    // samples 288 and 2,016 rows back, so the example flags exactly what the bundled rule does.
+    let mut u = noise(17);
+    let input = series_every(300_000, 2, 6_000, |r, t| {
+        let daily = 10.0 * (t as f64 * std::f64::consts::TAU / 288.0).sin();
+        let mut v = 50.0 + daily + 2.0 * u();
+        if r == 0 && t == 2_600 {
+            v += 30.0;
+        }
+        if r == 1 && (3_500..3_560).contains(&t) {
+            v -= 2.0 * daily;
+        }
+        if r == 1 && t >= 5_000 {
+            v += 25.0;
+        }
+        Some(v)
+    });
+    let rows = anomalies(NOVELTY, &input);
+    let time = anomalies(NOVELTY_TIME_LAGS, &input);
+    // The break of the cycle is flagged (by a lag: it stays within the series' range).
+    let ts = rows
+        .column_by_name("ts")
+        .unwrap()
+        .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+    let resource = rows.column_by_name("resource").unwrap().as_string::<i32>();
+    let in_break = |i: usize| {
+        let t = (ts.value(i) - 1_700_000_000_000) / 300_000;
+        resource.value(i) == "host-1" && (3_500..3_560).contains(&t)
+    };
+    assert!((0..rows.num_rows()).any(in_break), "{rows:?}");
+    assert_eq!(time.num_rows(), rows.num_rows());
+    for column in ["ts", "resource", "metric", "score", "confidence"] {
+        assert_eq!(
+            time.column_by_name(column).unwrap(),
+            rows.column_by_name(column).unwrap(),
+            "{column}"
+        );
+    }
+    // Sampled every minute, the same values put the time lags 1,440 and 10,080 rows back:
+    // the two rules see different baselines and do not flag the same rows.
+    let mut u = noise(17);
+    let minutes = series_every(60_000, 1, 6_000, |_, t| {
+        let daily = 10.0 * (t as f64 * std::f64::consts::TAU / 288.0).sin();
+        Some(50.0 + daily + 2.0 * u() + if t >= 3_000 { 2.0 * daily } else { 0.0 })
+    });
+    assert_ne!(
+        anomalies(NOVELTY, &minutes).column_by_name("ts").unwrap(),
+        anomalies(NOVELTY_TIME_LAGS, &minutes)
+            .column_by_name("ts")
+            .unwrap(),
+    );
 }
