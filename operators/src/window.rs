@@ -1638,12 +1638,17 @@ impl WindowOperator {
                     _ => None,
                 };
                 let top_k = s.top.as_ref().filter(|t| t.is_consistent()).map(TopK::k);
+                // A quantile's candidates for the same `k` (or none left); no candidates for
+                // an argument of MIN/MAX only.
+                let top_fits = match (want_k, &s.top) {
+                    (Some(k), Some(top)) => top_k == Some(k) || top_k.is_some() && top.is_empty(),
+                    (None, None) => true,
+                    _ => false,
+                };
                 if s.capacity != cap
                     || s.present.len() != self.presence_words
                     || !s.ring.is_empty()
-                    || top_k.is_none() != want_k.is_none()
-                    || s.top.is_some() != want_k.is_some()
-                    || (top_k != want_k && s.top.as_ref().is_some_and(|t| !t.is_empty()))
+                    || !top_fits
                 {
                     return Err(OperatorError::InvalidInput(format!(
                         "saved window state does not fit: a frame of {} rows with {} candidates \
@@ -3103,6 +3108,31 @@ mod state_tests {
         bits(&op.process(&vec![0; rows.len()], &[x.clone(), x]).unwrap())
     }
 
+    /// Cut `xs` at each of `cuts`: the rows before it through a fresh `op()`, its group saved
+    /// through the wire format and restored into another fresh `op()`, the rows after it
+    /// there. Together they must give `whole` (the outputs of `xs` in one go) bit for bit.
+    fn continues_after_restore(
+        op: impl Fn() -> WindowOperator,
+        xs: &[Option<f64>],
+        whole: &Bits,
+        cuts: &[usize],
+    ) {
+        for &cut in cuts {
+            let mut first = op();
+            let head = feed_twice(&mut first, &xs[..cut]);
+            let state = first.export_group(0, vec![]).unwrap();
+            let bytes = postcard::to_stdvec(&state).unwrap();
+            let state: GroupState = postcard::from_bytes(&bytes).unwrap();
+            let mut restored = op();
+            restored.import_group(0, &state).unwrap();
+            let tail = feed_twice(&mut restored, &xs[cut..]);
+            for (w, (h, t)) in whole.iter().zip(head.iter().zip(&tail)) {
+                let joined: Vec<Option<u64>> = h.iter().chain(t).copied().collect();
+                assert_eq!(w, &joined, "cut {cut}");
+            }
+        }
+    }
+
     /// Every kind but forecasts; over bounded frames also quantiles and the first value.
     fn all_aggregates(frame: Frame) -> Vec<Aggregate> {
         let mut kinds = vec![
@@ -3415,20 +3445,7 @@ mod state_tests {
             let expected: Vec<Option<u64>> = expected.iter().map(|v| v.map(f64::to_bits)).collect();
             assert_eq!(out, &expected, "{agg:?}");
         }
-        for cut in [1, 299, 300, 620, 1_000] {
-            let mut first = op();
-            let head = feed_twice(&mut first, &xs[..cut]);
-            let state = first.export_group(0, vec![]).unwrap();
-            let bytes = postcard::to_stdvec(&state).unwrap();
-            let state: GroupState = postcard::from_bytes(&bytes).unwrap();
-            let mut restored = op();
-            restored.import_group(0, &state).unwrap();
-            let tail = feed_twice(&mut restored, &xs[cut..]);
-            for (w, (h, t)) in whole.iter().zip(head.iter().zip(&tail)) {
-                let joined: Vec<Option<u64>> = h.iter().chain(t).copied().collect();
-                assert_eq!(w, &joined, "cut {cut}");
-            }
-        }
+        continues_after_restore(op, &xs, &whole, &[1, 299, 300, 620, 1_000]);
         // Several series, and batches that hold only the first of them: the same quantiles
         // as an operator that keeps values (a COUNT makes it keep them).
         let q = aggregates[0];
@@ -3518,22 +3535,9 @@ mod state_tests {
                 }
             }
             let whole = feed_twice(&mut op(), &xs);
-            for cut in [1, 199, 200, 450, 900] {
-                let mut first = op();
-                let head = feed_twice(&mut first, &xs[..cut]);
-                let state = first.export_group(0, vec![]).unwrap();
-                let bytes = postcard::to_stdvec(&state).unwrap();
-                let state: GroupState = postcard::from_bytes(&bytes).unwrap();
-                let mut restored = op();
-                restored.import_group(0, &state).unwrap();
-                let tail = feed_twice(&mut restored, &xs[cut..]);
-                for (w, (h, t)) in whole.iter().zip(head.iter().zip(&tail)) {
-                    let joined: Vec<Option<u64>> = h.iter().chain(t).copied().collect();
-                    assert_eq!(w, &joined, "cut {cut}");
-                }
-                let saved = ring.export_group(0, vec![]).unwrap();
-                assert!(op().import_group(0, &saved).is_err());
-            }
+            continues_after_restore(op, &xs, &whole, &[1, 199, 200, 450, 900]);
+            let saved = ring.export_group(0, vec![]).unwrap();
+            assert!(op().import_group(0, &saved).is_err());
         }
         // A quantile's saved candidates do not fit a MAX, nor the reverse.
         let max_only = || WindowOperator::try_new(frame, 1, vec![agg(AggKind::Max, 0)]).unwrap();
