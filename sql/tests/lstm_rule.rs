@@ -162,28 +162,9 @@ fn fused_rule_flags_the_injected_faults() {
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/fused.sql"))
             .unwrap()
             .replace("'models/lstm'", &format!("'{}'", model_dir()));
-    let rules = RuleCompiler::try_new(schema())
-        .unwrap()
-        .compile_str(Path::new("fused.sql"), &sql)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let input = data();
-    let mut instance = rules[0].instantiate().unwrap();
-    let unpivot = healer_operators::unpivot::Unpivot::try_new(&schema()).unwrap();
-    let out = instance.anomalies(unpivot.apply(&input).unwrap()).unwrap();
-    let ts = out.column_by_name("ts").unwrap();
-    let resource = out.column_by_name("resource").unwrap().as_string::<i32>();
+    let out = anomalies_of(&sql, &data());
     let confidence = f64s(&out, "confidence");
-    let flagged: Vec<(String, i64)> = (0..out.num_rows())
-        .map(|i| {
-            let t = ts
-                .as_primitive::<arrow::datatypes::TimestampMillisecondType>()
-                .value(i);
-            (
-                resource.value(i).to_string(),
-                (t - 1_700_000_000_000) / 60_000,
-            )
-        })
-        .collect();
+    let flagged = flagged(&out);
     assert!(
         confidence.iter().all(|c| c.is_some_and(|c| c >= 0.8)),
         "{confidence:?}"
@@ -192,6 +173,81 @@ fn fused_rule_flags_the_injected_faults() {
     assert!(flagged.contains(&("host-1".into(), 350)), "{flagged:?}");
     assert!(flagged.contains(&("host-2".into(), 380)), "{flagged:?}");
     assert!(!flagged.iter().any(|(r, _)| r == "host-0"), "{flagged:?}");
+}
+
+/// The anomalies of `sql` (one rule) over `input`, through the samples view.
+fn anomalies_of(sql: &str, input: &RecordBatch) -> RecordBatch {
+    let rules = RuleCompiler::try_new(schema())
+        .unwrap()
+        .compile_str(Path::new("rule.sql"), sql)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let unpivot = healer_operators::unpivot::Unpivot::try_new(&schema()).unwrap();
+    rules[0]
+        .instantiate()
+        .unwrap()
+        .anomalies(unpivot.apply(input).unwrap())
+        .unwrap()
+}
+
+/// The flagged (resource, minute) pairs of anomaly rows over [`data`].
+fn flagged(out: &RecordBatch) -> Vec<(String, i64)> {
+    let ts = out
+        .column_by_name("ts")
+        .unwrap()
+        .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+    let resource = out.column_by_name("resource").unwrap().as_string::<i32>();
+    (0..out.num_rows())
+        .map(|i| {
+            let minute = (ts.value(i) - 1_700_000_000_000) / 60_000;
+            (resource.value(i).to_string(), minute)
+        })
+        .collect()
+}
+
+#[test]
+fn novelty_lstm_example_is_the_bundled_rule_plus_one_deviation() {
+    // The example is a copy of `rules/novelty.sql` with the LSTM's residual added as a fifth
+    // deviation. With that residual replaced by zero its ratio is NULL (a zero percentile),
+    // which `greatest` skips, so the copy must give exactly the bundled rule's rows: any other
+    // step of the bundled rule changed without the example fails here.
+    let bundled = include_str!("../rules/novelty.sql");
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/novelty_lstm.sql"),
+    )
+    .unwrap();
+    let residual = "lstm_residual('models/lstm', value) OVER f";
+    assert_eq!(
+        example.matches(residual).count(),
+        1,
+        "the example's residual"
+    );
+    let input = data();
+    let without = anomalies_of(&example.replace(residual, "CAST(0 AS DOUBLE)"), &input);
+    let reference = anomalies_of(bundled, &input);
+    assert!(reference.num_rows() > 0);
+    assert_eq!(without.num_rows(), reference.num_rows());
+    for column in [
+        "ts",
+        "resource",
+        "metric",
+        "score",
+        "severity",
+        "confidence",
+    ] {
+        assert_eq!(
+            without.column_by_name(column).unwrap(),
+            reference.column_by_name(column).unwrap(),
+            "{column}"
+        );
+    }
+    // With its model, the example runs and still flags the spike and the level shift.
+    let with = anomalies_of(
+        &example.replace("'models/lstm'", &format!("'{}'", model_dir())),
+        &input,
+    );
+    let with = flagged(&with);
+    assert!(with.contains(&("host-1".into(), 350)), "{with:?}");
+    assert!(with.contains(&("host-2".into(), 380)), "{with:?}");
 }
 
 #[test]
