@@ -33,12 +33,14 @@ use tokio::sync::{mpsc, watch};
 use crate::gate::GateState;
 use crate::store::Location;
 
-/// Format version of checkpoint objects. 4: window operators of `MIN`s and `MAX`s keep
+/// Format version of checkpoint objects. 5: `MIN`/`MAX` windows of one partition over
+/// `ROWS` frames of different lengths run as one operator (its state replaces theirs). 4:
+/// window operators of `MIN`s and `MAX`s keep
 /// presence bits and their deques instead of a ring of values. 3: window state of `RANGE`
 /// frames (event times), and of operators that keep presence bits and their quantiles'
 /// candidates instead of values (2 was used by development builds with an earlier layout
 /// of these).
-pub const CHECKPOINT_VERSION: u32 = 4;
+pub const CHECKPOINT_VERSION: u32 = 5;
 
 /// Decodes a checkpoint object read from `path`, checking its format version first so
 /// that one written by another version of healer is reported as such.
@@ -456,7 +458,7 @@ mod tests {
             .to_string();
         assert!(
             e.contains("chk-7.bin")
-                && e.contains("checkpoint format version 1, this healer reads version 4"),
+                && e.contains("checkpoint format version 1, this healer reads version 5"),
             "{e}"
         );
         assert!(decode_checkpoint(&[], "empty").is_err());

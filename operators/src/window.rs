@@ -124,6 +124,14 @@ pub enum AggKind {
     /// Over `ROWS BETWEEN n PRECEDING AND CURRENT ROW` that is the value `n` rows back once
     /// the series has `n + 1` rows (a lag). Bounded frames only.
     FirstValue,
+    /// The minimum of the last `rows` rows of a `ROWS` frame at least that long: `MIN` over
+    /// `ROWS BETWEEN rows − 1 PRECEDING AND CURRENT ROW`, read from the deque of the
+    /// operator's longer frame. One operator can so answer `MIN` over several frames of one
+    /// argument (the rule compiler fuses such windows), with one deque and one pass.
+    MinOfLast(u32),
+    /// The maximum of the last `rows` rows of a `ROWS` frame at least that long (see
+    /// [`AggKind::MinOfLast`]).
+    MaxOfLast(u32),
 }
 
 /// The level `q` of an [`AggKind::Quantile`], in `[0, 1]`.
@@ -197,14 +205,30 @@ impl AggKind {
     /// The ends of the frame's values this kind reads.
     fn extrema_sides(self) -> Sides {
         Sides {
-            min: self == AggKind::Min,
-            max: self == AggKind::Max,
+            min: matches!(self, AggKind::Min | AggKind::MinOfLast(_)),
+            max: matches!(self, AggKind::Max | AggKind::MaxOfLast(_)),
         }
     }
 
     /// Whether the kind is defined over bounded frames only.
     pub fn needs_bounded_frame(self) -> bool {
-        matches!(self, AggKind::Quantile(_) | AggKind::FirstValue)
+        matches!(
+            self,
+            AggKind::Quantile(_)
+                | AggKind::FirstValue
+                | AggKind::MinOfLast(_)
+                | AggKind::MaxOfLast(_)
+        )
+    }
+
+    /// For [`AggKind::MinOfLast`] and [`AggKind::MaxOfLast`]: whether the maximum, and over
+    /// how many of the frame's last rows.
+    fn of_last(self) -> Option<(bool, u32)> {
+        match self {
+            AggKind::MinOfLast(rows) => Some((false, rows)),
+            AggKind::MaxOfLast(rows) => Some((true, rows)),
+            _ => None,
+        }
     }
 
     /// Whether the kind is computed by the plain path, from the running sums alone.
@@ -213,6 +237,8 @@ impl AggKind {
             self,
             AggKind::Min
                 | AggKind::Max
+                | AggKind::MinOfLast(_)
+                | AggKind::MaxOfLast(_)
                 | AggKind::Forecast { .. }
                 | AggKind::Quantile(_)
                 | AggKind::FirstValue
@@ -515,6 +541,18 @@ impl WindowOperator {
                 "a RANGE frame reaches back a negative interval ({preceding_ms} ms)"
             )));
         }
+        if let Some((a, (_, rows))) = aggregates
+            .iter()
+            .find_map(|a| Some(a).zip(a.kind.of_last()))
+            && (rows == 0
+                || !matches!(frame, Frame::Rows { .. })
+                || rows as usize > frame.capacity())
+        {
+            return Err(OperatorError::InvalidInput(format!(
+                "{:?} needs a ROWS frame of at least {rows} rows, and at least one (got {frame:?})",
+                a.kind
+            )));
+        }
         if frame == Frame::Unbounded
             && let Some(a) = aggregates.iter().find(|a| a.kind.needs_bounded_frame())
         {
@@ -548,7 +586,7 @@ impl WindowOperator {
             && !aggregates.is_empty()
             && aggregates.iter().all(|a| match a.kind {
                 AggKind::Quantile(_) => matches!(ordered[a.arg], Order::Top(_)),
-                AggKind::Min | AggKind::Max => true,
+                AggKind::Min | AggKind::Max | AggKind::MinOfLast(_) | AggKind::MaxOfLast(_) => true,
                 _ => false,
             });
         let presence_words = if presence_only {
@@ -754,9 +792,22 @@ impl WindowOperator {
                     _ => None,
                 })
                 .collect();
+            // The MIN/MAX of shorter frames read from this argument's deques: (maximum?,
+            // rows), each with its snapshot column.
+            let lasts: Vec<(bool, u64)> = self
+                .aggregates
+                .iter()
+                .filter(|a| a.arg == arg)
+                .filter_map(|a| a.kind.of_last())
+                .map(|(max, rows)| (max, u64::from(rows)))
+                .collect();
             let snap = &mut self.snapshot;
             snap.quantiles.resize_with(levels.len(), Vec::new);
             for column in &mut snap.quantiles {
+                column.resize(rows, 0.0);
+            }
+            snap.lasts.resize_with(lasts.len(), Vec::new);
+            for column in &mut snap.lasts {
                 column.resize(rows, 0.0);
             }
             // Pass 1, the only one that touches series state: push every row in input order
@@ -880,12 +931,20 @@ impl WindowOperator {
                 if let Some(e) = ext {
                     snap.min[i] = e.min.front().map_or(f64::NAN, |&(_, v)| v);
                     snap.max[i] = e.max.front().map_or(f64::NAN, |&(_, v)| v);
+                    // A deque holds its candidates by ascending sequence number; the first
+                    // one within the last `last` rows is the extreme of those rows.
+                    for (column, &(max, last)) in snap.lasts.iter_mut().zip(&lasts) {
+                        let from = series.seq.saturating_sub(last);
+                        let deque = if max { &e.max } else { &e.min };
+                        let k = deque.partition_point(|&(seq, _)| seq < from);
+                        column[i] = deque.get(k).map_or(f64::NAN, |&(_, v)| v);
+                    }
                 }
             }
             // Pass 2: each aggregate from the snapshot, one tight loop per aggregate over
             // plain slices (no state, no branches on the frame), which the compiler
             // vectorises.
-            let mut level = 0;
+            let (mut level, mut last) = (0, 0);
             for (o, agg) in self.aggregates.iter().enumerate() {
                 if agg.arg != arg {
                     continue;
@@ -894,6 +953,10 @@ impl WindowOperator {
                     AggKind::Quantile(_) => {
                         level += 1;
                         present_column(&snap.quantiles[level - 1][..rows])
+                    }
+                    AggKind::MinOfLast(_) | AggKind::MaxOfLast(_) => {
+                        last += 1;
+                        present_column(&snap.lasts[last - 1][..rows])
                     }
                     AggKind::FirstValue => present_column(&snap.first[..rows]),
                     AggKind::Forecast { model, output } => {
@@ -1410,8 +1473,11 @@ fn aggregate_into(snap: &Snapshot, frame: Frame, kind: AggKind, out: &mut [f64])
         AggKind::Forecast { .. } => {
             unreachable!("forecast aggregates are computed from gathered windows")
         }
-        AggKind::Quantile(_) | AggKind::FirstValue => {
-            unreachable!("quantiles and first values are taken row by row")
+        AggKind::Quantile(_)
+        | AggKind::FirstValue
+        | AggKind::MinOfLast(_)
+        | AggKind::MaxOfLast(_) => {
+            unreachable!("quantiles, first values and shorter frames' extrema are taken row by row")
         }
     }
 }
@@ -1783,6 +1849,9 @@ struct Snapshot {
     first: Vec<f64>,
     /// One column per quantile aggregate of the argument being processed.
     quantiles: Vec<Vec<f64>>,
+    /// One column per [`AggKind::MinOfLast`] or [`AggKind::MaxOfLast`] aggregate of the
+    /// argument being processed.
+    lasts: Vec<Vec<f64>>,
 }
 
 impl Snapshot {
@@ -2503,6 +2572,9 @@ mod tests {
                     AggKind::Forecast { .. } => unreachable!("not a SQL aggregate"),
                     AggKind::Quantile(_) | AggKind::FirstValue => {
                         unreachable!("see ordered_reference")
+                    }
+                    AggKind::MinOfLast(_) | AggKind::MaxOfLast(_) => {
+                        unreachable!("compared with operators of their own frame")
                     }
                 }
             })
@@ -3557,6 +3629,83 @@ mod state_tests {
                 .import_group(0, &m.export_group(0, vec![]).unwrap())
                 .is_err()
         );
+    }
+
+    /// `MinOfLast` / `MaxOfLast` read the extremes of a shorter frame from the longer
+    /// frame's deques: the same values as an operator of their own frame, with presence bits
+    /// or beside a ring, over several series, missing values and batches; bit for bit after
+    /// a save and restore. Sub-frames longer than the frame, empty ones and frames without a
+    /// row count are refused.
+    #[test]
+    fn extremes_of_shorter_frames_match_operators_of_their_own() {
+        let frame = Frame::Rows { preceding: 199 };
+        let mut random = crate::test_randoms(23);
+        let xs: Vec<Option<f64>> = (0..1_500)
+            .map(|t| {
+                let v = ((random() >> 40) % 1_000) as f64 - if t > 900 { 300.0 } else { 0.0 };
+                (t % 31 != 4 && !(400..470).contains(&t)).then_some(v)
+            })
+            .collect();
+        let agg = |kind, arg| Aggregate { kind, arg };
+        let lasts = [
+            AggKind::MaxOfLast(1),
+            AggKind::MaxOfLast(17),
+            AggKind::MinOfLast(60),
+            AggKind::MaxOfLast(100),
+            AggKind::MinOfLast(200),
+        ];
+        let own = |kind: AggKind| -> WindowOperator {
+            let (kind, rows) = match kind {
+                AggKind::MaxOfLast(rows) => (AggKind::Max, rows),
+                AggKind::MinOfLast(rows) => (AggKind::Min, rows),
+                other => unreachable!("{other:?}"),
+            };
+            let frame = Frame::Rows {
+                preceding: rows as usize - 1,
+            };
+            WindowOperator::try_new(frame, 1, vec![agg(kind, 0)]).unwrap()
+        };
+        // Two arguments, as `feed_twice` gives: the shorter frames read the first.
+        let mut presence: Vec<Aggregate> = vec![agg(AggKind::Max, 1)];
+        presence.extend(lasts.iter().map(|&k| agg(k, 0)));
+        // A COUNT makes the operator keep a ring of values; its deques are the same.
+        let mut ring = presence.clone();
+        ring.push(agg(AggKind::Count, 0));
+        for aggregates in [presence, ring] {
+            let op = || WindowOperator::try_new(frame, 2, aggregates.clone()).unwrap();
+            let mut fused = op();
+            let mut separate: Vec<WindowOperator> = lasts.iter().map(|&k| own(k)).collect();
+            for (b, part) in xs.chunks(113).enumerate() {
+                let groups: Vec<u32> = (0..part.len())
+                    .map(|i| if b % 4 == 2 { 1 } else { (i % 3) as u32 })
+                    .collect();
+                let x = Float64Array::from(part.to_vec());
+                let got = fused.process(&groups, &[x.clone(), x.clone()]).unwrap();
+                for (j, op) in separate.iter_mut().enumerate() {
+                    let want = op.process(&groups, std::slice::from_ref(&x)).unwrap();
+                    assert_eq!(&got[1 + j], &want[0], "{:?}, batch {b}", lasts[j]);
+                }
+            }
+            let whole = feed_twice(&mut op(), &xs);
+            continues_after_restore(op, &xs, &whole, &[1, 150, 200, 430, 1_000]);
+        }
+        for (frame, kind) in [
+            (frame, AggKind::MaxOfLast(0)),
+            (frame, AggKind::MaxOfLast(201)),
+            (frame, AggKind::MinOfLast(u32::MAX)),
+            (Frame::Unbounded, AggKind::MaxOfLast(5)),
+            (
+                Frame::Range {
+                    preceding_ms: 60_000,
+                },
+                AggKind::MinOfLast(5),
+            ),
+        ] {
+            assert!(
+                WindowOperator::try_new(frame, 1, vec![agg(kind, 0)]).is_err(),
+                "{kind:?} over {frame:?}"
+            );
+        }
     }
 
     /// Large frames: the median sorts the whole frame in blocks, a lone 99.9th percentile

@@ -700,6 +700,8 @@ impl Lowering<'_> {
         // Group aggregates by (partition keys, frame); within a group, dedupe arguments.
         struct Group {
             key: String,
+            /// The `PARTITION BY` expressions, as text.
+            partition_text: String,
             partition: Vec<Arc<dyn PhysicalExpr>>,
             key_names: Vec<String>,
             frame: Frame,
@@ -865,13 +867,14 @@ impl Lowering<'_> {
                     other => key_names.push(format!("{other}")),
                 }
             }
-            let key = format!(
-                "{:?}|{frame:?}",
+            let partition_text = format!(
+                "{:?}",
                 p.partition_by
                     .iter()
                     .map(|e| e.to_string())
                     .collect::<Vec<_>>()
             );
+            let key = format!("{partition_text}|{frame:?}");
             let group_index = match groups.iter().position(|g| g.key == key) {
                 Some(i) => i,
                 None => {
@@ -883,6 +886,7 @@ impl Lowering<'_> {
                         .collect::<Result<Vec<_>, _>>()?;
                     groups.push(Group {
                         key,
+                        partition_text,
                         partition,
                         key_names,
                         frame,
@@ -934,6 +938,65 @@ impl Lowering<'_> {
             });
             g.positions.push(pos);
         }
+        // MIN/MAX windows of one partition over `ROWS` frames of different lengths run as one
+        // operator over the longest: its monotonic deques hold the extremes of every shorter
+        // frame too (`AggKind::MinOfLast` / `MaxOfLast`), so the rows are keyed and pushed once
+        // instead of once per frame. Only windows of nothing but MIN/MAX are fused: another
+        // aggregate would lose its own path (the running sums', or the presence bits').
+        let extrema_only = |g: &Group| {
+            matches!(g.frame, Frame::Rows { .. })
+                && g.forecasters.is_empty()
+                && g.aggregates.iter().all(|a| {
+                    matches!(
+                        a.kind,
+                        AggKind::Min | AggKind::Max | AggKind::MinOfLast(_) | AggKind::MaxOfLast(_)
+                    )
+                })
+        };
+        let mut fused: Vec<Group> = Vec::with_capacity(groups.len());
+        for g in groups {
+            let rows = |f: Frame| match f {
+                Frame::Rows { preceding } => preceding + 1,
+                _ => 0,
+            };
+            let into = fused.iter().position(|t| {
+                extrema_only(t) && extrema_only(&g) && t.partition_text == g.partition_text
+            });
+            let Some(t) = into else {
+                fused.push(g);
+                continue;
+            };
+            // The longer of the two keeps its operator; the other's aggregates become its
+            // extremes of a shorter frame.
+            let (mut long, short) = if rows(g.frame) > rows(fused[t].frame) {
+                let short = std::mem::replace(&mut fused[t], g);
+                (std::mem::take(&mut fused[t].aggregates), short)
+            } else {
+                (std::mem::take(&mut fused[t].aggregates), g)
+            };
+            let target = &mut fused[t];
+            let last = u32::try_from(rows(short.frame))
+                .map_err(|_| CompileError::msg("window frame too large"))?;
+            for (a, pos) in short.aggregates.iter().zip(short.positions) {
+                let (arg_key, physical) = &short.args[a.arg];
+                let arg = match target.args.iter().position(|(k, _)| k == arg_key) {
+                    Some(i) => i,
+                    None => {
+                        target.args.push((arg_key.clone(), Arc::clone(physical)));
+                        target.args.len() - 1
+                    }
+                };
+                let kind = match a.kind {
+                    AggKind::Min => AggKind::MinOfLast(last),
+                    AggKind::Max => AggKind::MaxOfLast(last),
+                    shorter => shorter,
+                };
+                long.push(Aggregate { kind, arg });
+                target.positions.push(pos);
+            }
+            target.aggregates = long;
+        }
+        let groups = fused;
         Ok(StageTemplate::Window {
             groups: groups
                 .into_iter()

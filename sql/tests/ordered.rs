@@ -10,6 +10,8 @@ use arrow::compute::concat_batches;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 use healer_operators::unpivot::Unpivot;
+use healer_operators::window::Frame;
+use healer_sql::stage::StageTemplate;
 use healer_sql::{CompiledRule, RuleCompiler};
 
 mod common;
@@ -123,6 +125,78 @@ fn ordered_functions_agree_with_datafusion() {
                     "{column} row {i}, batches of {chunk}, checkpoint {checkpoint:?}: {x:?} vs {y:?}"
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn extremes_over_several_frames_run_as_one_operator_and_agree_with_datafusion() {
+    let mut u = noise(5);
+    let input = series(3, 400, |r, t| {
+        let v = (u() * 50.0).round() + if r == 1 && t > 200 { 30.0 } else { 0.0 };
+        (t % 23 != 7 && !(r == 2 && (100..160).contains(&t))).then_some(v)
+    });
+    let frame = |rows: usize| {
+        format!("(PARTITION BY resource ORDER BY ts ROWS BETWEEN {rows} PRECEDING AND CURRENT ROW)")
+    };
+    let query = format!(
+        "SELECT ts, resource, cpu_percent, \
+           max(cpu_percent) OVER {} AS max1, \
+           max(cpu_percent) OVER {} AS max3, \
+           min(cpu_percent) OVER {} AS min5, \
+           max(cpu_percent + 1) OVER {} AS max10, \
+           max(cpu_percent) OVER {} AS max50, \
+           min(cpu_percent) OVER {} AS min50, \
+           CAST(count(cpu_percent) OVER {} AS DOUBLE) AS n10, \
+           max(cpu_percent) OVER (PARTITION BY resource ORDER BY ts \
+             RANGE BETWEEN INTERVAL '7 minutes' PRECEDING AND CURRENT ROW) AS max_7m \
+         FROM metrics",
+        frame(0),
+        frame(2),
+        frame(4),
+        frame(9),
+        frame(49),
+        frame(49),
+        frame(9)
+    );
+    let (rule, reference) = rule_and_reference(&query, &input);
+    // The MIN/MAX over `ROWS` run as one operator over the longest frame, except the MAX
+    // that shares its frame with the COUNT: that window keeps its own operator (the plain
+    // path's running sums), as does the RANGE frame.
+    let groups: Vec<(Frame, usize)> = rule
+        .stages
+        .iter()
+        .flat_map(|stage| match stage.as_ref() {
+            StageTemplate::Window { groups, .. } => groups
+                .iter()
+                .map(|g| (g.frame, g.aggregates.len()))
+                .collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        [
+            (Frame::Rows { preceding: 49 }, 5),
+            (Frame::Rows { preceding: 9 }, 2),
+            (
+                Frame::Range {
+                    preceding_ms: 420_000
+                },
+                1
+            )
+        ],
+    );
+    for (chunk, checkpoint) in [(1, Some(500)), (7, None), (64, Some(384)), (1_200, None)] {
+        let healer = run(&rule, &input, chunk, checkpoint);
+        for column in [
+            "max1", "max3", "min5", "max10", "max50", "min50", "n10", "max_7m",
+        ] {
+            assert_eq!(
+                f64s(&healer, column),
+                f64s(&reference, column),
+                "{column}, batches of {chunk}, checkpoint {checkpoint:?}"
+            );
         }
     }
 }
