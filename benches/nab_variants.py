@@ -138,18 +138,19 @@ def calibrated(d):
     return r
 
 
-def level(x, candidates):
-    """For each candidate row, the longest of 100 .. 6,000 rows over which `x` is largest."""
+def level(x, candidates, levels=LEVELS):
+    """For each candidate row, the longest of 100 .. 6,000 rows (or of `levels`) over which
+    `x` is largest."""
     out = np.full(len(x), float(GATE))
-    for k in LEVELS:
+    for k in levels:
         out = np.where(candidates & (x >= running_max(x, k)), k, out)
     return out
 
 
-def surprise(x, factor=0.02, floor=1.0, levels_of=None):
+def surprise(x, factor=0.02, floor=1.0, levels_of=None, levels=LEVELS):
     """The rule's report gate and surprise over combined ratios `x`."""
     candidates = (x > floor) & (x >= running_max(x, GATE))
-    lv = level(x if levels_of is None else levels_of, candidates)
+    lv = level(x if levels_of is None else levels_of, candidates, levels)
     return np.where(candidates, x * (1 + factor * np.log(lv / GATE)), 0.0)
 
 
@@ -246,6 +247,14 @@ def variants(per):
     yield "surprise x (1 - 0.002 x ratios above 1 in the last 300 rows)", penalised
     yield "candidates from a ratio of 0.9, surprise 1 + 0.05 ln(L/100)", {
         k: surprise(x, factor=0.05, floor=0.9) for k, x in combined.items()
+    }
+    agreeing = {}
+    for k, p in per.items():
+        above = sum((np.nan_to_num(p[f"r_{d}"]) > 1).astype(float) for d in DEVIATIONS)
+        agreeing[k] = surprise(p["ratio"]) * (1 + 0.02 * np.maximum(above - 1, 0))
+    yield "surprise x (1 + 0.02 x (deviations above 1, less one))", agreeing
+    yield "surprise levels up to 12,000 rows", {
+        k: surprise(x, levels=LEVELS + (12_000,)) for k, x in combined.items()
     }
 
 
