@@ -2255,7 +2255,7 @@ fn tick_ready(cols: &SeriesColumns, g: usize, len: usize, cap: usize) -> Option<
 /// baseline build is not forced.
 #[cfg(target_arch = "x86_64")]
 #[inline]
-fn avx2() -> bool {
+pub(crate) fn avx2() -> bool {
     #[cfg(test)]
     if tests::BASELINE.with(std::cell::Cell::get) {
         return false;
@@ -2531,13 +2531,13 @@ fn push_unbounded(series: &mut Series, x: f64, extrema: Option<&mut Extrema>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
     thread_local! {
         /// Forces the baseline build of the vectorised loops on this thread.
-        pub(super) static BASELINE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        pub(crate) static BASELINE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
 
     /// Two-pass reference over the frame ending at each row.
