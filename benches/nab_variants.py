@@ -154,6 +154,19 @@ def surprise(x, factor=0.02, floor=1.0, levels_of=None, levels=LEVELS):
     return np.where(candidates, x * (1 + factor * np.log(lv / GATE)), 0.0)
 
 
+def continuous_surprise(x, cap=HISTORY, factor=0.02):
+    """The surprise with L the rows since the ratio last reached the candidate's (at least
+    100; at most `cap`, or since the warm-up when `cap` is None) instead of one of five
+    levels."""
+    out = np.zeros(len(x))
+    for i in np.flatnonzero((x > 1) & (x >= running_max(x, GATE))):
+        lo = WARM_UP if cap is None else max(WARM_UP, i - cap)
+        reached = np.flatnonzero(x[lo:i] >= x[i])
+        since = i - (lo + reached[-1]) if len(reached) else i - lo + 1
+        out[i] = x[i] * (1 + factor * np.log(max(since, GATE) / GATE))
+    return out
+
+
 def left_matrix_profile(x, w=16):
     """Euclidean distance of each window of `w` samples to its nearest earlier,
     non-overlapping window within the last 6,000 (0 where there is none)."""
@@ -255,6 +268,12 @@ def variants(per):
     yield "surprise x (1 + 0.02 x (deviations above 1, less one))", agreeing
     yield "surprise levels up to 12,000 rows", {
         k: surprise(x, levels=LEVELS + (12_000,)) for k, x in combined.items()
+    }
+    yield "surprise L: rows since the ratio last reached it, at most 6,000", {
+        k: continuous_surprise(x) for k, x in combined.items()
+    }
+    yield "surprise L: rows since the ratio last reached it, since the warm-up", {
+        k: continuous_surprise(x, cap=None) for k, x in combined.items()
     }
 
 
