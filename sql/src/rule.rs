@@ -953,37 +953,21 @@ impl Lowering<'_> {
                     )
                 })
         };
-        let mut fused: Vec<Group> = Vec::with_capacity(groups.len());
-        for g in groups {
-            let rows = |f: Frame| match f {
-                Frame::Rows { preceding } => preceding + 1,
-                _ => 0,
-            };
-            let into = fused.iter().position(|t| {
-                extrema_only(t) && extrema_only(&g) && t.partition_text == g.partition_text
-            });
-            let Some(t) = into else {
-                fused.push(g);
-                continue;
-            };
-            // The longer of the two keeps its operator; the other's aggregates become its
-            // extremes of a shorter frame.
-            let (mut long, short) = if rows(g.frame) > rows(fused[t].frame) {
-                let short = std::mem::replace(&mut fused[t], g);
-                (std::mem::take(&mut fused[t].aggregates), short)
-            } else {
-                (std::mem::take(&mut fused[t].aggregates), g)
-            };
-            let target = &mut fused[t];
-            let last = u32::try_from(rows(short.frame))
-                .map_err(|_| CompileError::msg("window frame too large"))?;
+        let rows = |f: Frame| match f {
+            Frame::Rows { preceding } => preceding + 1,
+            _ => 0,
+        };
+        // Moves the aggregates of `short` into `long`, as extremes of `short`'s frame.
+        fn absorb(long: &mut Group, short: Group, rows: usize) -> Result<(), CompileError> {
+            let last =
+                u32::try_from(rows).map_err(|_| CompileError::msg("window frame too large"))?;
             for (a, pos) in short.aggregates.iter().zip(short.positions) {
                 let (arg_key, physical) = &short.args[a.arg];
-                let arg = match target.args.iter().position(|(k, _)| k == arg_key) {
+                let arg = match long.args.iter().position(|(k, _)| k == arg_key) {
                     Some(i) => i,
                     None => {
-                        target.args.push((arg_key.clone(), Arc::clone(physical)));
-                        target.args.len() - 1
+                        long.args.push((arg_key.clone(), Arc::clone(physical)));
+                        long.args.len() - 1
                     }
                 };
                 let kind = match a.kind {
@@ -991,10 +975,29 @@ impl Lowering<'_> {
                     AggKind::Max => AggKind::MaxOfLast(last),
                     shorter => shorter,
                 };
-                long.push(Aggregate { kind, arg });
-                target.positions.push(pos);
+                long.aggregates.push(Aggregate { kind, arg });
+                long.positions.push(pos);
             }
-            target.aggregates = long;
+            Ok(())
+        }
+        let mut fused: Vec<Group> = Vec::with_capacity(groups.len());
+        for g in groups {
+            let into = fused.iter().position(|t| {
+                extrema_only(t) && extrema_only(&g) && t.partition_text == g.partition_text
+            });
+            let Some(t) = into else {
+                fused.push(g);
+                continue;
+            };
+            // The longer of the two keeps its operator.
+            if rows(g.frame) > rows(fused[t].frame) {
+                let short = std::mem::replace(&mut fused[t], g);
+                let n = rows(short.frame);
+                absorb(&mut fused[t], short, n)?;
+            } else {
+                let n = rows(g.frame);
+                absorb(&mut fused[t], g, n)?;
+            }
         }
         let groups = fused;
         Ok(StageTemplate::Window {
