@@ -266,7 +266,7 @@ pub enum Frame {
 
 impl Frame {
     /// Ring slots per series: the rows of a `ROWS` frame; 0 for the others, which keep no ring.
-    fn capacity(self) -> usize {
+    pub fn capacity(self) -> usize {
         match self {
             Frame::Rows { preceding } => preceding + 1,
             Frame::Range { .. } | Frame::Unbounded => 0,

@@ -945,7 +945,6 @@ impl Lowering<'_> {
         // aggregate would lose its own path (the running sums', or the presence bits').
         let extrema_only = |g: &Group| {
             matches!(g.frame, Frame::Rows { .. })
-                && g.forecasters.is_empty()
                 && g.aggregates.iter().all(|a| {
                     matches!(
                         a.kind,
@@ -953,14 +952,10 @@ impl Lowering<'_> {
                     )
                 })
         };
-        let rows = |f: Frame| match f {
-            Frame::Rows { preceding } => preceding + 1,
-            _ => 0,
-        };
         // Moves the aggregates of `short` into `long`, as extremes of `short`'s frame.
-        fn absorb(long: &mut Group, short: Group, rows: usize) -> Result<(), CompileError> {
-            let last =
-                u32::try_from(rows).map_err(|_| CompileError::msg("window frame too large"))?;
+        fn absorb(long: &mut Group, short: Group) -> Result<(), CompileError> {
+            let last = u32::try_from(short.frame.capacity())
+                .map_err(|_| CompileError::msg("window frame too large"))?;
             for (a, pos) in short.aggregates.iter().zip(short.positions) {
                 let (arg_key, physical) = &short.args[a.arg];
                 let arg = match long.args.iter().position(|(k, _)| k == arg_key) {
@@ -990,13 +985,11 @@ impl Lowering<'_> {
                 continue;
             };
             // The longer of the two keeps its operator.
-            if rows(g.frame) > rows(fused[t].frame) {
+            if g.frame.capacity() > fused[t].frame.capacity() {
                 let short = std::mem::replace(&mut fused[t], g);
-                let n = rows(short.frame);
-                absorb(&mut fused[t], short, n)?;
+                absorb(&mut fused[t], short)?;
             } else {
-                let n = rows(g.frame);
-                absorb(&mut fused[t], g, n)?;
+                absorb(&mut fused[t], g)?;
             }
         }
         let groups = fused;

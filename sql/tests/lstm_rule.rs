@@ -15,7 +15,7 @@ use healer_sql::models::ModelRegistry;
 use healer_sql::{CompiledRule, RuleCompiler};
 
 mod common;
-use common::{cpu_batch, f64s, run, schema};
+use common::{anomalies, assert_same_anomalies, cpu_batch, f64s, run, schema};
 
 fn model_dir() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -162,7 +162,7 @@ fn fused_rule_flags_the_injected_faults() {
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/fused.sql"))
             .unwrap()
             .replace("'models/lstm'", &format!("'{}'", model_dir()));
-    let out = anomalies_of(&sql, &data());
+    let out = anomalies(&sql, &data());
     let confidence = f64s(&out, "confidence");
     let flagged = flagged(&out);
     assert!(
@@ -173,20 +173,6 @@ fn fused_rule_flags_the_injected_faults() {
     assert!(flagged.contains(&("host-1".into(), 350)), "{flagged:?}");
     assert!(flagged.contains(&("host-2".into(), 380)), "{flagged:?}");
     assert!(!flagged.iter().any(|(r, _)| r == "host-0"), "{flagged:?}");
-}
-
-/// The anomalies of `sql` (one rule) over `input`, through the samples view.
-fn anomalies_of(sql: &str, input: &RecordBatch) -> RecordBatch {
-    let rules = RuleCompiler::try_new(schema())
-        .unwrap()
-        .compile_str(Path::new("rule.sql"), sql)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let unpivot = healer_operators::unpivot::Unpivot::try_new(&schema()).unwrap();
-    rules[0]
-        .instantiate()
-        .unwrap()
-        .anomalies(unpivot.apply(input).unwrap())
-        .unwrap()
 }
 
 /// The flagged (resource, minute) pairs of anomaly rows over [`data`].
@@ -222,26 +208,23 @@ fn novelty_lstm_example_is_the_bundled_rule_plus_one_deviation() {
         "the example's residual"
     );
     let input = data();
-    let without = anomalies_of(&example.replace(residual, "CAST(0 AS DOUBLE)"), &input);
-    let reference = anomalies_of(bundled, &input);
+    let without = anomalies(&example.replace(residual, "CAST(0 AS DOUBLE)"), &input);
+    let reference = anomalies(bundled, &input);
     assert!(reference.num_rows() > 0);
-    assert_eq!(without.num_rows(), reference.num_rows());
-    for column in [
-        "ts",
-        "resource",
-        "metric",
-        "score",
-        "severity",
-        "confidence",
-    ] {
-        assert_eq!(
-            without.column_by_name(column).unwrap(),
-            reference.column_by_name(column).unwrap(),
-            "{column}"
-        );
-    }
+    assert_same_anomalies(
+        &without,
+        &reference,
+        &[
+            "ts",
+            "resource",
+            "metric",
+            "score",
+            "severity",
+            "confidence",
+        ],
+    );
     // With its model, the example runs and still flags the spike and the level shift.
-    let with = anomalies_of(
+    let with = anomalies(
         &example.replace("'models/lstm'", &format!("'{}'", model_dir())),
         &input,
     );

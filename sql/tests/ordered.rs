@@ -15,7 +15,7 @@ use healer_sql::stage::StageTemplate;
 use healer_sql::{CompiledRule, RuleCompiler};
 
 mod common;
-use common::{cpu_batch, f64s, run, schema};
+use common::{anomalies, assert_same_anomalies, cpu_batch, f64s, run, schema};
 
 const NOVELTY: &str = include_str!("../rules/novelty.sql");
 const NOVELTY_TIME_LAGS: &str = include_str!("../examples/novelty_time_lags.sql");
@@ -417,16 +417,6 @@ fn novelty_is_more_confident_of_a_record_than_of_a_burst_s_second_peak() {
     assert!((c - confidence(ratio)).abs() < 1e-12, "{flags:?}");
 }
 
-/// The anomalies of the rule in `sql` over `input` (one metric, `cpu_percent`).
-fn anomalies(sql: &str, input: &RecordBatch) -> RecordBatch {
-    let rule = compile(RuleCompiler::try_new(schema()).unwrap(), sql);
-    let samples = Unpivot::try_new(&input.schema())
-        .unwrap()
-        .apply(input)
-        .unwrap();
-    rule.instantiate().unwrap().anomalies(samples).unwrap()
-}
-
 #[test]
 fn time_lags_give_the_row_lags_rows_at_five_minute_sampling() {
     // Two series every 5 minutes, a daily cycle (288 rows), light noise, a spike, a break of
@@ -460,14 +450,11 @@ fn time_lags_give_the_row_lags_rows_at_five_minute_sampling() {
         resource.value(i) == "host-1" && (3_500..3_560).contains(&t)
     };
     assert!((0..rows.num_rows()).any(in_break), "{rows:?}");
-    assert_eq!(time.num_rows(), rows.num_rows());
-    for column in ["ts", "resource", "metric", "score", "confidence"] {
-        assert_eq!(
-            time.column_by_name(column).unwrap(),
-            rows.column_by_name(column).unwrap(),
-            "{column}"
-        );
-    }
+    assert_same_anomalies(
+        &time,
+        &rows,
+        &["ts", "resource", "metric", "score", "confidence"],
+    );
     // Sampled every minute, the same values put the time lags 1,440 and 10,080 rows back:
     // the two rules see different baselines and do not flag the same rows.
     let mut u = noise(17);

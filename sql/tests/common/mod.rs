@@ -12,7 +12,7 @@ use arrow::compute::concat_batches;
 use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
 use healer_operators::schema::ts_type;
 use healer_operators::unpivot::Unpivot;
-use healer_sql::{CompiledRule, StreamTable};
+use healer_sql::{CompiledRule, RuleCompiler, StreamTable};
 
 /// The `metrics` stream of the tests: `ts`, `resource` and one metric, `cpu_percent`.
 pub fn schema() -> SchemaRef {
@@ -75,4 +75,29 @@ pub fn f64s(batch: &RecordBatch, name: &str) -> Vec<Option<f64>> {
     (0..a.len())
         .map(|i| a.is_valid(i).then(|| a.value(i)))
         .collect()
+}
+
+/// The anomalies of the one rule in `sql` over `input`, given as the samples view.
+pub fn anomalies(sql: &str, input: &RecordBatch) -> RecordBatch {
+    let rules = RuleCompiler::try_new(schema())
+        .unwrap()
+        .compile_str(std::path::Path::new("rule.sql"), sql)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let samples = Unpivot::try_new(&input.schema())
+        .unwrap()
+        .apply(input)
+        .unwrap();
+    rules[0].instantiate().unwrap().anomalies(samples).unwrap()
+}
+
+/// Asserts that anomaly batches `got` and `want` hold the same rows, compared on `columns`.
+pub fn assert_same_anomalies(got: &RecordBatch, want: &RecordBatch, columns: &[&str]) {
+    assert_eq!(got.num_rows(), want.num_rows());
+    for column in columns {
+        assert_eq!(
+            got.column_by_name(column).unwrap(),
+            want.column_by_name(column).unwrap(),
+            "{column}"
+        );
+    }
 }
